@@ -1,0 +1,117 @@
+"""Train a Keras CNN on CIFAR-10 with Ray Train, then write the model, metrics and plots.
+
+    python jobs/train.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz       # local Ray
+    ray job submit --working-dir . -- python jobs/train.py --data /path/on/cluster  # a cluster
+
+Data flows one way: load (cached) -> Ray Train workers -> best-validation model -> test-split
+evaluation in this driver -> files in --output (-> edge export, unless --no-export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Runnable as a plain script (and from a Ray job's working dir) without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toolkit.config import TrainConfig  # noqa: E402
+
+# What --smoke-test changes: a seconds-long run through every stage, for tests and first tries.
+SMOKE_TEST = {"epochs": 2, "limit": 2048, "batch_size": 64}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="jobs/train.py",
+        description="Data-parallel training of a Keras CNN on CIFAR-10 with Ray Train "
+                    "(MultiWorkerMirroredStrategy), writing model.keras, metrics.json, history.json and plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="dataset source: omit for the Keras download; or a cifar-10-batches-py/ folder, "
+                        "cifar-10-python.tar.gz, or a train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz)")
+    g.add_argument("--cache-dir", default=d["cache_dir"].default_factory(), help="cache of decoded arrays")
+    g.add_argument("--val-fraction", type=float, default=d["val_fraction"].default,
+                   help="fraction of the training split held out for validation")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d["augment"].default,
+                   help="random crop (4-pixel padding) and horizontal flip")
+    g = p.add_argument_group("model and optimiser")
+    from toolkit.models import MODELS
+
+    g.add_argument("--model", default=d["model"].default, choices=sorted(MODELS))
+    g.add_argument("--epochs", type=int, default=d["epochs"].default)
+    g.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                   help="global batch size, split evenly across workers")
+    g.add_argument("--learning-rate", type=float, default=d["learning_rate"].default, help="Adam learning rate")
+    g.add_argument("--patience", type=int, default=d["patience"].default,
+                   help="early stopping: epochs without validation improvement (0 = off)")
+    g.add_argument("--seed", type=int, default=d["seed"].default)
+    g = p.add_argument_group("Ray")
+    g.add_argument("--num-workers", type=int, default=d["num_workers"].default)
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    g.add_argument("--cpus-per-worker", type=int, default=d["cpus_per_worker"].default,
+                   help="CPUs reserved per worker; TensorFlow's thread count is set to this")
+    g.add_argument("--name", default=None,
+                   help="Ray Train run name (default: <model>-<time>); the same name and storage path resume a run")
+    g.add_argument("--storage-path", default=None,
+                   help="where Ray Train keeps runs and checkpoints (default: Ray's, ~/ray_results)")
+    g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"].default)
+    g.add_argument("--max-failures", type=int, default=d["max_failures"].default,
+                   help="worker-group restarts from the latest checkpoint before giving up")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output", default=d["output"].default, help="folder for the model, metrics and plots")
+    g.add_argument("--export", action=argparse.BooleanOptionalAction, default=d["export"].default,
+                   help="run the edge export (TFLite/ONNX variants, drift report) after training")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N train and test images")
+    g.add_argument("--smoke-test", action="store_true",
+                   help=f"a fast run through every stage: overrides {SMOKE_TEST}")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k != "smoke_test"}
+    if args.smoke_test:
+        values.update(SMOKE_TEST)
+    return TrainConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from toolkit.data import DataError, load_dataset
+
+    t0 = time.perf_counter()
+    try:
+        ds = load_dataset(cfg.data, cfg.cache_dir).limited(cfg.limit, cfg.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"data: {ds.source}: {len(ds.x_train):,} train, {len(ds.x_test):,} test images, "
+          f"{ds.num_classes} classes ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    from toolkit.report import write_training_outputs
+    from toolkit.train import fit_distributed
+
+    with tempfile.TemporaryDirectory() as work:
+        outcome = fit_distributed(cfg, ds, work)
+        metrics = write_training_outputs(cfg, ds, outcome, cfg.output)
+    print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
+          f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
+          f"{metrics['train_images_per_s']:,.0f} img/s) -> {os.path.abspath(cfg.output)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The one typed configuration object for a training run.
+
+Every value has a default chosen by measurement (see README, "Why these defaults") and a
+comment saying why. The config travels with every artifact: it is written into each Ray
+Train checkpoint and into ``metrics.json`` so a model always says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+def default_cache_dir() -> str:
+    """Where decoded datasets are cached: ``$XDG_CACHE_HOME`` or ``~/.cache`` (never the data folder,
+    which may be read-only)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return os.path.join(base, "keras-edge-toolkit")
+
+
+@dataclass
+class TrainConfig:
+    # --- data -----------------------------------------------------------------------------
+    # None = the Keras download (as in the tutorial); otherwise a path to a local copy:
+    # cifar-10-batches-py/ folder or cifar-10-python.tar.gz, or a train/ test/ class-folder
+    # tree, as a folder or a .tar/.tar.gz of one.
+    data: Optional[str] = None
+    # Decoded uint8 arrays are cached here so the second load is a fraction of the first.
+    cache_dir: str = field(default_factory=default_cache_dir)
+    # Fraction of the training split held out for validation: model selection and early
+    # stopping look only at it, never at the test split.
+    val_fraction: float = 0.1
+    # Random crop after 4-pixel padding plus horizontal flip: the tutorial's own suggested
+    # improvement; it is what takes seed_cnn past its ~68% over-fitting ceiling.
+    augment: bool = True
+
+    # --- model and optimiser --------------------------------------------------------------
+    # Registry name (toolkit.models.MODELS); seed_cnn is the tutorial's network.
+    model: str = "seed_cnn"
+    # 30 epochs as in the tutorial; with augmentation the validation accuracy still rises
+    # at 30, so more would help a little, at proportionally more time.
+    epochs: int = 30
+    # Global batch, split evenly across workers. The tutorial's 32 is communication-bound
+    # once split (about 1,200 images/s on 2 workers vs about 6,500 at 256).
+    batch_size: int = 256
+    # Adam's default 1e-3 is tuned for batch 32; at batch 256 a larger step reaches the same
+    # accuracy in fewer epochs (measured, README).
+    learning_rate: float = 2e-3
+    # Stop when validation accuracy has not improved for this many epochs (0 = never).
+    # The best-validation weights are restored either way.
+    patience: int = 0
+    seed: int = 0
+
+    # --- Ray ------------------------------------------------------------------------------
+    # Two workers saturate a 2-core machine; on a cluster, set to the number of GPUs/nodes.
+    num_workers: int = 2
+    use_gpu: bool = False
+    # TensorFlow thread count per worker is set from this (Ray pins OMP_NUM_THREADS=1).
+    cpus_per_worker: int = 1
+    # Ray Train run name: the same name and storage path resume an interrupted run.
+    name: Optional[str] = None
+    # Where Ray Train keeps runs and checkpoints (a local folder, NFS, or s3://...).
+    storage_path: Optional[str] = None
+    # Checkpoints kept per run; each is the full model (about 4 MB for seed_cnn).
+    keep_checkpoints: int = 3
+    # Whole-group restarts after a worker dies, each resuming from the latest checkpoint.
+    max_failures: int = 3
+
+    # --- outputs --------------------------------------------------------------------------
+    output: str = "out"
+    # Run the edge export (TFLite/ONNX variants and the drift report) after training.
+    export: bool = True
+    # Use only this many training/test images (None = all); for smoke tests.
+    limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers}): "
+                "the global batch is split evenly across workers"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

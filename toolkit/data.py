@@ -1,0 +1,443 @@
+"""CIFAR-10 (or any small RGB image-classification set) as uint8 arrays, and tf.data pipelines.
+
+Sources, recognised from what is at the path:
+
+- ``None``: the Keras download (``tf_keras.datasets.cifar10.load_data``), as in the tutorial;
+- the official "python version": a ``cifar-10-batches-py/`` folder (or a folder holding one),
+  or the ``cifar-10-python.tar.gz`` archive;
+- a class-folder tree ``train/<class>/*`` and ``test/<class>/*`` of JPEG/PNG files, as a
+  folder or as a ``.tar``/``.tar.gz`` (optionally under one top-level folder).
+
+Decoded arrays are cached (``.npz``, written atomically) under a key derived from the source's
+identity (path, sizes, modification times), so the second load only reads the cache.
+Every problem with a source raises :class:`DataError` with one line naming the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Bump when the decoded layout changes, so stale caches are not read.
+_CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A data source is missing, malformed or corrupt. The message names the path."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test splits as uint8 images (N, 32, 32, 3) and int64 labels (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def limited(self, n: Optional[int], seed: int = 0) -> "Dataset":
+        """A seeded random ``n`` images of each split (for smoke tests); ``None`` keeps all.
+        Random, not the first ``n``: class-folder sources are stored class by class."""
+        if n is None:
+            return self
+        rng = np.random.default_rng(seed)
+        tr = np.sort(rng.permutation(len(self.x_train))[:n])
+        te = np.sort(rng.permutation(len(self.x_test))[:n])
+        return Dataset(self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te],
+                       self.class_names, self.source)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(source: Optional[str] = None, cache_dir: Optional[str] = None) -> Dataset:
+    """Load a dataset from ``source`` (see module docstring), through the on-disk cache."""
+    if source is None or source in ("", "keras", "download"):
+        return _load_keras_download()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"{source}: no such file or directory")
+    path = path.resolve()
+    key = _source_key(path)
+    cache_file = Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        try:
+            return _read_cache(cache_file, str(path))
+        except (OSError, ValueError, KeyError):
+            pass  # A corrupt cache is rebuilt below, never trusted.
+    ds = _load_uncached(path)
+    _validate(ds)
+    if cache_file is not None:
+        _write_cache(cache_file, ds)
+    return ds
+
+
+def _load_keras_download() -> Dataset:
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as e:  # network errors come in many types; re-raise as one clear line
+        raise DataError(f"Keras CIFAR-10 download failed ({type(e).__name__}: {e}); "
+                        "pass --data with a local copy instead") from e
+    ds = Dataset(x_train, y_train.reshape(-1).astype(np.int64), x_test,
+                 y_test.reshape(-1).astype(np.int64), CIFAR10_CLASSES, "keras")
+    _validate(ds)
+    return ds
+
+
+def _load_uncached(path: Path) -> Dataset:
+    if path.is_dir():
+        batches = _find_python_batches_dir(path)
+        if batches is not None:
+            return _load_python_batches_dir(batches)
+        return _load_image_tree_dir(path)
+    if not tarfile.is_tarfile(path):
+        raise DataError(f"{path}: not a folder or a .tar/.tar.gz archive (cannot read it as one)")
+    try:
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+            if any(re.search(r"(^|/)data_batch_1$", n) for n in names):
+                return _load_python_batches_tar(tar, path)
+            return _load_image_tree_tar(tar, path)
+    except (tarfile.TarError, EOFError, OSError, zlibError) as e:
+        raise DataError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
+
+
+try:  # zlib.error is what a truncated .gz raises from deep inside tarfile
+    from zlib import error as zlibError
+except ImportError:  # pragma: no cover
+    zlibError = OSError  # type: ignore[misc,assignment]
+
+
+# -- the official python version ------------------------------------------------------------
+
+_PY_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+_PY_TEST = "test_batch"
+
+
+def _find_python_batches_dir(path: Path) -> Optional[Path]:
+    for cand in (path, path / "cifar-10-batches-py"):
+        if (cand / "data_batch_1").is_file() or (cand / "batches.meta").is_file():
+            return cand
+    return None
+
+
+def _unpickle(raw: bytes, where: str) -> dict:
+    try:
+        d = pickle.loads(raw, encoding="bytes")
+    except Exception as e:  # pickle raises many types on garbage; all mean "corrupt"
+        raise DataError(f"{where}: corrupt batch file ({type(e).__name__})") from e
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise DataError(f"{where}: not a CIFAR-10 batch (no data/labels)")
+    return d
+
+
+def _batch_arrays(d: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+    data = np.asarray(d[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 32 * 32 * 3:
+        raise DataError(f"{where}: data has shape {data.shape}, expected (N, 3072)")
+    labels = np.asarray(d[b"labels"], dtype=np.int64)
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{where}: {labels.shape[0]} labels for {data.shape[0]} images")
+    # Stored channel-first (N, 3, 32, 32); Keras wants channel-last.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def _class_names_from_meta(raw: Optional[bytes], where: str) -> tuple[str, ...]:
+    if raw is None:
+        return CIFAR10_CLASSES
+    try:
+        meta = pickle.loads(raw, encoding="bytes")
+        return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"])
+    except Exception as e:  # same as _unpickle: any failure is a corrupt file
+        raise DataError(f"{where}: corrupt batches.meta ({type(e).__name__})") from e
+
+
+def _assemble_python(read: "callable", where: str) -> Dataset:
+    parts = []
+    for name in _PY_TRAIN + [_PY_TEST]:
+        raw = read(name)
+        if raw is None:
+            split = "test" if name == _PY_TEST else "train"
+            raise DataError(f"{where}: missing {name} ({split} split)")
+        parts.append(_batch_arrays(_unpickle(raw, f"{where}/{name}"), f"{where}/{name}"))
+    class_names = _class_names_from_meta(read("batches.meta"), f"{where}/batches.meta")
+    x_train = np.concatenate([p[0] for p in parts[:5]])
+    y_train = np.concatenate([p[1] for p in parts[:5]])
+    ds = Dataset(x_train, y_train, parts[5][0], parts[5][1], class_names, where)
+    return ds
+
+
+def _load_python_batches_dir(folder: Path) -> Dataset:
+    def read(name: str) -> Optional[bytes]:
+        p = folder / name
+        return p.read_bytes() if p.is_file() else None
+
+    return _assemble_python(read, str(folder))
+
+
+def _load_python_batches_tar(tar: tarfile.TarFile, path: Path) -> Dataset:
+    members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+
+    def read(name: str) -> Optional[bytes]:
+        m = members.get(name)
+        if m is None:
+            return None
+        f = tar.extractfile(m)
+        return f.read() if f is not None else None
+
+    return _assemble_python(read, str(path))
+
+
+# -- class-folder image trees ---------------------------------------------------------------
+
+
+def _decode_image(raw: bytes, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            mode, size = im.mode, im.size
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+    if mode != "RGB" or arr.shape != IMAGE_SHAPE:
+        raise DataError(f"{where}: image is {size[0]}x{size[1]} {mode}, expected 32x32 RGB")
+    return arr
+
+
+def _order_classes(names: Iterable[str]) -> tuple[str, ...]:
+    names = set(names)
+    if names == set(CIFAR10_CLASSES):
+        return CIFAR10_CLASSES  # CIFAR-10's own label order, so labels match the Keras download
+    return tuple(sorted(names))
+
+
+def _assemble_tree(
+    files: dict[str, dict[str, list[str]]], read: "callable", where: str
+) -> Dataset:
+    """``files[split][class]`` lists file keys; ``read(key)`` returns bytes."""
+    for split in ("train", "test"):
+        if split not in files or not files[split]:
+            raise DataError(f"{where}: missing split '{split}/' (expected {split}/<class>/*.jpg|png)")
+    if set(files["train"]) != set(files["test"]):
+        only = sorted(set(files["train"]) ^ set(files["test"]))
+        raise DataError(f"{where}: train/ and test/ have different classes ({', '.join(only)})")
+    class_names = _order_classes(files["train"])
+    out = {}
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for label, cls in enumerate(class_names):
+            keys = sorted(files[split][cls])
+            if not keys:
+                raise DataError(f"{where}: class folder {split}/{cls}/ has no images")
+            for key in keys:
+                xs.append(_decode_image(read(key), f"{where}/{key}"))
+                ys.append(label)
+        out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
+    return Dataset(out["train"][0], out["train"][1], out["test"][0], out["test"][1], class_names, where)
+
+
+_TREE_RE = re.compile(r"^(?:(?P<top>[^/]+)/)?(?P<split>train|test)/(?P<cls>[^/]+)(?:/(?P<file>[^/]+))?$")
+
+
+def _load_image_tree_dir(root: Path) -> Dataset:
+    base = root
+    if not (root / "train").is_dir() and not (root / "test").is_dir():
+        subdirs = [p for p in root.iterdir() if p.is_dir()]
+        if len(subdirs) == 1:
+            base = subdirs[0]  # a tree unpacked under one top-level folder
+    files: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", "test"):
+        d = base / split
+        if not d.is_dir():
+            continue
+        files[split] = {}
+        for cls_dir in sorted(p for p in d.iterdir() if p.is_dir()):
+            files[split][cls_dir.name] = [
+                f"{split}/{cls_dir.name}/{p.name}"
+                for p in cls_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            ]
+    if not files:
+        raise DataError(
+            f"{root}: not a recognised dataset (no cifar-10-batches-py files, no train/ and test/ class folders)"
+        )
+    return _assemble_tree(files, lambda key: (base / key).read_bytes(), str(base))
+
+
+def _load_image_tree_tar(tar: tarfile.TarFile, path: Path) -> Dataset:
+    files: dict[str, dict[str, list[str]]] = {}
+    data: dict[str, bytes] = {}
+    tops = set()
+    # Stream the archive once (a .tar.gz cannot seek cheaply), keeping the raw bytes.
+    for m in tar:
+        name = m.name.lstrip("./")
+        mt = _TREE_RE.match(name)
+        if not mt:
+            continue
+        tops.add(mt["top"])
+        split, cls, fname = mt["split"], mt["cls"], mt["file"]
+        files.setdefault(split, {}).setdefault(cls, [])
+        if m.isfile() and fname and fname.lower().endswith(IMAGE_SUFFIXES):
+            f = tar.extractfile(m)
+            data[name] = f.read() if f is not None else b""
+            files[split][cls].append(name)
+    if not files:
+        raise DataError(
+            f"{path}: not a recognised dataset archive (no cifar-10-batches-py files, "
+            "no train/ and test/ class folders)"
+        )
+    if len(tops) > 1:
+        raise DataError(f"{path}: train/ and test/ found under several top-level folders")
+    return _assemble_tree(files, data.__getitem__, str(path))
+
+
+# -- validation and cache ---------------------------------------------------------------------
+
+
+def _validate(ds: Dataset) -> None:
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+            raise DataError(f"{ds.source}: {split} images have shape {x.shape} {x.dtype}, expected (N, 32, 32, 3) uint8")
+        if len(x) != len(y):
+            raise DataError(f"{ds.source}: {split} has {len(x)} images but {len(y)} labels")
+        if len(x) == 0:
+            raise DataError(f"{ds.source}: {split} split is empty")
+        bad = (y < 0) | (y >= ds.num_classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(
+                f"{ds.source}: {split} label {int(y[i])} at index {i} is out of range 0..{ds.num_classes - 1}"
+            )
+
+
+def _source_key(path: Path) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}:{path}".encode())
+    if path.is_dir():
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for n in sorted(names):
+                st = os.stat(os.path.join(root, n))
+                h.update(f"{os.path.relpath(os.path.join(root, n), path)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    else:
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _write_cache(cache_file: Path, ds: Dataset) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+                     class_names=np.asarray(ds.class_names))
+        os.replace(tmp, cache_file)  # atomic: readers never see a half-written cache
+    except OSError:
+        # An unwritable cache folder costs speed, not correctness.
+        if "tmp" in locals() and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_cache(cache_file: Path, source: str) -> Dataset:
+    with np.load(cache_file, allow_pickle=False) as z:
+        return Dataset(z["x_train"], z["y_train"], z["x_test"], z["y_test"],
+                       tuple(str(c) for c in z["class_names"]), source)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and tf.data pipelines
+
+
+def split_validation(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded split of the training data into (x_train, y_train, x_val, y_val)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = max(1, int(round(len(x) * fraction)))
+    val, train = order[:n_val], order[n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
+def augment_batch(images, seed: Optional[int] = None):
+    """Random crop after 4-pixel padding, and a random horizontal flip, on a uint8 batch."""
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [4, 4], [4, 4], [0, 0]], mode="REFLECT")
+    # One offset per image, vectorised through crop_and_resize-free gather of windows.
+    ox = tf.random.uniform([n], 0, 9, dtype=tf.int32, seed=seed)
+    oy = tf.random.uniform([n], 0, 9, dtype=tf.int32, seed=seed)
+    rows = oy[:, None] + tf.range(32)[None, :]  # (n, 32)
+    cols = ox[:, None] + tf.range(32)[None, :]
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)  # (n, 32, 40, 3)
+    cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)  # (n, 32, 32, 3)
+    flip = tf.random.uniform([n], 0, 1, seed=seed) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
+
+
+def make_train_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    num_classes: int,
+    augment: bool,
+    seed: int,
+    num_shards: int = 1,
+    shard_index: int = 0,
+):
+    """An endless, shuffled, batched training pipeline for one worker.
+
+    Each worker takes a distinct shard of the (seeded) per-epoch order, so together the workers
+    see every image once per epoch; ``batch_size`` is the per-worker batch. Labels are one-hot
+    (categorical cross-entropy and the tutorial's precision/recall metrics want them).
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    ds = ds.shard(num_shards, shard_index)
+    ds = ds.shuffle(len(x) // num_shards + 1, seed=seed + shard_index, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment:
+        ds = ds.map(lambda a, b: (augment_batch(a), b), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda a, b: (a, tf.one_hot(b, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_eval_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, num_classes: int):
+    """A finite, ordered, batched pipeline for evaluation (validation or test)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    ds = ds.map(lambda a, b: (a, tf.one_hot(b, num_classes)))
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,62 @@
+"""Everything a training run leaves in its output folder: model, metrics, history, plots."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.config import TrainConfig
+from toolkit.data import Dataset
+from toolkit.evaluate import classification_metrics
+from toolkit.outputs import copy_file, git_revision, write_json, write_text
+from toolkit.plots import plot_confusion_matrix, plot_history, plot_samples
+from toolkit.tf import import_keras
+from toolkit.train import MODEL_FILE, TrainOutcome
+
+
+def predict_probs(model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities for uint8 images (the model scales pixels itself)."""
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+
+
+def write_training_outputs(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, output: str) -> dict:
+    """Evaluate the trained model on the test split and write every artifact into ``output``."""
+    keras = import_keras()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model = keras.models.load_model(outcome.model_path)
+    test = classification_metrics(ds.y_test, predict_probs(model, ds.x_test), ds.class_names)
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_precision": test["precision"],
+        "test_recall": test["recall"],
+        "test_macro_precision": test["macro_precision"],
+        "test_macro_recall": test["macro_recall"],
+        "val_accuracy": max(outcome.history.get("val_accuracy", [float("nan")])),
+        "per_class_accuracy": test["per_class_accuracy"],
+        "confusion_matrix": test["confusion_matrix"],
+        "class_names": list(ds.class_names),
+        "epochs": outcome.epochs_run,
+        "best_epoch": outcome.best_epoch,
+        "wall_time_s": outcome.wall_time_s,
+        "train_images_per_s": outcome.train_images_per_s,
+        "num_workers": cfg.num_workers,
+        "num_train_images": int(len(ds.x_train)),
+        "num_test_images": int(len(ds.x_test)),
+        "data_source": ds.source,
+        "ray_run_path": outcome.run_path,
+        "git_revision": git_revision(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": cfg.to_dict(),
+    }
+    copy_file(outcome.model_path, out / MODEL_FILE)
+    write_json(out / "history.json", outcome.history)
+    write_text(out / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
+    plot_history(outcome.history, out / "curves.png")
+    plot_confusion_matrix(np.asarray(test["confusion_matrix"]), ds.class_names, out / "confusion_matrix.png")
+    plot_samples(ds.x_train, ds.y_train, ds.class_names, out / "samples.png")
+    write_json(out / "metrics.json", metrics)  # last: its presence means the folder is complete
+    return metrics

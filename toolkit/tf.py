@@ -1,0 +1,63 @@
+"""One place that imports TensorFlow, so Keras 2 (tf_keras) is always the Keras in use.
+
+tensorflow-model-optimization only works with Keras 2, and Keras 3 breaks
+MultiWorkerMirroredStrategy fit loops: ``TF_USE_LEGACY_KERAS=1`` must be set before
+TensorFlow is first imported, in every process (driver and each Ray worker).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import ModuleType
+
+LEGACY_KERAS_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def set_tf_env() -> None:
+    """Set the environment TensorFlow must see at first import (no-op after it is set)."""
+    if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+        raise RuntimeError("TensorFlow was imported before TF_USE_LEGACY_KERAS=1 was set; "
+                           "import it through toolkit.tf.import_tf()")
+    for k, v in LEGACY_KERAS_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def import_tf() -> ModuleType:
+    """``tensorflow``, imported with legacy Keras selected."""
+    set_tf_env()
+    import tensorflow as tf
+
+    return tf
+
+
+def import_keras() -> ModuleType:
+    """``tf_keras`` (Keras 2), the Keras this toolkit uses everywhere."""
+    import_tf()
+    import tf_keras
+
+    return tf_keras
+
+
+def set_threads(num_threads: int) -> None:
+    """Pin TensorFlow's thread pools; Ray sets OMP_NUM_THREADS=1 in workers, TF's pools are ours to set."""
+    tf = import_tf()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(num_threads)
+    except RuntimeError:
+        pass  # already initialised in this process: the earlier setting stands
+
+
+def save_model(model, path: str) -> None:
+    """Save in the native ``.keras`` format. Explicit, because tf_keras decides the format from
+    a thread-local flag that its own first save in a non-main thread (Ray Train runs the loop in
+    one) resets to False, silently writing HDF5 under a ``.keras`` name from then on."""
+    model.save(path, save_format="keras_v3")
+
+
+def quiet_tf_logs() -> None:
+    """Keep TensorFlow's Python INFO logs (one per collective op) out of job output."""
+    import logging
+
+    import_tf().get_logger().setLevel(logging.ERROR)

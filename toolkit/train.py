@@ -1,0 +1,262 @@
+"""Data-parallel training on Ray Train: ``train_loop_per_worker`` and the driver ``fit_distributed``.
+
+The worker function reads like single-process Keras: build and compile the model inside
+``MultiWorkerMirroredStrategy``, ``fit`` on a sharded tf.data pipeline, and report every epoch to
+Ray Train with a checkpoint. Ray restarts the worker group from the latest checkpoint when a
+worker dies (``max_failures``), and a new driver with the same run name and storage path resumes.
+
+A checkpoint folder holds:
+  ``model.keras``        the model after that epoch, with optimizer state (for resuming);
+  ``best_weights.npz``   the weights with the best validation accuracy so far;
+  ``state.json``         epoch, history, best epoch, and the full config that made it.
+The final report (``final: True``) carries the best-validation model as ``model.keras``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from toolkit.config import TrainConfig
+from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
+from toolkit.tf import (
+    LEGACY_KERAS_ENV, import_keras, import_tf, quiet_tf_logs, save_model, set_threads, set_tf_env,
+)
+
+MODEL_FILE = "model.keras"
+BEST_WEIGHTS_FILE = "best_weights.npz"
+STATE_FILE = "state.json"
+
+
+def compile_model(model, learning_rate: float) -> None:
+    """Adam, categorical cross-entropy, and the tutorial's metrics (accuracy, precision, recall)."""
+    keras = import_keras()
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
+    )
+
+
+def _progress(line: str) -> None:
+    # The process's real stdout, which Ray forwards to the driver once; Ray Train's patched
+    # print() would both log and tee it, printing every line twice.
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: one data-parallel replica. ``config`` = {"train": TrainConfig dict,
+    "data": ObjectRef of the split arrays, "num_classes": int}."""
+    import ray
+    import ray.train
+
+    cfg = TrainConfig.from_dict(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray pins OMP_NUM_THREADS=1; TensorFlow's pools must be sized before the runtime starts.
+    set_threads(cfg.cpus_per_worker)
+    tf = import_tf()
+    keras = import_keras()
+    keras.utils.set_random_seed(cfg.seed)
+    quiet_tf_logs()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours to print
+
+    arrays = config["data"]
+    if isinstance(arrays, ray.ObjectRef):
+        arrays = ray.get(arrays)
+    x_train, y_train, x_val, y_val = arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
+    num_classes = int(config["num_classes"])
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    per_worker_batch = cfg.batch_size // world
+    steps_per_epoch = len(x_train) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(x_train)} images)")
+    val_steps = math.ceil(len(x_val) / per_worker_batch)
+
+    def train_fn(input_ctx):
+        return make_train_dataset(
+            x_train, y_train, input_ctx.get_per_replica_batch_size(cfg.batch_size),
+            num_classes=num_classes, augment=cfg.augment, seed=cfg.seed,
+            num_shards=input_ctx.num_input_pipelines, shard_index=input_ctx.input_pipeline_id,
+        )
+
+    def val_fn(input_ctx):
+        # Every worker evaluates the whole validation set: the summed metric counts give the
+        # same ratios, and no worker waits on a shorter shard.
+        return make_eval_dataset(x_val, y_val, input_ctx.get_per_replica_batch_size(cfg.batch_size),
+                                 num_classes=num_classes)
+
+    train_ds = strategy.distribute_datasets_from_function(train_fn)
+    val_ds = strategy.distribute_datasets_from_function(val_fn)
+
+    state: dict[str, Any] = {"epoch": 0, "history": {}, "best_epoch": None, "best_val_accuracy": -1.0}
+    best_weights: Optional[list] = None
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                with open(os.path.join(d, STATE_FILE)) as f:
+                    state = json.load(f)
+                model = keras.models.load_model(os.path.join(d, MODEL_FILE))
+                best_path = os.path.join(d, BEST_WEIGHTS_FILE)
+                if os.path.exists(best_path):
+                    with np.load(best_path) as z:
+                        best_weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+            if rank == 0:
+                _progress(f"resuming from checkpoint after epoch {state['epoch']}")
+        else:
+            from toolkit.models import make_model
+
+            model = make_model(cfg.model, input_shape=x_train.shape[1:], num_classes=num_classes)
+            compile_model(model, cfg.learning_rate)
+
+    class ReportEpoch(keras.callbacks.Callback):
+        """Per epoch: progress line, best-weights tracking, early stopping, Ray Train report."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal best_weights
+            seconds = time.perf_counter() - self.t0
+            images_per_s = steps_per_epoch * cfg.batch_size / seconds
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            logs.update(epoch_time_s=seconds, images_per_s=images_per_s)
+            for k, v in logs.items():
+                state["history"].setdefault(k, []).append(v)
+            state["epoch"] = epoch + 1
+            if logs["val_accuracy"] > state["best_val_accuracy"]:
+                state["best_val_accuracy"], state["best_epoch"] = logs["val_accuracy"], epoch + 1
+                best_weights = self.model.get_weights()
+            stale = state["epoch"] - state["best_epoch"]
+            if cfg.patience and stale >= cfg.patience:
+                self.model.stop_training = True
+            if rank == 0:
+                eta = seconds * (cfg.epochs - state["epoch"])
+                _progress(
+                    f"epoch {state['epoch']:>3}/{cfg.epochs}  loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}  "
+                    f"val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}  "
+                    f"{images_per_s:,.0f} img/s  {seconds:.1f}s  left {_fmt_duration(eta)}"
+                    + ("  (early stop)" if self.model.stop_training else "")
+                )
+            _report(self.model, best_weights, state, cfg, rank, final=False,
+                    metrics={**logs, "epoch": state["epoch"]})
+
+    start_epoch = int(state["epoch"])
+    stopped_early = cfg.patience and state["best_epoch"] and start_epoch - state["best_epoch"] >= cfg.patience
+    if start_epoch < cfg.epochs and not stopped_early:
+        model.fit(
+            train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds, validation_steps=val_steps, callbacks=[ReportEpoch()], verbose=0,
+        )
+    # The final report carries the best-validation model: model selection never sees the test set.
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    final_metrics = {"epoch": state["epoch"], "best_epoch": state["best_epoch"],
+                     "val_accuracy": state["best_val_accuracy"], "final": True}
+    _report(model, None, state, cfg, rank, final=True, metrics=final_metrics)
+
+
+def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, final: bool,
+            metrics: dict) -> None:
+    """Write a checkpoint folder and report it to Ray Train (every worker must call this)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        # Every worker saves (reading distributed variables may need all of them);
+        # only rank 0's folder becomes the checkpoint.
+        save_model(model, os.path.join(d, MODEL_FILE))
+        if best_weights is not None:
+            np.savez(os.path.join(d, BEST_WEIGHTS_FILE), *best_weights)
+        with open(os.path.join(d, STATE_FILE), "w") as f:
+            json.dump({**state, "final": final, "config": cfg.to_dict()}, f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+@dataclass
+class TrainOutcome:
+    """What the driver gets back: the final checkpoint's model and state, copied locally."""
+
+    model_path: str
+    history: dict[str, list[float]]
+    best_epoch: Optional[int]
+    epochs_run: int
+    wall_time_s: float
+    train_images_per_s: float
+    run_path: str
+
+
+def init_ray() -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``) or start a local one,
+    with legacy Keras selected in every worker process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(LEGACY_KERAS_ENV)}, "log_to_driver": True}
+    ray.init(**kwargs)
+
+
+def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome:
+    """Train ``cfg.model`` on ``ds`` with Ray Train; copy the final model into ``workdir``."""
+    set_tf_env()  # ray.train.tensorflow imports TensorFlow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    init_ray()
+    x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, cfg.val_fraction, cfg.seed)
+    # One copy in the object store, read zero-copy by workers on the same node and shipped to
+    # others: no worker needs the data path, so this works unchanged on a multi-node cluster.
+    data_ref = ray.put({"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val})
+    name = cfg.name or time.strftime(f"{cfg.model}-%Y%m%d-%H%M%S")
+    storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path)) if cfg.storage_path and "://" not in cfg.storage_path else cfg.storage_path
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "data": data_ref, "num_classes": ds.num_classes},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} ended without a checkpoint")
+    os.makedirs(workdir, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, STATE_FILE)) as f:
+            state = json.load(f)
+        model_path = os.path.join(workdir, MODEL_FILE)
+        with open(os.path.join(d, MODEL_FILE), "rb") as src, open(model_path, "wb") as dst:
+            dst.write(src.read())
+    hist = state["history"]
+    train_time = sum(hist.get("epoch_time_s", []))
+    images = sum(s * r for s, r in zip(hist.get("epoch_time_s", []), hist.get("images_per_s", [])))
+    return TrainOutcome(
+        model_path=model_path, history=hist, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
+        wall_time_s=wall, train_images_per_s=float(images / train_time) if train_time else 0.0,
+        run_path=result.path,
+    )
