@@ -131,12 +131,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
 
+        def on_test_begin(self, logs=None):
+            self.t_val = time.perf_counter()  # images/s counts training steps, not validation
+
         def on_epoch_end(self, epoch, logs=None):
             nonlocal best_weights
-            seconds = time.perf_counter() - self.t0
-            images_per_s = steps_per_epoch * cfg.batch_size / seconds
+            now = time.perf_counter()
+            seconds = now - self.t0
+            images_per_s = steps_per_epoch * cfg.batch_size / (self.t_val - self.t0)
             logs = {k: float(v) for k, v in (logs or {}).items()}
-            logs.update(epoch_time_s=seconds, images_per_s=images_per_s)
+            logs.update(epoch_time_s=seconds, train_time_s=self.t_val - self.t0, images_per_s=images_per_s)
             for k, v in logs.items():
                 state["history"].setdefault(k, []).append(v)
             state["epoch"] = epoch + 1
@@ -253,8 +257,8 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome
         with open(os.path.join(d, MODEL_FILE), "rb") as src, open(model_path, "wb") as dst:
             dst.write(src.read())
     hist = state["history"]
-    train_time = sum(hist.get("epoch_time_s", []))
-    images = sum(s * r for s, r in zip(hist.get("epoch_time_s", []), hist.get("images_per_s", [])))
+    train_time = sum(hist.get("train_time_s", []))
+    images = sum(s * r for s, r in zip(hist.get("train_time_s", []), hist.get("images_per_s", [])))
     return TrainOutcome(
         model_path=model_path, history=hist, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
         wall_time_s=wall, train_images_per_s=float(images / train_time) if train_time else 0.0,
