@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import math
 import os
@@ -125,11 +126,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model = make_model(cfg.model, input_shape=x_train.shape[1:], num_classes=num_classes)
             compile_model(model, cfg.learning_rate)
 
+    worker = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "batches": 0,
+              "batch_size": per_worker_batch}
+
     class ReportEpoch(keras.callbacks.Callback):
         """Per epoch: progress line, best-weights tracking, early stopping, Ray Train report."""
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            worker["batches"] += 1  # proof this worker did its share, read back by the driver
 
         def on_test_begin(self, logs=None):
             self.t_val = time.perf_counter()  # images/s counts training steps, not validation
@@ -173,12 +180,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.set_weights(best_weights)
     final_metrics = {"epoch": state["epoch"], "best_epoch": state["best_epoch"],
                      "val_accuracy": state["best_val_accuracy"], "final": True}
-    _report(model, None, state, cfg, rank, final=True, metrics=final_metrics)
+    _report(model, best_weights, state, cfg, rank, final=True, metrics=final_metrics, worker=worker)
 
 
 def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, final: bool,
-            metrics: dict) -> None:
-    """Write a checkpoint folder and report it to Ray Train (every worker must call this)."""
+            metrics: dict, worker: Optional[dict] = None) -> None:
+    """Write a checkpoint folder and report it to Ray Train (every worker must call this).
+
+    On the final report every worker adds ``workers/rank-N.json``; Ray Train merges the workers'
+    folders into one checkpoint, so the driver sees what each worker did."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -190,7 +200,16 @@ def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, fi
             np.savez(os.path.join(d, BEST_WEIGHTS_FILE), *best_weights)
         with open(os.path.join(d, STATE_FILE), "w") as f:
             json.dump({**state, "final": final, "config": cfg.to_dict()}, f)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        if worker is not None:
+            os.makedirs(os.path.join(d, "workers"))
+            with open(os.path.join(d, "workers", f"rank-{rank}.json"), "w") as f:
+                json.dump(worker, f)
+        if rank != 0:  # only rank 0's model and state; other workers add just their record
+            for name in os.listdir(d):
+                if name != "workers":
+                    os.remove(os.path.join(d, name))
+        has_files = bool(os.listdir(d))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if has_files else None)
 
 
 @dataclass
@@ -200,6 +219,7 @@ class TrainOutcome:
     model_path: str
     history: dict[str, list[float]]
     best_epoch: Optional[int]
+    workers: list[dict]
     epochs_run: int
     wall_time_s: float
     train_images_per_s: float
@@ -253,6 +273,9 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, STATE_FILE)) as f:
             state = json.load(f)
+        workers_dir = os.path.join(d, "workers")
+        workers = [json.load(open(os.path.join(workers_dir, n))) for n in sorted(os.listdir(workers_dir))] \
+            if os.path.isdir(workers_dir) else []
         model_path = os.path.join(workdir, MODEL_FILE)
         with open(os.path.join(d, MODEL_FILE), "rb") as src, open(model_path, "wb") as dst:
             dst.write(src.read())
@@ -260,7 +283,7 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome
     train_time = sum(hist.get("train_time_s", []))
     images = sum(s * r for s, r in zip(hist.get("train_time_s", []), hist.get("images_per_s", [])))
     return TrainOutcome(
-        model_path=model_path, history=hist, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
+        model_path=model_path, history=hist, best_epoch=state["best_epoch"], workers=workers, epochs_run=state["epoch"],
         wall_time_s=wall, train_images_per_s=float(images / train_time) if train_time else 0.0,
         run_path=result.path,
     )

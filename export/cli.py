@@ -1,0 +1,84 @@
+"""The command line shared by ``python -m export``, ``python -m export.tflite`` and ``python -m export.onnx``.
+
+Exit status: 0 every variant within --max-drop; 1 some variant over it (named, one line each);
+2 bad input (model, data, variants), with one line and no files written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from export.pipeline import ALL_VARIANTS, FORMAT_OF, ExportConfig, ExportInputError
+from toolkit.config import default_cache_dir
+
+
+def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
+    variants = [v for v in ALL_VARIANTS if FORMAT_OF[v] in formats]
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Export a Keras model to {' and '.join(f.upper() if f == 'onnx' else 'TFLite' for f in formats)} "
+                    "variants, run each in its device runtime on the test split, and fail if any variant's "
+                    "accuracy drops more than --max-drop points below the float model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="exit status: 0 all variants within --max-drop; 1 a variant over it; 2 bad input",
+    )
+    p.add_argument("model", help="the float model (.keras, Keras 2 / tf_keras)")
+    p.add_argument("--data", default=None,
+                   help="dataset source as for training (omit for the Keras download): calibration and "
+                        "fine-tuning use its training split, evaluation its full test split")
+    p.add_argument("--out", default=None, help="output folder (default: export/ next to the model)")
+    p.add_argument("--variants", default=",".join(variants), help=f"comma list from: {', '.join(variants)}")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="largest allowed accuracy drop of any variant vs the float model, in percentage points")
+    p.add_argument("--calibration-size", type=int, default=500, help="representative images for int8 calibration")
+    p.add_argument("--calibration-data", default=None,
+                   help="take calibration images from this source's training split instead of --data's")
+    p.add_argument("--qat-epochs", type=int, default=2, help="quantisation-aware fine-tuning epochs")
+    p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per variant")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="cache of decoded datasets")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> ExportConfig:
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    wrong_format = [v for v in variants if v in FORMAT_OF and FORMAT_OF[v] not in formats]
+    if wrong_format:
+        raise ExportInputError(f"variants: {', '.join(wrong_format)} not produced by this command "
+                               f"(use python -m export for all formats)")
+    return ExportConfig(
+        model=args.model, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
+        calibration_size=args.calibration_size, calibration_data=args.calibration_data,
+        qat_epochs=args.qat_epochs, latency_runs=args.latency_runs, cache_dir=args.cache_dir, seed=args.seed,
+    )
+
+
+def exit_status(report: dict) -> int:
+    """0 when every variant passed the drift gate; else name each offender on stderr and return 1."""
+    if report["passed"]:
+        print(f"export: all {len(report['variants'])} variants within {report['max_drop_pp']} pp "
+              f"of the float model ({report['float_accuracy']:.4f})", flush=True)
+        return 0
+    for r in report["variants"]:
+        if not r["passed"]:
+            print(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, drop {r['drop_pp']:.2f} pp > "
+                  f"max {report['max_drop_pp']} pp", file=sys.stderr, flush=True)
+    return 1
+
+
+def main(argv: Optional[list[str]] = None, formats: Sequence[str] = ("tflite", "onnx"),
+         prog: str = "python -m export") -> int:
+    args = build_parser(formats, prog).parse_args(argv)
+    from toolkit.data import DataError
+
+    try:
+        cfg = config_from_args(args, formats)
+        from export.pipeline import run_export
+
+        report = run_export(cfg, log=lambda line: print(line, flush=True))
+    except (ExportInputError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return exit_status(report)

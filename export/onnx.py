@@ -1,0 +1,85 @@
+"""ONNX variants: float32 through tf2onnx, and int8 (QDQ) by two routes, measured, the better kept.
+
+    python -m export.onnx MODEL.keras --data ...    (see --help)
+
+``onnx_int8`` candidates:
+  ``ort_static``   ONNX Runtime static quantisation of the float ONNX model (QDQ, per-channel
+                   int8 weights, uint8 activations), calibrated on the same images as TFLite int8;
+  ``from_tflite``  tf2onnx conversion of the int8 TFLite model (its quantisation carried over).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import numpy as np
+
+from toolkit.tf import import_tf
+
+VARIANTS = ("onnx_float32", "onnx_int8")
+INT8_ROUTES = ("ort_static", "from_tflite")
+# Opset 17: supported by every ONNX Runtime of the last years, mobile included.
+OPSET = 17
+
+
+def convert_float32(model, path: str) -> None:
+    """tf2onnx from the Keras model, with an explicit input signature (batch dimension dynamic,
+    raw 0-255 float pixels), checked with ``onnx.checker``."""
+    tf = import_tf()
+    import onnx
+    import tf2onnx
+
+    spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="image")]
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+
+
+def convert_from_tflite(tflite_path: str, path: str) -> None:
+    """tf2onnx from an int8 TFLite model: quantised tensors become QuantizeLinear/DequantizeLinear."""
+    import onnx
+    import tf2onnx
+
+    proto, _ = tf2onnx.convert.from_tflite(str(tflite_path), opset=OPSET)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+
+
+def quantize_static(float_path: str, calibration: np.ndarray, path: str) -> None:
+    """ONNX Runtime static QDQ quantisation calibrated on ``calibration`` (uint8 images)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = onnx.load(float_path).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(range(0, len(calibration), 32))
+
+        def get_next(self):
+            i = next(self._it, None)
+            return None if i is None else {input_name: calibration[i:i + 32].astype(np.float32)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = os.path.join(tmp, "pre.onnx")
+        quant_pre_process(float_path, pre, skip_symbolic_shape=True)
+        ort_quantize_static(
+            pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        )
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from export.cli import main as cli_main
+
+    return cli_main(argv, formats=("onnx",), prog="python -m export.onnx")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

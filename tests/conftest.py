@@ -1,0 +1,112 @@
+"""Shared fixtures: small real datasets written in every supported layout, and the shared CIFAR-10 copy."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.tf import set_tf_env
+
+set_tf_env()  # before anything imports TensorFlow (ray.train.tensorflow does)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def require_shared_cifar() -> Path:
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_CIFAR} (tests that need real data skip without it)")
+    return SHARED_CIFAR
+
+
+@pytest.fixture(scope="session")
+def shared_cifar() -> Path:
+    return require_shared_cifar()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One decoded-array cache for the whole session (never inside ../shared, which is read-only in CI)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def make_arrays(n_train: int = 50, n_test: int = 20, num_classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x_train = rng.integers(0, 256, size=(n_train, 32, 32, 3), dtype=np.uint8)
+    x_test = rng.integers(0, 256, size=(n_test, 32, 32, 3), dtype=np.uint8)
+    y_train = np.arange(n_train) % num_classes
+    y_test = np.arange(n_test) % num_classes
+    return x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64)
+
+
+def write_python_batches(folder: Path, arrays, label_names=CIFAR_CLASSES) -> Path:
+    """The official cifar-10-batches-py layout: 5 train batches, a test batch, batches.meta."""
+    x_train, y_train, x_test, y_test = arrays
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name, x, y):
+        data = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [int(v) for v in y], b"batch_label": name.encode()}, f)
+
+    for i, (xs, ys) in enumerate(zip(np.array_split(x_train, 5), np.array_split(y_train, 5)), 1):
+        dump(f"data_batch_{i}", xs, ys)
+    dump("test_batch", x_test, y_test)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in label_names]}, f)
+    return folder
+
+
+def write_image_tree(root: Path, arrays, class_names=CIFAR_CLASSES, fmt: str = "png") -> Path:
+    """train/<class>/NNNN.png and test/<class>/NNNN.png (PNG is lossless, so arrays compare exactly)."""
+    from PIL import Image
+
+    x_train, y_train, x_test, y_test = arrays
+    for split, xs, ys in (("train", x_train, y_train), ("test", x_test, y_test)):
+        for c in class_names:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            Image.fromarray(x).save(root / split / class_names[y] / f"{i:04d}.{fmt}")
+    return root
+
+
+def tar_folder(src: Path, dst: Path, arcname: str | None = None) -> Path:
+    mode = "w:gz" if dst.name.endswith(".gz") else "w"
+    with tarfile.open(dst, mode) as tar:
+        if arcname is None:
+            for child in sorted(src.iterdir()):
+                tar.add(child, arcname=child.name)
+        else:
+            tar.add(src, arcname=arcname)
+    return dst
+
+
+def sorted_by_label(x, y):
+    """Image-tree loaders return images grouped by class; order the reference the same way."""
+    order = np.argsort(y, kind="stable")
+    return x[order], y[order]
+
+
+@pytest.fixture(scope="session")
+def tiny_tree_tgz(tmp_path_factory) -> Path:
+    """A small but learnable class-folder .tar.gz: each class is a distinct colour plus noise."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(1)
+    colours = rng.integers(0, 256, size=(10, 3))
+
+    def make(n):
+        y = np.arange(n) % 10
+        x = np.clip(colours[y][:, None, None, :] + rng.normal(0, 25, size=(n, 32, 32, 3)), 0, 255).astype(np.uint8)
+        return x, y
+
+    x_train, y_train = make(640)
+    x_test, y_test = make(200)
+    tree = write_image_tree(root / "tree", (x_train, y_train, x_test, y_test))
+    return tar_folder(tree, root / "tiny.tar.gz")

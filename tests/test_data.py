@@ -1,0 +1,241 @@
+"""Every data source format loads the same arrays; every bad source fails with one clear line."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import (CIFAR_CLASSES, ROOT, make_arrays, sorted_by_label, tar_folder, write_image_tree,
+                      write_python_batches)
+from toolkit.data import DataError, load_dataset, make_train_dataset, split_validation
+
+
+def assert_same(ds, arrays, class_names=CIFAR_CLASSES, grouped=False):
+    x_train, y_train, x_test, y_test = arrays
+    if grouped:
+        x_train, y_train = sorted_by_label(x_train, y_train)
+        x_test, y_test = sorted_by_label(x_test, y_test)
+    np.testing.assert_array_equal(ds.x_train, x_train)
+    np.testing.assert_array_equal(ds.y_train, y_train)
+    np.testing.assert_array_equal(ds.x_test, x_test)
+    np.testing.assert_array_equal(ds.y_test, y_test)
+    assert ds.class_names == tuple(class_names)
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.shape[1:] == (32, 32, 3)
+
+
+@pytest.fixture
+def arrays():
+    return make_arrays()
+
+
+def test_python_batches_folder(tmp_path, arrays):
+    folder = write_python_batches(tmp_path / "cifar-10-batches-py", arrays)
+    assert_same(load_dataset(str(folder), str(tmp_path / "c")), arrays)
+    # The folder that holds cifar-10-batches-py/ works too.
+    assert_same(load_dataset(str(tmp_path), str(tmp_path / "c2")), arrays)
+
+
+def test_python_batches_archive(tmp_path, arrays):
+    folder = write_python_batches(tmp_path / "src" / "cifar-10-batches-py", arrays)
+    archive = tar_folder(folder, tmp_path / "cifar-10-python.tar.gz", arcname="cifar-10-batches-py")
+    assert_same(load_dataset(str(archive), str(tmp_path / "c")), arrays)
+
+
+@pytest.mark.parametrize("packing", ["folder", "tar", "tar.gz", "tar.gz-with-top-folder"])
+def test_image_tree(tmp_path, arrays, packing):
+    tree = write_image_tree(tmp_path / "tree", arrays)
+    if packing == "folder":
+        src = tree
+    elif packing == "tar":
+        src = tar_folder(tree, tmp_path / "tree.tar")
+    elif packing == "tar.gz":
+        src = tar_folder(tree, tmp_path / "tree.tar.gz")
+    else:
+        src = tar_folder(tree, tmp_path / "tree.tar.gz", arcname="cifar10")
+    assert_same(load_dataset(str(src), str(tmp_path / "c")), arrays, grouped=True)
+
+
+def test_image_tree_jpeg_and_custom_classes_sorted(tmp_path):
+    x_train, y_train, x_test, y_test = make_arrays(n_train=12, n_test=6, num_classes=3)
+    # Flat colours survive JPEG almost exactly (random noise would not).
+    x_train[:] = x_train[:, :1, :1, :]
+    x_test[:] = x_test[:, :1, :1, :]
+    arrays = (x_train, y_train, x_test, y_test)
+    names = ("zebra", "apple", "mango")  # not CIFAR-10's: class names are sorted
+    tree = write_image_tree(tmp_path / "tree", arrays, class_names=names, fmt="jpg")
+    ds = load_dataset(str(tree), None)
+    assert ds.class_names == ("apple", "mango", "zebra")
+    assert ds.x_train.shape == (12, 32, 32, 3) and ds.x_test.shape == (6, 32, 32, 3)
+    # JPEG is lossy: labels follow the folders, pixels are close to the originals.
+    assert sorted(np.bincount(ds.y_train)) == [4, 4, 4]
+    first_zebra = arrays[0][arrays[1] == 0][0].astype(int)
+    got = ds.x_train[ds.y_train == ds.class_names.index("zebra")][0].astype(int)
+    assert np.abs(got - first_zebra).mean() < 8
+
+
+def test_cache_is_written_reused_and_keyed_by_source(tmp_path, arrays):
+    tree = write_image_tree(tmp_path / "tree", make_arrays(n_train=400, n_test=100))
+    cache = tmp_path / "cache"
+    t0 = time.perf_counter()
+    first = load_dataset(str(tree), str(cache))
+    t_first = time.perf_counter() - t0
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    assert not list(cache.glob("*.tmp")), "no temporary files left behind"
+    t0 = time.perf_counter()
+    second = load_dataset(str(tree), str(cache))
+    t_second = time.perf_counter() - t0
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    assert t_second < t_first  # decoding 500 PNGs vs reading one .npz
+    # A changed source gets a new cache entry rather than stale arrays.
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tree / "train" / "cat" / "extra.png")
+    third = load_dataset(str(tree), str(cache))
+    assert len(third.x_train) == len(first.x_train) + 1
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, arrays):
+    folder = write_python_batches(tmp_path / "b", arrays)
+    cache = tmp_path / "cache"
+    load_dataset(str(folder), str(cache))
+    (cache_file,) = cache.glob("*.npz")
+    cache_file.write_bytes(b"garbage")
+    assert_same(load_dataset(str(folder), str(cache)), arrays)
+
+
+# -- bad sources ------------------------------------------------------------------------------
+
+
+def _bad(tmp_path, arrays, case):
+    """Build one bad source; return (path, substring the error must contain)."""
+    if case == "missing path":
+        return tmp_path / "nope", "no such file or directory"
+    if case == "missing split":
+        tree = write_image_tree(tmp_path / "tree", arrays)
+        import shutil
+        shutil.rmtree(tree / "test")
+        return tree, "missing split 'test/'"
+    if case == "empty class folder":
+        tree = write_image_tree(tmp_path / "tree", arrays)
+        for f in (tree / "train" / "dog").iterdir():
+            f.unlink()
+        return tree, "train/dog/ has no images"
+    if case == "wrong size image":
+        tree = write_image_tree(tmp_path / "tree", arrays)
+        Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tree / "train" / "cat" / "big.png")
+        return tree, "train/cat/big.png: image is 28x28 RGB, expected 32x32 RGB"
+    if case == "grayscale image":
+        tree = write_image_tree(tmp_path / "tree", arrays)
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(tree / "test" / "cat" / "gray.png")
+        return tree, "test/cat/gray.png: image is 32x32 L, expected 32x32 RGB"
+    if case == "undecodable image":
+        tree = write_image_tree(tmp_path / "tree", arrays)
+        (tree / "train" / "frog" / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
+        return tree, "train/frog/broken.jpg: cannot decode image"
+    if case == "truncated archive":
+        tree = write_image_tree(tmp_path / "tree", make_arrays(n_train=300, n_test=50))
+        archive = tar_folder(tree, tmp_path / "t.tar.gz")
+        raw = archive.read_bytes()
+        archive.write_bytes(raw[: len(raw) // 2])
+        return archive, "truncated or corrupt archive"
+    if case == "label out of range":
+        x_train, y_train, x_test, y_test = arrays
+        y_train = y_train.copy()
+        y_train[7] = 12
+        folder = write_python_batches(tmp_path / "b", (x_train, y_train, x_test, y_test))
+        return folder, "train label 12 at index 7 is out of range 0..9"
+    if case == "missing batch file":
+        folder = write_python_batches(tmp_path / "b", arrays)
+        (folder / "data_batch_3").unlink()
+        return folder, "missing data_batch_3"
+    if case == "not a dataset":
+        (tmp_path / "x").mkdir()
+        (tmp_path / "x" / "readme.txt").write_text("hi")
+        return tmp_path / "x", "not a recognised dataset"
+    if case == "plain file":
+        (tmp_path / "data.csv").write_text("1,2,3\n")
+        return tmp_path / "data.csv", "not a folder or a .tar/.tar.gz archive"
+    raise AssertionError(case)
+
+
+BAD_CASES = ["missing path", "missing split", "empty class folder", "wrong size image", "grayscale image",
+             "undecodable image", "truncated archive", "label out of range", "missing batch file",
+             "not a dataset", "plain file"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_source_raises_one_clear_error(tmp_path, arrays, case):
+    path, expected = _bad(tmp_path, arrays, case)
+    with pytest.raises(DataError) as e:
+        load_dataset(str(path), str(tmp_path / "cache"))
+    msg = str(e.value)
+    assert expected in msg
+    assert "\n" not in msg
+    assert str(path.name) in msg or str(path) in msg
+    assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+@pytest.mark.parametrize("case", ["missing path", "wrong size image", "truncated archive"])
+def test_bad_source_cli_exit_2_one_line(tmp_path, arrays, case):
+    path, expected = _bad(tmp_path, arrays, case)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(path), "--output", str(out),
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists(), "no output written for bad input"
+
+
+# -- splits and pipelines -------------------------------------------------------------------
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    x = np.arange(1000).reshape(1000, 1, 1, 1).astype(np.uint8).repeat(32, 1).repeat(32, 2).repeat(3, 3)
+    ids = np.arange(1000)
+    a = split_validation(ids, ids, 0.1, seed=3)
+    b = split_validation(ids, ids, 0.1, seed=3)
+    c = split_validation(ids, ids, 0.1, seed=4)
+    np.testing.assert_array_equal(a[2], b[2])
+    assert not np.array_equal(a[2], c[2])
+    assert len(a[2]) == 100 and len(a[0]) == 900
+    assert not set(a[0]) & set(a[2])
+    assert x.shape[0] == 1000
+
+
+def test_train_pipeline_shards_are_disjoint_and_cover_the_epoch():
+    n, shards = 64, 2
+    x = np.zeros((n, 32, 32, 3), np.uint8)
+    x[:, 0, 0, 0] = np.arange(n)  # the image's id, in a pixel augmentation-free runs keep
+    y = np.arange(n) % 10
+    seen = []
+    for k in range(shards):
+        ds = make_train_dataset(x, y, 8, num_classes=10, augment=False, seed=0, num_shards=shards, shard_index=k)
+        ids = [int(v) for xb, _ in ds.take(n // shards // 8) for v in xb[:, 0, 0, 0].numpy()]
+        seen.append(ids)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(n))
+
+
+def test_augmentation_keeps_shape_and_changes_images():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(64) % 10
+    ds = make_train_dataset(x, y, 64, num_classes=10, augment=True, seed=0)
+    xb, yb = next(iter(ds))
+    assert xb.shape == (64, 32, 32, 3) and xb.dtype.name == "uint8" and yb.shape == (64, 10)
+    # Crops and flips move pixels: most augmented images match no original exactly.
+    changed = sum(not any(np.array_equal(a, b) for b in x) for a in xb.numpy())
+    assert changed > 32
