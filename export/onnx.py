@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -43,7 +44,11 @@ def convert_from_tflite(tflite_path: str, path: str) -> None:
     import onnx
     import tf2onnx
 
-    proto, _ = tf2onnx.convert.from_tflite(str(tflite_path), opset=OPSET)
+    with warnings.catch_warnings():
+        # tf2onnx reads the flatbuffer with tf.lite.Interpreter, which warns it is deprecated;
+        # our measurements run in LiteRT.
+        warnings.simplefilter("ignore", UserWarning)
+        proto, _ = tf2onnx.convert.from_tflite(str(tflite_path), opset=OPSET)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, path)
 

@@ -73,14 +73,17 @@ def convert_int8(model, calibration: np.ndarray, io_type: str = "uint8") -> byte
 def quantize_aware_model(model):
     """``model`` wrapped for quantisation-aware training with tfmot's default 8-bit scheme.
 
-    Pixel scaling (Rescaling) has no quantised kernel of its own: it is annotated with a no-op
-    config and folds into the input's quantisation at conversion."""
+    Pixel scaling (Rescaling) is not in tfmot's registry: it gets a config that quantises its
+    output only, which the converter needs as the first convolution's input range."""
     keras = import_keras()
     import tensorflow_model_optimization as tfmot
 
     qk = tfmot.quantization.keras
 
-    class NoOpQuantizeConfig(qk.QuantizeConfig):
+    class OutputQuantizeConfig(qk.QuantizeConfig):
+        """Quantise only the layer's output (it has no weights). Without an output range the
+        converter has nothing to quantise the next layer's input with."""
+
         def get_weights_and_quantizers(self, layer):
             return []
 
@@ -94,19 +97,20 @@ def quantize_aware_model(model):
             pass
 
         def get_output_quantizers(self, layer):
-            return []
+            return [qk.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                         narrow_range=False)]
 
         def get_config(self):
             return {}
 
     def annotate(layer):
         if isinstance(layer, keras.layers.Rescaling):
-            return qk.quantize_annotate_layer(layer, quantize_config=NoOpQuantizeConfig())
+            return qk.quantize_annotate_layer(layer, quantize_config=OutputQuantizeConfig())
         return qk.quantize_annotate_layer(layer)
 
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
-    with qk.quantize_scope({"NoOpQuantizeConfig": NoOpQuantizeConfig}):
+    with qk.quantize_scope({"OutputQuantizeConfig": OutputQuantizeConfig}):
         return qk.quantize_apply(annotated)
 
 
@@ -126,7 +130,8 @@ def train_qat(model, x_train: np.ndarray, y_train: np.ndarray, *, epochs: int, b
     steps = max(1, len(x_train) // batch_size)
     ds = make_train_dataset(x_train, y_train, batch_size, num_classes=model.output_shape[-1], augment=False,
                             seed=seed)
-    ds = ds.map(lambda a, b: (import_tf().cast(a, "float32"), b))
+    tf = import_tf()
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
 
     class Progress(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

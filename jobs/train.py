@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from toolkit.config import TrainConfig  # noqa: E402
 
 # What --smoke-test changes: a seconds-long run through every stage, for tests and first tries.
-SMOKE_TEST = {"epochs": 2, "limit": 2048, "batch_size": 64}
+# The gate is opened wide: a two-epoch model's quantisation drift is noise; smoke runs test that
+# every stage runs, not the model's quality.
+SMOKE_TEST = {"epochs": 2, "limit": 2048, "batch_size": 64, "max_drop": 100.0, "qat_epochs": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default=d["output"].default, help="folder for the model, metrics and plots")
     g.add_argument("--export", action=argparse.BooleanOptionalAction, default=d["export"].default,
                    help="run the edge export (TFLite/ONNX variants, drift report) after training")
+    g.add_argument("--max-drop", type=float, default=d["max_drop"].default,
+                   help="export gate: largest allowed accuracy drop of any edge variant, in points")
+    g.add_argument("--qat-epochs", type=int, default=d["qat_epochs"].default,
+                   help="export: quantisation-aware fine-tuning epochs")
     g.add_argument("--limit", type=int, default=None, help="use only the first N train and test images")
     g.add_argument("--smoke-test", action="store_true",
                    help=f"a fast run through every stage: overrides {SMOKE_TEST}")
@@ -110,7 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
           f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
           f"{metrics['train_images_per_s']:,.0f} img/s) -> {os.path.abspath(cfg.output)}", flush=True)
-    return 0
+    if not cfg.export:
+        return 0
+    from export.cli import exit_status
+    from export.pipeline import ExportConfig, run_export
+
+    report = run_export(
+        ExportConfig(model=os.path.join(cfg.output, "model.keras"), data=cfg.data,
+                     out=os.path.join(cfg.output, "export"), max_drop=cfg.max_drop, qat_epochs=cfg.qat_epochs,
+                     cache_dir=cfg.cache_dir, seed=cfg.seed),
+        log=lambda line: print(line, flush=True), dataset=ds,
+    )
+    return exit_status(report)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,10 @@ class TrainConfig:
     output: str = "out"
     # Run the edge export (TFLite/ONNX variants and the drift report) after training.
     export: bool = True
+    # Export gate: the largest allowed accuracy drop of any edge variant, in points.
+    max_drop: float = 1.0
+    # Quantisation-aware fine-tuning epochs in the export (qat_int8 variant).
+    qat_epochs: int = 2
     # Use only this many training/test images (None = all); for smoke tests.
     limit: Optional[int] = None
 
