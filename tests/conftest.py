@@ -110,3 +110,25 @@ def tiny_tree_tgz(tmp_path_factory) -> Path:
     x_test, y_test = make(200)
     tree = write_image_tree(root / "tree", (x_train, y_train, x_test, y_test))
     return tar_folder(tree, root / "tiny.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def regression_run(tmp_path_factory, cache_dir) -> Path:
+    """The issue's accuracy regression run, done once per session: jobs/train.py with 2 workers,
+    seed_cnn on the full training split of the shared copy, 3 epochs at global batch 32, no
+    augmentation (the tutorial recipe). Its model also feeds the export tests."""
+    import subprocess
+    import sys
+
+    data = require_shared_cifar()
+    tmp = tmp_path_factory.mktemp("regression")
+    out = tmp / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(data), "--model", "seed_cnn",
+         "--num-workers", "2", "--epochs", "3", "--batch-size", "32", "--learning-rate", "1e-3", "--no-augment",
+         "--output", str(out), "--storage-path", str(tmp / "ray"), "--name", "regression",
+         "--cache-dir", cache_dir, "--no-export"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

@@ -1,0 +1,196 @@
+"""Edge export: every variant converts and runs in its device runtime, the drift gate holds on a real
+model, fails when it should, other architectures export, and bad input exits 2 leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_arrays, require_shared_cifar, tar_folder, write_image_tree
+from export.pipeline import ALL_VARIANTS, ExportConfig, run_export
+from export.runtime import open_model
+
+REPORT_KEYS = {"name", "format", "path", "size_bytes", "accuracy", "drop_pp", "agreement", "latency_ms_p50",
+               "latency_ms_p90", "passed"}
+
+
+def run_cli(module: str, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def full_export(regression_run, tmp_path_factory, cache_dir):
+    """`python -m export` with every default variant on the regression model and the real test split."""
+    out = tmp_path_factory.mktemp("export") / "out"
+    proc = run_cli("export", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
+                              "--out", str(out), "--cache-dir", cache_dir, "--qat-epochs", "1"])
+    return out, proc
+
+
+def test_default_variants_within_one_point_and_small(full_export):
+    out, proc = full_export
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True and report["max_drop_pp"] == 1.0
+    assert 0.55 < report["float_accuracy"] < 1.0
+    assert [v["name"] for v in report["variants"]] == list(ALL_VARIANTS)
+    by = {v["name"]: v for v in report["variants"]}
+    for v in report["variants"]:
+        assert REPORT_KEYS <= set(v), v["name"]
+        assert v["drop_pp"] <= 1.0, (v["name"], v["drop_pp"])
+        assert v["agreement"] > 0.9, (v["name"], v["agreement"])
+        assert v["drop_pp"] == pytest.approx((report["float_accuracy"] - v["accuracy"]) * 100)
+        assert Path(v["path"]).parent == out and Path(v["path"]).stat().st_size == v["size_bytes"]
+        assert 0 < v["latency_ms_p50"] <= v["latency_ms_p90"]
+    for name in ("int8", "qat_int8"):
+        assert by[name]["size_bytes"] <= 0.30 * by["float32"]["size_bytes"], name
+    assert by["onnx_int8"]["route"] in ("ort_static", "from_tflite")
+    assert set(by["onnx_int8"]["candidates"]) == {"ort_static", "from_tflite"}
+    # The table a person reads, the plot, the labels, and one sidecar per quantised model.
+    md = (out / "report.md").read_text()
+    assert "PASSED" in md and all(f"| {n}" in md for n in ("float32", "int8", "qat_int8", "onnx_int8"))
+    assert (out / "accuracy_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "labels.txt").read_text().split()[0] == "airplane"
+    for name in ("dynamic", "float16", "int8", "qat_int8"):
+        side = json.loads((out / f"{name}.tflite.json").read_text())
+        assert {"input", "output"} <= set(side)
+    assert not list(out.parent.glob(".export-*")), "staging folder removed"
+
+
+@pytest.mark.parametrize("name,in_dtype,out_dtype", [
+    ("float32", "float32", "float32"), ("dynamic", "float32", "float32"), ("float16", "float32", "float32"),
+    ("int8", "uint8", "uint8"), ("qat_int8", "uint8", "uint8"),
+])
+def test_tflite_variants_load_in_litert_with_expected_io(full_export, name, in_dtype, out_dtype):
+    out, _ = full_export
+    m = open_model(str(out / f"{name}.tflite"))
+    assert m.input.dtype == in_dtype and m.output.dtype == out_dtype
+    assert m.input.shape[1:] == [32, 32, 3] and m.output.shape[-1] == 10
+    if in_dtype == "uint8":
+        # Raw camera bytes go in as they are: the model scales pixels itself.
+        assert m.input.scale == pytest.approx(1.0) and m.input.zero_point == 0
+        side = json.loads((out / f"{name}.tflite.json").read_text())
+        assert side["input"]["scale"] == m.input.scale and side["output"]["zero_point"] == m.output.zero_point
+    probs = m.predict(np.zeros((3, 32, 32, 3), np.uint8))
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1.0, atol=0.05)
+
+
+def test_onnx_variants_check_and_run(full_export):
+    import onnx
+
+    out, _ = full_export
+    for name in ("onnx_float32", "onnx_int8"):
+        onnx.checker.check_model(onnx.load(out / f"{name}.onnx"), full_check=True)
+        m = open_model(str(out / f"{name}.onnx"))
+        assert m.input.shape[1:] == [32, 32, 3]
+        assert m.predict(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 10)
+    report = json.loads((out / "report.json").read_text())
+    q = next(v for v in report["variants"] if v["name"] == "onnx_int8")
+    graph_ops = {n.op_type for n in onnx.load(out / "onnx_int8.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} & graph_ops, "an int8 (QDQ) graph"
+
+
+def test_broken_calibration_fails_the_gate(regression_run, tmp_path, cache_dir):
+    """Calibration images scaled to 0-1 (a classic preprocessing mix-up) ruin int8; the command exits 1."""
+    ds_arrays = make_arrays(n_train=200, n_test=20)
+    rng = np.random.default_rng(0)
+    from toolkit.data import load_dataset
+
+    real = load_dataset(str(require_shared_cifar()), cache_dir)
+    idx = rng.permutation(len(real.x_train))[:200]
+    wrong = (real.x_train[idx].astype(np.float32) / 255).round().astype(np.uint8)  # 0/1 "pixels"
+    tree = write_image_tree(tmp_path / "cal", (wrong, real.y_train[idx], ds_arrays[2], ds_arrays[3]))
+    out = tmp_path / "out"
+    proc = run_cli("export.tflite", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
+                                     "--calibration-data", str(tree), "--variants", "int8", "--out", str(out),
+                                     "--cache-dir", cache_dir, "--calibration-size", "200"])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "FAIL int8:" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["failed"] == ["int8"]
+    assert report["variants"][0]["drop_pp"] > 1.0
+
+
+def test_functional_model_with_bn_residual_depthwise_exports(tmp_path, tiny_tree_tgz, cache_dir):
+    """Not only seed_cnn: edge_resnet (BatchNorm, Add, DepthwiseConv2D, Dropout, GAP) through every variant."""
+    from toolkit.data import load_dataset
+    from toolkit.models import make_model
+    from toolkit.tf import save_model
+    from toolkit.train import compile_model
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
+    model = make_model("edge_resnet")
+    compile_model(model, 3e-3)
+    model.fit(ds.x_train, keras.utils.to_categorical(ds.y_train, 10), epochs=4, batch_size=32, verbose=0)
+    path = tmp_path / "edge_resnet.keras"
+    save_model(model, str(path))
+    report = run_export(ExportConfig(model=str(path), data=str(tiny_tree_tgz), out=str(tmp_path / "out"),
+                                     qat_epochs=1, calibration_size=100, latency_runs=20, max_drop=100.0,
+                                     cache_dir=cache_dir), log=lambda s: None)
+    assert [v["name"] for v in report["variants"]] == list(ALL_VARIANTS)
+    for v in report["variants"]:
+        assert v["accuracy"] > 0.5, (v["name"], v["accuracy"])  # colour classes: far above chance
+        assert v["agreement"] > 0.7, (v["name"], v["agreement"])
+
+
+# -- bad input: exit 2, one line, nothing written -------------------------------------------------
+
+
+def _bad_model_case(tmp_path, case, regression_model):
+    if case == "missing model":
+        return ["export", str(tmp_path / "nope.keras")], "model file does not exist"
+    if case == "corrupt model":
+        p = tmp_path / "corrupt.keras"
+        p.write_bytes(b"PK\x03\x04 definitely not a model")
+        return ["export", str(p)], "not a loadable Keras model"
+    if case == "input shape mismatch":
+        from toolkit.tf import import_keras, save_model
+
+        keras = import_keras()
+        m = keras.Sequential([keras.layers.InputLayer(input_shape=(28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+        p = tmp_path / "mnist.keras"
+        save_model(m, str(p))
+        return ["export", str(p)], "model input shape (28, 28, 1) does not fit"
+    if case == "unknown variant":
+        return ["export", str(regression_model), "--variants", "int8,int4"], "unknown variant(s) int4"
+    if case == "variant of the other format":
+        return ["export.tflite", str(regression_model), "--variants", "onnx_int8"], "not produced by this command"
+    if case == "bad data source":
+        return ["export", str(regression_model), "--data", str(tmp_path / "missing.tar.gz")], "no such file"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing model", "corrupt model", "input shape mismatch", "unknown variant",
+                                  "variant of the other format", "bad data source"])
+def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir):
+    # A small stand-in model file for the cases that need a valid one (the fast path: no training).
+    from toolkit.models import make_model
+    from toolkit.tf import save_model
+
+    model_path = tmp_path / "good.keras"
+    save_model(make_model("seed_cnn"), str(model_path))
+    (module, *args), expected = _bad_model_case(tmp_path, case, model_path)
+    out = tmp_path / "out"
+    data = [] if "--data" in args else ["--data", str(tiny_tree_tgz)]
+    proc = run_cli(module, [*args, *data, "--out", str(out), "--cache-dir", cache_dir], timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".export-*"))
+
+
+@pytest.mark.parametrize("module", ["export", "export.tflite", "export.onnx"])
+def test_help(module):
+    proc = run_cli(module, ["--help"], timeout=120)
+    assert proc.returncode == 0 and "--max-drop" in proc.stdout and "--variants" in proc.stdout
