@@ -86,3 +86,34 @@ def test_same_name_resumes_from_the_latest_checkpoint(tmp_path, tiny_tree_tgz, c
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["epochs"] == 4
     assert m["test_accuracy"] > 0.5, "colour classes are easy after 4 epochs"
+
+
+def test_survives_a_killed_worker(tmp_path, tiny_tree_tgz, cache_dir):
+    """SIGKILL a training worker mid-run: Ray Train restarts the group from the latest checkpoint
+    and the run still completes every epoch."""
+    import os
+    import re
+    import signal
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, "--data", str(tiny_tree_tgz), "--num-workers", "2", "--batch-size", "32",
+         "--epochs", "8", "--cache-dir", cache_dir, "--storage-path", str(tmp_path / "ray"), "--name", "chaos",
+         "--max-failures", "2", "--output", str(out), "--no-export"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines, killed = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"RayTrainWorker pid=(\d+)\).*epoch +2/8", line)
+        if m and killed is None:
+            killed = int(m.group(1))
+            os.kill(killed, signal.SIGKILL)
+    proc.wait(timeout=600)
+    text = "".join(lines)
+    assert killed is not None, text[-3000:]
+    assert proc.returncode == 0, text[-3000:]
+    assert "resuming from checkpoint after epoch" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 8
+    assert killed not in {w["pid"] for w in m["workers"]}, "the finished run ran on replacement workers"
