@@ -131,4 +131,5 @@ def regression_run(tmp_path_factory, cache_dir) -> Path:
         capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(proc.stdout)  # for the tests that read the progress lines
     return out

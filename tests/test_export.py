@@ -44,7 +44,8 @@ def test_default_variants_within_one_point_and_small(full_export):
     for v in report["variants"]:
         assert REPORT_KEYS <= set(v), v["name"]
         assert v["drop_pp"] <= 1.0, (v["name"], v["drop_pp"])
-        assert v["agreement"] > 0.9, (v["name"], v["agreement"])
+        if v["name"] != "qat_int8":  # QAT retrains the weights; the others only re-encode them
+            assert v["agreement"] > 0.95, (v["name"], v["agreement"])
         assert v["drop_pp"] == pytest.approx((report["float_accuracy"] - v["accuracy"]) * 100)
         assert Path(v["path"]).parent == out and Path(v["path"]).stat().st_size == v["size_bytes"]
         assert 0 < v["latency_ms_p50"] <= v["latency_ms_p90"]
@@ -129,16 +130,18 @@ def test_functional_model_with_bn_residual_depthwise_exports(tmp_path, tiny_tree
     ds = load_dataset(str(tiny_tree_tgz), cache_dir)
     model = make_model("edge_resnet")
     compile_model(model, 3e-3)
-    model.fit(ds.x_train, keras.utils.to_categorical(ds.y_train, 10), epochs=4, batch_size=32, verbose=0)
+    # Enough steps for BatchNormalization's moving statistics to settle (momentum 0.99).
+    model.fit(ds.x_train, keras.utils.to_categorical(ds.y_train, 10), epochs=15, batch_size=16, verbose=0)
     path = tmp_path / "edge_resnet.keras"
     save_model(model, str(path))
     report = run_export(ExportConfig(model=str(path), data=str(tiny_tree_tgz), out=str(tmp_path / "out"),
                                      qat_epochs=1, calibration_size=100, latency_runs=20, max_drop=100.0,
                                      cache_dir=cache_dir), log=lambda s: None)
     assert [v["name"] for v in report["variants"]] == list(ALL_VARIANTS)
+    assert report["float_accuracy"] > 0.5, "colour classes: far above chance (0.1)"
     for v in report["variants"]:
-        assert v["accuracy"] > 0.5, (v["name"], v["accuracy"])  # colour classes: far above chance
-        assert v["agreement"] > 0.7, (v["name"], v["agreement"])
+        assert v["accuracy"] > 0.5, (v["name"], v["accuracy"])
+        assert v["drop_pp"] < 10, (v["name"], v["drop_pp"])  # 200 test images: one image is 0.5 pp
 
 
 # -- bad input: exit 2, one line, nothing written -------------------------------------------------
