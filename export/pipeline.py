@@ -145,7 +145,6 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     ``dataset`` (a toolkit.data.Dataset) skips loading ``cfg.data``: the training job passes the
     arrays it trained on."""
     from toolkit.data import load_dataset
-    from toolkit.tf import import_keras
 
     t_start = time.perf_counter()
     # --- validate every input before doing any work or writing anything ---------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from toolkit.plots import _pyplot, _save
+from toolkit.plots import pyplot, save_figure
 
 
 def render_markdown(report: dict) -> str:
@@ -35,13 +35,13 @@ def render_markdown(report: dict) -> str:
                               for k, v in r["candidates"].items()) + "."]
     lines += ["", "Latency: batch 1, one thread, median and 90th percentile of "
               f"{report['config']['latency_runs']} runs after warm-up; TFLite in LiteRT, ONNX in ONNX Runtime (CPU).",
-              f"Drop: float accuracy minus variant accuracy, in percentage points. Agreement: share of test images "
-              f"where the variant's top-1 class equals the float model's.", ""]
+              "Drop: float accuracy minus variant accuracy, in percentage points. Agreement: share of test images "
+              "where the variant's top-1 class equals the float model's.", ""]
     return "\n".join(lines)
 
 
 def plot_accuracy_vs_size(report: dict, path: str | os.PathLike) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in report["variants"]:
         marker = "o" if r["format"] == "tflite" else "s"
@@ -57,4 +57,4 @@ def plot_accuracy_vs_size(report: dict, path: str | os.PathLike) -> None:
     ax.set_title("Accuracy vs size (circle: TFLite, square: ONNX)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -6,7 +6,6 @@ integer, and return float class probabilities (dequantised when the output is in
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional

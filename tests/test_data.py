@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np

@@ -10,7 +10,7 @@ import numpy as np
 from toolkit.outputs import atomic_path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers and CI
@@ -19,8 +19,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    plt = _pyplot()
+def save_figure(fig, path: str | os.PathLike) -> None:
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -28,7 +28,7 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> None:
     """Training vs validation curves for accuracy, precision and loss."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key in zip(axes, ("accuracy", "precision", "loss")):
         train = history.get(key, [])
@@ -40,12 +40,12 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> No
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
                           title: str = "Confusion matrix (test split)") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(8, 7))
     im = ax.imshow(cm, cmap="Blues")
@@ -60,13 +60,13 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > thresh else "black")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_samples(x: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
                  n: int = 25) -> None:
     """A grid of the first ``n`` images with their labels."""
-    plt = _pyplot()
+    plt = pyplot()
     n = min(n, len(x))
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
@@ -76,4 +76,4 @@ def plot_samples(x: np.ndarray, y: np.ndarray, class_names: Sequence[str], path:
         if i < n:
             ax.imshow(x[i])
             ax.set_title(class_names[int(y[i])], fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
