@@ -162,14 +162,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     try:
         report = _export_into(stage, cfg, model, ds, calibration, log)
         report["wall_time_s"] = time.perf_counter() - t_start
+        for v in report["variants"]:
+            v["path"] = str(out.resolve() / Path(v["path"]).name)  # where the file is about to land
         write_json(stage / "report.json", report)
         # Everything succeeded: move the staged files into place (one rename each).
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
-        for v in report["variants"]:
-            v["path"] = str(out / Path(v["path"]).name)
-        write_json(out / "report.json", report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
