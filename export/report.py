@@ -47,8 +47,9 @@ def plot_accuracy_vs_size(report: dict, path: str | os.PathLike) -> None:
         marker = "o" if r["format"] == "tflite" else "s"
         color = "tab:green" if r["passed"] else "tab:red"
         ax.scatter(r["size_bytes"] / 1024, r["accuracy"] * 100, marker=marker, color=color, s=50)
+        # TFLite labels above their point, ONNX labels below: paired variants often coincide.
         ax.annotate(r["name"], (r["size_bytes"] / 1024, r["accuracy"] * 100), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    xytext=(5, 4) if r["format"] == "tflite" else (5, -11), fontsize=8)
     fa = report["float_accuracy"] * 100
     ax.axhline(fa, color="gray", ls="--", lw=1, label=f"float model {fa:.2f}%")
     ax.axhline(fa - report["max_drop_pp"], color="tab:red", ls=":", lw=1, label=f"gate (-{report['max_drop_pp']} pp)")
