@@ -77,19 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export: quantisation-aware fine-tuning epochs")
     g.add_argument("--limit", type=int, default=None, help="use only the first N train and test images")
     g.add_argument("--smoke-test", action="store_true",
-                   help=f"a fast run through every stage: overrides {SMOKE_TEST}")
+                   help=f"a fast run through every stage: defaults become {SMOKE_TEST}")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {k: v for k, v in vars(args).items() if k != "smoke_test"}
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; with --smoke-test, SMOKE_TEST replaces the defaults, so options given
+    explicitly (say --epochs 3) still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.smoke_test:
-        values.update(SMOKE_TEST)
-    return TrainConfig.from_dict(values)
+        parser.set_defaults(**SMOKE_TEST)
+        args = parser.parse_args(argv)
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k != "smoke_test"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ValueError as e:
