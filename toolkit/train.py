@@ -48,6 +48,21 @@ def compile_model(model, learning_rate: float) -> None:
     )
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (full metrics dict) and checkpoint upload at INFO from each
+    worker; our one progress line per epoch says the same. Its loggers are named after module
+    files, so they are looked up through the modules (a no-op if Ray moves them)."""
+    import importlib
+
+    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        logging.getLogger(module.__file__).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _progress(line: str) -> None:
     # The process's real stdout, which Ray forwards to the driver once; Ray Train's patched
     # print() would both log and tee it, printing every line twice.
@@ -74,7 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     keras = import_keras()
     keras.utils.set_random_seed(cfg.seed)
     quiet_tf_logs()
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours to print
+    _quiet_ray_train_reports()
 
     arrays = config["data"]
     if isinstance(arrays, ray.ObjectRef):
