@@ -195,16 +195,8 @@ def _export_into(stage: Path, cfg: ExportConfig, model, ds, calibration: np.ndar
             log(f"  converted {variant}: {len(blob) / 1024:,.0f} KB ({time.perf_counter() - t0:.1f}s)")
         return files[variant]
 
-    def add_row(name: str, path: Path, extra: Optional[dict] = None, **open_kw) -> dict:
-        m = _measure(path, x_test, y_test, ref_pred, cfg, **open_kw)
-        drop = (float_acc - m["accuracy"]) * 100
-        row = {"name": name, "format": FORMAT_OF[name], "path": str(path), "size_bytes": path.stat().st_size,
-               "drop_pp": drop, "passed": drop <= cfg.max_drop, **m, **(extra or {})}
-        rows.append(row)
-        log(f"  {name:<13} acc {m['accuracy']:.4f}  drop {drop:+.2f} pp  agree {m['agreement']:.4f}  "
-            f"{row['size_bytes'] / 1024:,.0f} KB  p50 {m['latency_ms_p50']:.3f} ms"
-            + ("" if row["passed"] else "  OVER THRESHOLD"))
-        return row
+    def add_row(name: str, path: Path) -> None:
+        rows.append(_row(name, path, _measure(path, x_test, y_test, ref_pred, cfg), float_acc, cfg, log))
 
     for variant in tflite_export.VARIANTS:
         if variant not in cfg.variants:
@@ -257,6 +249,18 @@ def _export_into(stage: Path, cfg: ExportConfig, model, ds, calibration: np.ndar
     return report
 
 
+def _row(name: str, path: Path, measured: dict, float_acc: float, cfg: ExportConfig, log, **extra) -> dict:
+    """One report row: the measurement plus drop against the float model and the gate verdict."""
+    drop = (float_acc - measured["accuracy"]) * 100
+    row = {"name": name, "format": FORMAT_OF[name], "path": str(path), "size_bytes": path.stat().st_size,
+           **measured, "drop_pp": drop, "passed": drop <= cfg.max_drop, **extra}
+    log(f"  {name:<13} acc {row['accuracy']:.4f}  drop {drop:+.2f} pp  agree {row['agreement']:.4f}  "
+        f"{row['size_bytes'] / 1024:,.0f} KB  p50 {row['latency_ms_p50']:.3f} ms"
+        + (f"  (kept {extra['route']})" if "route" in extra else "")
+        + ("" if row["passed"] else "  OVER THRESHOLD"))
+    return row
+
+
 def _onnx_int8(stage, cfg, x_test, y_test, ref_pred, float_acc, calibration, float_onnx, tflite_file, log) -> dict:
     """Build both int8 ONNX candidates, measure both, keep the more accurate (then the faster)."""
     candidates = {}
@@ -270,7 +274,8 @@ def _onnx_int8(stage, cfg, x_test, y_test, ref_pred, float_acc, calibration, flo
     candidates["from_tflite"] = (tfl_path, {"output_quantization": (out_q.scale, out_q.zero_point)})
     measured = {}
     for route, (path, kw) in candidates.items():
-        measured[route] = {**_measure(path, x_test, y_test, ref_pred, cfg, **kw), "size_bytes": path.stat().st_size}
+        measured[route] = _measure(path, x_test, y_test, ref_pred, cfg, **kw)
+        measured[route]["size_bytes"] = path.stat().st_size
         log(f"  onnx_int8 candidate {route}: acc {measured[route]['accuracy']:.4f}  "
             f"p50 {measured[route]['latency_ms_p50']:.3f} ms")
     # The more accurate; within 0.1 point (10 of 10,000 images: noise) the faster at batch 1.
@@ -282,12 +287,7 @@ def _onnx_int8(stage, cfg, x_test, y_test, ref_pred, float_acc, calibration, flo
     for route, (path, _) in candidates.items():
         if route != best and path.exists():
             path.unlink()
-    m = measured[best]
-    drop = (float_acc - m["accuracy"]) * 100
-    row = {"name": "onnx_int8", "format": "onnx", "path": str(final), **m,
-           "drop_pp": drop, "passed": drop <= cfg.max_drop, "route": best,
-           "candidates": {r: {k: v[k] for k in ("accuracy", "latency_ms_p50", "size_bytes")}
-                          for r, v in measured.items()}}
-    log(f"  onnx_int8     acc {m['accuracy']:.4f}  drop {drop:+.2f} pp  (kept {best})"
-        + ("" if row["passed"] else "  OVER THRESHOLD"))
-    return row
+    candidates_summary = {r: {k: v[k] for k in ("accuracy", "latency_ms_p50", "size_bytes")}
+                          for r, v in measured.items()}
+    return _row("onnx_int8", final, measured[best], float_acc, cfg, log, route=best,
+                candidates=candidates_summary)

@@ -44,7 +44,26 @@ def _dequantize(y: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return (y.astype(np.float32) - spec.zero_point) * spec.scale
 
 
-class TFLiteModel:
+class _RuntimeModel:
+    """What both runtimes share: uint8 images in, float probabilities out. Subclasses set
+    ``input``/``output`` (TensorSpec) and ``run(x)`` (one invocation on prepared input)."""
+
+    input: TensorSpec
+    output: TensorSpec
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def prepare(self, x_uint8: np.ndarray) -> np.ndarray:
+        """Raw pixels in the model's input dtype (quantised with its scale/zero point if integer)."""
+        return _quantize(x_uint8, self.input)
+
+    def predict(self, x_uint8: np.ndarray, batch_size: int = 250) -> np.ndarray:
+        outs = [self.run(self.prepare(x_uint8[i:i + batch_size])) for i in range(0, len(x_uint8), batch_size)]
+        return _dequantize(np.concatenate(outs), self.output)
+
+
+class TFLiteModel(_RuntimeModel):
     """A .tflite file in the LiteRT interpreter."""
 
     format = "tflite"
@@ -81,15 +100,9 @@ class TFLiteModel:
         self._interp.invoke()
         return self._interp.get_tensor(self._out_index)
 
-    def prepare(self, x_uint8: np.ndarray) -> np.ndarray:
-        return _quantize(x_uint8, self.input)
-
-    def predict(self, x_uint8: np.ndarray, batch_size: int = 250) -> np.ndarray:
-        outs = [self.run(self.prepare(x_uint8[i:i + batch_size])) for i in range(0, len(x_uint8), batch_size)]
-        return _dequantize(np.concatenate(outs), self.output)
 
 
-class OnnxModel:
+class OnnxModel(_RuntimeModel):
     """An .onnx file in ONNX Runtime (CPU)."""
 
     format = "onnx"
@@ -118,12 +131,6 @@ class OnnxModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         return self._sess.run(None, {self._in_name: x})[0]
 
-    def prepare(self, x_uint8: np.ndarray) -> np.ndarray:
-        return _quantize(x_uint8, self.input)
-
-    def predict(self, x_uint8: np.ndarray, batch_size: int = 250) -> np.ndarray:
-        outs = [self.run(self.prepare(x_uint8[i:i + batch_size])) for i in range(0, len(x_uint8), batch_size)]
-        return _dequantize(np.concatenate(outs), self.output)
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",

@@ -22,6 +22,7 @@ import pickle
 import re
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -124,14 +125,8 @@ def _load_uncached(path: Path) -> Dataset:
             if any(re.search(r"(^|/)data_batch_1$", n) for n in names):
                 return _load_python_batches_tar(tar, path)
             return _load_image_tree_tar(tar, path)
-    except (tarfile.TarError, EOFError, OSError, zlibError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib.error: a truncated .gz
         raise DataError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
-
-
-try:  # zlib.error is what a truncated .gz raises from deep inside tarfile
-    from zlib import error as zlibError
-except ImportError:  # pragma: no cover
-    zlibError = OSError  # type: ignore[misc,assignment]
 
 
 # -- the official python version ------------------------------------------------------------
