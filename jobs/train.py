@@ -19,12 +19,25 @@ from pathlib import Path
 # Runnable as a plain script (and from a Ray job's working dir) without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit.config import TrainConfig  # noqa: E402
+from toolkit.config import GRAD_DTYPES, TrainConfig  # noqa: E402
 
 # What --smoke-test changes: a seconds-long run through every stage, for tests and first tries.
 # The gate is opened wide: a two-epoch model's quantisation drift is noise; smoke runs test that
 # every stage runs, not the model's quality.
 SMOKE_TEST = {"epochs": 2, "limit": 2048, "batch_size": 64, "max_drop": 100.0, "qat_epochs": 1}
+
+
+def _auto_int(value: str) -> int | None:
+    """'auto' -> None (resolved from the cluster), else a positive int."""
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early stopping: epochs without validation improvement (0 = off)")
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g = p.add_argument_group("Ray")
-    g.add_argument("--num-workers", type=int, default=d["num_workers"].default)
-    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    g.add_argument("--cpus-per-worker", type=int, default=d["cpus_per_worker"].default,
-                   help="CPUs reserved per worker; TensorFlow's thread count is set to this")
+    g.add_argument("--num-workers", type=_auto_int, default="auto",
+                   help="Ray Train workers; auto = one per node (per GPU node with --use-gpu), which on one "
+                        "machine trains as fast as plain Keras (README, Scaling)")
+    g.add_argument("--use-gpu", action="store_true",
+                   help="train on GPUs: each worker gets its node's GPUs (MultiWorkerMirroredStrategy mirrors "
+                        "over them) unless --num-workers asks for more workers per node")
+    g.add_argument("--cpus-per-worker", type=_auto_int, default="auto",
+                   help="CPUs reserved per worker (TensorFlow's thread count); auto = the node's CPUs "
+                        "shared by the workers on it")
+    g = p.add_argument_group("gradient synchronisation")
+    g.add_argument("--accumulate-steps", type=int, default=d["accumulate_steps"].default,
+                   help="micro-batches per all-reduce: each worker computes its share of the global batch "
+                        "in K pieces and synchronises once")
+    g.add_argument("--grad-dtype", choices=GRAD_DTYPES, default=d["grad_dtype"].default,
+                   help="dtype of gradients on the wire (float16/bfloat16 halve the all-reduce's bytes)")
+    g.add_argument("--bytes-per-pack", type=int, default=d["bytes_per_pack"].default,
+                   help="all-reduce message size (0 = all gradients in one message)")
+    g.add_argument("--steps-per-execution", type=int, default=d["steps_per_execution"].default,
+                   help="training steps per tf.function call")
+    g.add_argument("--profile-steps", type=int, default=d["profile_steps"].default,
+                   help="after training, time N steps of compute, all-reduce and input on every worker; "
+                        "the breakdown goes into metrics.json (0 = off)")
+    g = p.add_argument_group("Ray run")
     g.add_argument("--name", default=None,
                    help="Ray Train run name (default: <model>-<time>); the same name and storage path resume a run")
     g.add_argument("--storage-path", default=None,
@@ -116,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{ds.num_classes} classes ({time.perf_counter() - t0:.1f}s)", flush=True)
 
     from toolkit.report import write_training_outputs
+    from toolkit.cluster import LayoutError
     from toolkit.train import fit_distributed
 
     with tempfile.TemporaryDirectory() as work:
-        outcome = fit_distributed(cfg, ds, work)
-        metrics = write_training_outputs(cfg, ds, outcome, cfg.output)
+        try:
+            outcome = fit_distributed(cfg, ds, work)
+        except LayoutError as e:  # a layout the cluster cannot give (resolved before any worker starts)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        metrics = write_training_outputs(outcome.config, ds, outcome, cfg.output)
     print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
           f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
           f"{metrics['train_images_per_s']:,.0f} img/s) -> {os.path.abspath(cfg.output)}", flush=True)

@@ -235,3 +235,24 @@ def test_augmentation_keeps_shape_and_changes_images():
     # Crops and flips move pixels: most augmented images match no original exactly.
     changed = sum(not any(np.array_equal(a, b) for b in x) for a in xb.numpy())
     assert changed > 32
+
+
+def test_crop_flip_matches_pad_crop_flip_reference():
+    """The one-gather augmentation equals numpy's reflect-pad, crop and mirror, offset by offset."""
+    from toolkit.data import crop_flip
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    oy = rng.integers(-4, 5, 24).astype(np.int32)
+    ox = rng.integers(-4, 5, 24).astype(np.int32)
+    flip = rng.random(24) < 0.5
+    got = crop_flip(x, oy, ox, flip).numpy()
+    for i in range(24):
+        padded = np.pad(x[i], ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        want = padded[4 + oy[i]:36 + oy[i], 4 + ox[i]:36 + ox[i]]
+        np.testing.assert_array_equal(got[i], want[:, ::-1] if flip[i] else want)
+    # Non-square, single-channel images too (any dataset shape).
+    g = rng.integers(0, 256, (3, 8, 12, 1), dtype=np.uint8)
+    out = crop_flip(g, np.array([0, 2, -3], np.int32), np.array([0, -1, 5], np.int32), np.array([False, True, False]))
+    np.testing.assert_array_equal(out.numpy()[0], g[0])
+    np.testing.assert_array_equal(out.numpy()[2], np.pad(g[2], ((3, 3), (5, 5), (0, 0)), mode="reflect")[0:8, 10:22])

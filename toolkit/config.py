@@ -21,6 +21,9 @@ def default_cache_dir() -> str:
     return os.path.join(base, "keras-edge-toolkit")
 
 
+GRAD_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass
 class TrainConfig:
     # --- data -----------------------------------------------------------------------------
@@ -54,12 +57,36 @@ class TrainConfig:
     patience: int = 0
     seed: int = 0
 
-    # --- Ray ------------------------------------------------------------------------------
-    # Two workers saturate a 2-core machine; on a cluster, set to the number of GPUs/nodes.
-    num_workers: int = 2
+    # --- Ray: layout ----------------------------------------------------------------------
+    # None = auto: one worker per Ray node, owning all of that node's CPUs (or GPUs). Measured
+    # (benchmarks/scaling.py, README): on one 2-core machine, 1 worker x 2 CPUs trains at about
+    # plain Keras's speed while 2 workers x 1 CPU reach ~0.75x of it; inside a node, threads share
+    # memory for free, while workers pay an all-reduce every step. An int overrides.
+    num_workers: Optional[int] = None
     use_gpu: bool = False
-    # TensorFlow thread count per worker is set from this (Ray pins OMP_NUM_THREADS=1).
-    cpus_per_worker: int = 1
+    # None = auto: the node's CPUs divided by the workers placed on it. TensorFlow's thread
+    # pools are sized from it (Ray pins OMP_NUM_THREADS=1 and does not pin cores).
+    cpus_per_worker: Optional[int] = None
+
+    # --- Ray: gradient synchronisation -------------------------------------------------------
+    # Workers add up K micro-batches' gradients before one all-reduce: the global batch is
+    # computed as workers x K micro-batches of batch_size / (workers x K), so the learning rate
+    # keeps its meaning and the all-reduce count per image falls K-fold. 1 = every step.
+    accumulate_steps: int = 1
+    # Gradients on the wire: float16/bfloat16 halve the all-reduce's bytes (summed in that
+    # dtype, applied in float32). float32 by default: on the machines measured the all-reduce
+    # is latency-, not bandwidth-bound for models this size (README, scaling table).
+    grad_dtype: str = "float32"
+    # All-reduce packing (tf.distribute CommunicationOptions.bytes_per_pack): 0 = all gradients
+    # in one message, which is what a small model wants; larger models may overlap packs.
+    bytes_per_pack: int = 0
+    # Training steps per tf.function call: fewer Python round trips per image. 1 measured as
+    # fast as more at batch 256 (steps of tens of ms); worth raising for tiny per-step work.
+    steps_per_execution: int = 1
+    # After training, time this many steps of each part (compute, all-reduce, input) on every
+    # worker and write the breakdown into metrics.json (0 = off; the scaling benchmark sets it).
+    profile_steps: int = 0
+
     # Ray Train run name: the same name and storage path resume an interrupted run.
     name: Optional[str] = None
     # Where Ray Train keeps runs and checkpoints (a local folder, NFS, or s3://...).
@@ -85,21 +112,37 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers}): "
-                "the global batch is split evenly across workers"
-            )
+        if self.num_workers is not None and self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 (or None for one per node), got {self.num_workers}")
+        if self.accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be >= 1, got {self.accumulate_steps}")
+        if self.num_workers is not None:
+            self.check_batch_split(self.num_workers)
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be one of {', '.join(GRAD_DTYPES)}, got {self.grad_dtype!r}")
+        if self.bytes_per_pack < 0:
+            raise ValueError(f"bytes_per_pack must be >= 0, got {self.bytes_per_pack}")
+        if self.steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        if self.profile_steps < 0:
+            raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.cpus_per_worker < 1:
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    def check_batch_split(self, num_workers: int) -> None:
+        """The global batch must split evenly into workers x accumulate_steps micro-batches."""
+        parts = num_workers * self.accumulate_steps
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by num_workers x accumulate_steps "
+                f"({num_workers} x {self.accumulate_steps}): the global batch is split evenly into micro-batches"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,6 +21,14 @@ def predict_probs(model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
 
 
+def _step_breakdown(workers: list[dict]) -> dict | None:
+    """The slowest worker's profile (it sets the pace of every synchronous step), if one was taken."""
+    profiles = [w["step_breakdown"] for w in workers if w.get("step_breakdown")]
+    if not profiles:
+        return None
+    return max(profiles, key=lambda p: p.get("step_ms", 0.0) + p["compute_ms"])
+
+
 def write_training_outputs(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, output: str) -> dict:
     """Evaluate the trained model on the test split and write every artifact into ``output``."""
     keras = import_keras()
@@ -42,15 +50,17 @@ def write_training_outputs(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome,
         "best_epoch": outcome.best_epoch,
         "wall_time_s": outcome.wall_time_s,
         "train_images_per_s": outcome.train_images_per_s,
-        "num_workers": cfg.num_workers,
+        "num_workers": outcome.config.num_workers,
+        "cpus_per_worker": outcome.config.cpus_per_worker,
         "workers": outcome.workers,
+        "step_breakdown_ms": _step_breakdown(outcome.workers),
         "num_train_images": int(len(ds.x_train)),
         "num_test_images": int(len(ds.x_test)),
         "data_source": ds.source,
         "ray_run_path": outcome.run_path,
         "git_revision": git_revision(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": cfg.to_dict(),
+        "config": outcome.config.to_dict(),
     }
     copy_file(outcome.model_path, out / MODEL_FILE)
     write_json(out / "history.json", outcome.history)

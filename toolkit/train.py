@@ -22,13 +22,16 @@ import math
 import os
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from toolkit.cluster import LayoutError, alive_nodes, resolve_layout, worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
+from toolkit.step import communication_options, install_train_step
 from toolkit.tf import (
     LEGACY_KERAS_ENV, import_keras, import_tf, quiet_tf_logs, save_model, set_threads, set_tf_env,
 )
@@ -38,13 +41,14 @@ BEST_WEIGHTS_FILE = "best_weights.npz"
 STATE_FILE = "state.json"
 
 
-def compile_model(model, learning_rate: float) -> None:
+def compile_model(model, learning_rate: float, steps_per_execution: int = 1) -> None:
     """Adam, categorical cross-entropy, and the tutorial's metrics (accuracy, precision, recall)."""
     keras = import_keras()
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy", keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -97,7 +101,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     x_train, y_train, x_val, y_val = arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
     num_classes = int(config["num_classes"])
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    options = communication_options(cfg.bytes_per_pack)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     per_worker_batch = cfg.batch_size // world
     steps_per_epoch = len(x_train) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -141,19 +146,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             from toolkit.models import make_model
 
             model = make_model(cfg.model, input_shape=x_train.shape[1:], num_classes=num_classes)
-            compile_model(model, cfg.learning_rate)
+            compile_model(model, cfg.learning_rate, cfg.steps_per_execution)
+        install_train_step(model, accumulate_steps=cfg.accumulate_steps, grad_dtype=cfg.grad_dtype, options=options)
 
-    worker = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "batches": 0,
-              "batch_size": per_worker_batch}
+    worker = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_id": worker_node_id(),
+              "cpus": cfg.cpus_per_worker, "batches": 0, "batch_size": per_worker_batch,
+              "micro_batch_size": per_worker_batch // cfg.accumulate_steps}
 
     class ReportEpoch(keras.callbacks.Callback):
         """Per epoch: progress line, best-weights tracking, early stopping, Ray Train report."""
 
+        # No per-batch hook: Keras would copy every batch's logs to Python, a sync per step.
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            worker["batches"] += 1  # proof this worker did its share, read back by the driver
+            self.iterations = int(self.model.optimizer.iterations.numpy())
 
         def on_test_begin(self, logs=None):
             self.t_val = time.perf_counter()  # images/s counts training steps, not validation
@@ -161,6 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_epoch_end(self, epoch, logs=None):
             nonlocal best_weights
             now = time.perf_counter()
+            # steps this worker's optimizer applied: proof it did its share, read back by the driver
+            worker["batches"] += int(self.model.optimizer.iterations.numpy()) - self.iterations
             seconds = now - self.t0
             images_per_s = steps_per_epoch * cfg.batch_size / (self.t_val - self.t0)
             logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -192,6 +200,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
             validation_data=val_ds, validation_steps=val_steps, callbacks=[ReportEpoch()], verbose=0,
         )
+    if cfg.profile_steps:
+        from toolkit.profile import step_breakdown
+
+        hist = state["history"]
+        breakdown = step_breakdown(
+            model, strategy, lambda: make_train_dataset(
+                x_train, y_train, per_worker_batch, num_classes=num_classes, augment=cfg.augment, seed=cfg.seed,
+                num_shards=world, shard_index=rank),
+            steps=cfg.profile_steps, accumulate_steps=cfg.accumulate_steps, grad_dtype=cfg.grad_dtype, options=options)
+        if hist.get("train_time_s"):
+            breakdown["step_ms"] = hist["train_time_s"][-1] / steps_per_epoch * 1000.0
+        worker["step_breakdown"] = breakdown
     # The final report carries the best-validation model: model selection never sees the test set.
     if best_weights is not None:
         model.set_weights(best_weights)
@@ -241,6 +261,7 @@ class TrainOutcome:
     wall_time_s: float
     train_images_per_s: float
     run_path: str
+    config: TrainConfig  # with the layout resolved
 
 
 def init_ray() -> None:
@@ -254,14 +275,23 @@ def init_ray() -> None:
     ray.init(**kwargs)
 
 
-def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome:
-    """Train ``cfg.model`` on ``ds`` with Ray Train; copy the final model into ``workdir``."""
+def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
+                    log: Callable[[str], None] = lambda line: print(line, flush=True)) -> TrainOutcome:
+    """Train ``cfg.model`` on ``ds`` with Ray Train; copy the final model into ``workdir``.
+    ``num_workers``/``cpus_per_worker`` left as None are resolved from the cluster (toolkit.cluster);
+    the outcome's ``config`` is the resolved one."""
     set_tf_env()  # ray.train.tensorflow imports TensorFlow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     init_ray()
+    layout = resolve_layout(cfg, alive_nodes())
+    try:
+        cfg = dataclasses.replace(cfg, num_workers=layout.num_workers, cpus_per_worker=layout.cpus_per_worker)
+    except ValueError as e:  # e.g. the global batch does not split over the workers found
+        raise LayoutError(f"{e} ({layout.how})") from None
+    log(layout.describe(cfg))
     x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, cfg.val_fraction, cfg.seed)
     # One copy in the object store, read zero-copy by workers on the same node and shipped to
     # others: no worker needs the data path, so this works unchanged on a multi-node cluster.
@@ -273,7 +303,8 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome
         train_loop_config={"train": cfg.to_dict(), "data": data_ref, "num_classes": ds.num_classes},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            resources_per_worker={"CPU": layout.cpus_per_worker,
+                                  **({"GPU": layout.gpus_per_worker} if cfg.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=name, storage_path=storage_path,
@@ -302,5 +333,5 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str) -> TrainOutcome
     return TrainOutcome(
         model_path=model_path, history=hist, best_epoch=state["best_epoch"], workers=workers, epochs_run=state["epoch"],
         wall_time_s=wall, train_images_per_s=float(images / train_time) if train_time else 0.0,
-        run_path=result.path,
+        run_path=result.path, config=cfg,
     )

@@ -1,0 +1,76 @@
+"""The training step a worker runs: gradient accumulation and the gradient all-reduce.
+
+Keras's own ``train_step`` all-reduces float32 gradients once per batch inside the optimizer.
+``install_train_step`` replaces it, on the model instance only (nothing is saved with the model),
+when a run asks for more: K micro-batches per all-reduce (``accumulate_steps``), or gradients sent
+as float16/bfloat16 (``grad_dtype``). The maths is the same as Keras's step: each replica's loss is
+already scaled by 1 / replicas, so the summed gradients are the global batch's mean gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from toolkit.tf import import_keras, import_tf
+
+
+def communication_options(bytes_per_pack: int = 0, timeout_s: Optional[float] = None):
+    """``tf.distribute.experimental.CommunicationOptions`` for the strategy's collectives."""
+    tf = import_tf()
+    return tf.distribute.experimental.CommunicationOptions(bytes_per_pack=bytes_per_pack, timeout_seconds=timeout_s)
+
+
+def all_reduce_gradients(grads: list, variables: list, grad_dtype: str = "float32", options: Any = None) -> list:
+    """Sum ``grads`` over all replicas (one batched collective), sent as ``grad_dtype``, returned in the
+    variables' dtypes. A no-op with one replica: nothing to exchange."""
+    tf = import_tf()
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return grads
+    wire = tf.as_dtype(grad_dtype)
+    sent = [tf.cast(g, wire) if g.dtype != wire else g for g in grads]
+    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, sent, options=options)
+    return [tf.cast(g, v.dtype) for g, v in zip(summed, variables)]
+
+
+def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "float32", options: Any = None) -> bool:
+    """Give ``model`` (compiled, inside its strategy's scope) a train step that computes each batch
+    as ``accumulate_steps`` micro-batches and all-reduces their summed gradients once, as
+    ``grad_dtype``. Returns False (Keras's step kept) when neither is asked for."""
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    if accumulate_steps == 1 and grad_dtype == "float32":
+        return False
+    tf = import_tf()
+    keras = import_keras()
+
+    def gradients(x, y, sw, scale):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x, y, y_pred, sw)
+            loss = loss * scale if scale != 1 else loss
+        grads = tape.gradient(loss, model.trainable_variables)
+        return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                for g, v in zip(grads, model.trainable_variables)], y_pred
+
+    def train_step(data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        if accumulate_steps == 1:
+            grads, y_pred = gradients(x, y, sw, 1)
+        else:
+            split = lambda t: None if t is None else tf.split(t, accumulate_steps)  # noqa: E731
+            xs, ys, sws = split(x), split(y), split(sw)
+            grads, preds = None, []
+            for i in range(accumulate_steps):  # unrolled: K is small and fixed
+                g, p = gradients(xs[i], ys[i], None if sws is None else sws[i], 1.0 / accumulate_steps)
+                grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+                preds.append(p)
+            y_pred = tf.concat(preds, axis=0)
+        variables = model.trainable_variables
+        grads = all_reduce_gradients(grads, variables, grad_dtype, options)
+        model.optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
+        return model.compute_metrics(x, y, y_pred, sw)
+
+    model.train_step = train_step
+    model.train_function = None  # rebuilt around the new step on the next fit
+    return True
