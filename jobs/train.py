@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-reduce message size (0 = all gradients in one message)")
     g.add_argument("--steps-per-execution", type=int, default=d["steps_per_execution"].default,
                    help="training steps per tf.function call")
+    g.add_argument("--step-metrics", action="store_true",
+                   help="read metric results every step as Keras does (a cross-worker all-reduce each); "
+                        "default: once per epoch, same numbers")
     g.add_argument("--profile-steps", type=int, default=d["profile_steps"].default,
                    help="after training, time N steps of compute, all-reduce and input on every worker; "
                         "the breakdown goes into metrics.json (0 = off)")

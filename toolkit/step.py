@@ -33,13 +33,20 @@ def all_reduce_gradients(grads: list, variables: list, grad_dtype: str = "float3
     return [tf.cast(g, v.dtype) for g, v in zip(summed, variables)]
 
 
-def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "float32", options: Any = None) -> bool:
+def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "float32", options: Any = None,
+                       deferred_metrics: Optional[bool] = None) -> bool:
     """Give ``model`` (compiled, inside its strategy's scope) a train step that computes each batch
-    as ``accumulate_steps`` micro-batches and all-reduces their summed gradients once, as
-    ``grad_dtype``. Returns False (Keras's step kept) when neither is asked for."""
+    as ``accumulate_steps`` micro-batches and all-reduces their summed gradients once, as ``grad_dtype``.
+
+    ``deferred_metrics`` (default: on when there is more than one replica): steps only accumulate the
+    metrics' states, and ``metric_results`` reads them once per epoch. Keras's own step reads every
+    metric's result every step, and under MultiWorkerMirroredStrategy each read is a cross-worker
+    all-reduce: several latency-bound collectives per step besides the gradients' one.
+    Returns False (Keras's steps kept) when nothing is asked for."""
     if accumulate_steps < 1:
         raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
-    if accumulate_steps == 1 and grad_dtype == "float32":
+    deferred = model.distribute_strategy.num_replicas_in_sync > 1 if deferred_metrics is None else deferred_metrics
+    if accumulate_steps == 1 and grad_dtype == "float32" and not deferred:
         return False
     tf = import_tf()
     keras = import_keras()
@@ -52,6 +59,12 @@ def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "f
         grads = tape.gradient(loss, model.trainable_variables)
         return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                 for g, v in zip(grads, model.trainable_variables)], y_pred
+
+    def finish(x, y, y_pred, sw):
+        if deferred:
+            model.compiled_metrics.update_state(y, y_pred, sw)
+            return {}
+        return model.compute_metrics(x, y, y_pred, sw)
 
     def train_step(data):
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
@@ -69,8 +82,29 @@ def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "f
         variables = model.trainable_variables
         grads = all_reduce_gradients(grads, variables, grad_dtype, options)
         model.optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
-        return model.compute_metrics(x, y, y_pred, sw)
+        return finish(x, y, y_pred, sw)
+
+    def test_step(data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = model(x, training=False)
+        model.compute_loss(x, y, y_pred, sw)  # updates the loss metric
+        return finish(x, y, y_pred, sw)
 
     model.train_step = train_step
     model.train_function = None  # rebuilt around the new step on the next fit
+    if deferred:
+        model.test_step = test_step
+        model.test_function = None
+    model._toolkit_deferred_metrics = deferred
     return True
+
+
+def has_deferred_metrics(model) -> bool:
+    return bool(getattr(model, "_toolkit_deferred_metrics", False))
+
+
+def metric_results(model) -> dict[str, float]:
+    """Every compiled metric's result, aggregated over all workers (one collective per metric state;
+    every worker must call it at the same point)."""
+    with model.distribute_strategy.scope():
+        return {m.name: float(m.result()) for m in model.metrics}

@@ -31,7 +31,7 @@ import numpy as np
 from toolkit.cluster import LayoutError, alive_nodes, resolve_layout, worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
-from toolkit.step import communication_options, install_train_step
+from toolkit.step import communication_options, has_deferred_metrics, install_train_step, metric_results
 from toolkit.tf import (
     LEGACY_KERAS_ENV, import_keras, import_tf, quiet_tf_logs, save_model, set_threads, set_tf_env,
 )
@@ -147,7 +147,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             model = make_model(cfg.model, input_shape=x_train.shape[1:], num_classes=num_classes)
             compile_model(model, cfg.learning_rate, cfg.steps_per_execution)
-        install_train_step(model, accumulate_steps=cfg.accumulate_steps, grad_dtype=cfg.grad_dtype, options=options)
+        install_train_step(model, accumulate_steps=cfg.accumulate_steps, grad_dtype=cfg.grad_dtype, options=options,
+                           deferred_metrics=False if cfg.step_metrics else None)
 
     worker = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_id": worker_node_id(),
               "cpus": cfg.cpus_per_worker, "batches": 0, "batch_size": per_worker_batch,
@@ -163,6 +164,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         def on_test_begin(self, logs=None):
             self.t_val = time.perf_counter()  # images/s counts training steps, not validation
+            # Deferred metrics (toolkit.step): read the epoch's training results before validation resets them.
+            self.train_logs = metric_results(self.model) if has_deferred_metrics(self.model) else {}
+
+        def on_test_end(self, logs=None):
+            self.val_logs = {f"val_{k}": v for k, v in metric_results(self.model).items()} \
+                if has_deferred_metrics(self.model) else {}
 
         def on_epoch_end(self, epoch, logs=None):
             nonlocal best_weights
@@ -172,6 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = now - self.t0
             images_per_s = steps_per_epoch * cfg.batch_size / (self.t_val - self.t0)
             logs = {k: float(v) for k, v in (logs or {}).items()}
+            logs.update(getattr(self, "train_logs", {}), **getattr(self, "val_logs", {}))
             logs.update(epoch_time_s=seconds, train_time_s=self.t_val - self.t0, images_per_s=images_per_s)
             for k, v in logs.items():
                 state["history"].setdefault(k, []).append(v)

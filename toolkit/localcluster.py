@@ -1,0 +1,120 @@
+"""A real multi-node Ray cluster on one machine: ``ray start --head`` plus one ``ray start --address``
+per worker node, each node's processes pinned to its own cores with ``taskset``.
+
+"8 nodes x 2 cores" then means what it says: every node's raylet, and every worker it starts,
+runs only on that node's cores (CPU affinity is inherited), and the nodes talk over the loopback
+network through Ray's and TensorFlow's real transports. Used by benchmarks/scaling.py and tests.
+The head has no CPUs (``--num-cpus=0``), so it runs no training workers, as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_executable() -> str:
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.exists() else (shutil.which("ray") or "ray")
+
+
+@dataclass
+class LocalCluster:
+    """``nodes`` worker nodes of ``cpus_per_node`` CPUs each; with ``pin``, node i runs on cores
+    [i*cpus_per_node, (i+1)*cpus_per_node) (wrapping round the machine's cores)."""
+
+    nodes: int
+    cpus_per_node: int
+    pin: bool = True
+    auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    port: int = field(default_factory=free_port)
+    started: list[dict] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment every node and every client of this cluster needs (token auth on, as
+        Ray 2.60 asks of clusters; RAY_ADDRESS so that ray.init() connects here)."""
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token,
+                "RAY_ADDRESS": self.address, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def cores(self, index: int) -> list[int]:
+        total = os.cpu_count() or 1
+        return [(index * self.cpus_per_node + k) % total for k in range(self.cpus_per_node)]
+
+    def _run(self, args: list[str], cores: Optional[list[int]] = None) -> None:
+        cmd = [ray_executable(), *args]
+        if cores is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
+        env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+    def start(self) -> "LocalCluster":
+        self._run(["start", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0",
+                   "--include-dashboard=false", "--disable-usage-stats",
+                   f"--ray-client-server-port={free_port()}"])
+        for _ in range(self.nodes):
+            self.add_node()
+        return self
+
+    def add_node(self) -> list[int]:
+        """Start one more worker node (pinned to the next cores); returns its cores."""
+        index = len(self.started)
+        cores = self.cores(index)
+        base = 20000 + 1000 * (index % 40)  # each node its own worker-port range
+        self._run([
+            "start", f"--address={self.address}", f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={base}", f"--max-worker-port={base + 999}", "--disable-usage-stats",
+        ], cores if self.pin else None)
+        self.started.append({"index": index, "cores": cores})
+        self.wait_for_nodes(index + 1)
+        return cores
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
+        """Block until ``count`` worker nodes are alive (asks the cluster through a short client)."""
+        code = ("import ray, time\nray.init(logging_level='ERROR')\n"
+                "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) > 0))")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                                  timeout=120)
+            lines = proc.stdout.strip().splitlines()
+            if lines and lines[-1].isdigit() and int(lines[-1]) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {lines[-1] if lines else '?'} of {count} Ray nodes came up: {proc.stderr[-1000:]}")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        subprocess.run([ray_executable(), "stop", "--force"], env=self.env, capture_output=True, timeout=300)
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
