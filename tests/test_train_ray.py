@@ -4,6 +4,7 @@ resuming a run by name, and surviving a killed worker."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ def test_two_workers_both_take_part(regression_run):
     steps = 45_000 // 32  # training split minus the 10% validation, at global batch 32
     assert workers[0]["batches"] == workers[1]["batches"] == 3 * steps
     assert workers[0]["batch_size"] == workers[1]["batch_size"] == 16
+    assert workers[0]["node_id"] and workers[0]["node_id"] == workers[1]["node_id"], "both on the local Ray node"
+    # Metrics are aggregated once per epoch (toolkit.step): the epoch's numbers are real fractions
+    history = json.loads((regression_run / "history.json").read_text())
+    for key in ("accuracy", "precision", "recall", "val_accuracy", "val_precision", "val_recall"):
+        assert len(history[key]) == 3 and all(0.0 < v < 1.0 for v in history[key]), key
+    assert history["accuracy"][-1] > history["accuracy"][0] and all(v > 0 for v in history["loss"])
 
 
 def test_outputs_are_complete_and_loadable(regression_run):
@@ -79,7 +86,11 @@ def smoke_run(tmp_path_factory, cache_dir):
 def test_smoke_test_runs_every_stage_through_the_export(smoke_run):
     tmp, proc = smoke_run
     m = json.loads((tmp / "out" / "metrics.json").read_text())
-    assert m["epochs"] == 2 and m["num_test_images"] == 2048 and len(m["workers"]) == 2
+    assert m["epochs"] == 2 and m["num_test_images"] == 2048
+    # The default layout on one machine: one worker owning every CPU of the local Ray node.
+    assert m["num_workers"] == len(m["workers"]) == 1 and m["config"]["num_workers"] == 1
+    assert m["cpus_per_worker"] == m["workers"][0]["cpus"] >= min(2, os.cpu_count() or 1), "all the node's CPUs"
+    assert "layout: 1 worker(s) x" in proc.stdout and "auto: one per node" in proc.stdout
     assert m["test_accuracy"] > 0.15, "learned something in two smoke epochs (chance is 0.10)"
     report = json.loads((tmp / "out" / "export" / "report.json").read_text())
     assert len(report["variants"]) == 7 and report["num_test_images"] == 2048

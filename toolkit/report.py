@@ -21,6 +21,17 @@ def predict_probs(model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
 
 
+def time_to_accuracy(history: dict[str, list[float]], target: float, key: str = "val_accuracy") -> dict | None:
+    """The first epoch whose ``key`` reaches ``target``, with the epoch and training-step seconds spent
+    up to and including it (None if never reached)."""
+    for i, value in enumerate(history.get(key, [])):
+        if value >= target:
+            return {"target": target, "epoch": i + 1,
+                    "epoch_time_s": float(sum(history.get("epoch_time_s", [])[: i + 1])),
+                    "train_time_s": float(sum(history.get("train_time_s", [])[: i + 1]))}
+    return None
+
+
 def _step_breakdown(workers: list[dict]) -> dict | None:
     """The slowest worker's profile (it sets the pace of every synchronous step), if one was taken."""
     profiles = [w["step_breakdown"] for w in workers if w.get("step_breakdown")]
@@ -54,6 +65,7 @@ def write_training_outputs(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome,
         "cpus_per_worker": outcome.config.cpus_per_worker,
         "workers": outcome.workers,
         "step_breakdown_ms": _step_breakdown(outcome.workers),
+        "time_to_70pct_val_accuracy": time_to_accuracy(outcome.history, 0.70),
         "num_train_images": int(len(ds.x_train)),
         "num_test_images": int(len(ds.x_test)),
         "data_source": ds.source,
