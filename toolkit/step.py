@@ -63,7 +63,9 @@ def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "f
     def finish(x, y, y_pred, sw):
         if deferred:
             model.compiled_metrics.update_state(y, y_pred, sw)
-            return {}
+            # A placeholder output: Keras's multi-step loop (steps_per_execution) needs one, and with
+            # reduction "first" (below) it is returned as it is, without a collective.
+            return {DEFERRED_KEY: tf.zeros([])}
         return model.compute_metrics(x, y, y_pred, sw)
 
     def train_step(data):
@@ -95,8 +97,13 @@ def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "f
     if deferred:
         model.test_step = test_step
         model.test_function = None
+        # Keras's "auto" sums every step output across workers (a collective per value per step).
+        model.distribute_reduction_method = "first"
     model._toolkit_deferred_metrics = deferred
     return True
+
+
+DEFERRED_KEY = "_metrics_deferred"
 
 
 def has_deferred_metrics(model) -> bool:

@@ -31,7 +31,7 @@ import numpy as np
 from toolkit.cluster import LayoutError, alive_nodes, resolve_layout, worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
-from toolkit.step import communication_options, has_deferred_metrics, install_train_step, metric_results
+from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
 from toolkit.tf import (
     LEGACY_KERAS_ENV, import_keras, import_tf, quiet_tf_logs, save_model, set_threads, set_tf_env,
 )
@@ -178,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             worker["batches"] += int(self.model.optimizer.iterations.numpy()) - self.iterations
             seconds = now - self.t0
             images_per_s = steps_per_epoch * cfg.batch_size / (self.t_val - self.t0)
-            logs = {k: float(v) for k, v in (logs or {}).items()}
+            logs = {k: float(v) for k, v in (logs or {}).items() if DEFERRED_KEY not in k}
             logs.update(getattr(self, "train_logs", {}), **getattr(self, "val_logs", {}))
             logs.update(epoch_time_s=seconds, train_time_s=self.t_val - self.t0, images_per_s=images_per_s)
             for k, v in logs.items():
