@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-worker", type=_auto_int, default="auto",
                    help="CPUs reserved per worker (TensorFlow's thread count); auto = the node's CPUs "
                         "shared by the workers on it")
+    g.add_argument("--resource-timeout", type=float, default=d["resource_timeout"].default,
+                   help="seconds to wait for the cluster to offer the workers' CPUs/GPUs before stopping "
+                        "(exit 2); 0 = wait forever (autoscaling clusters)")
     g = p.add_argument_group("gradient synchronisation")
     g.add_argument("--accumulate-steps", type=int, default=d["accumulate_steps"].default,
                    help="micro-batches per all-reduce: each worker computes its share of the global batch "
@@ -131,12 +134,32 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k != "smoke_test"})
 
 
+def check_output_folder(path: str) -> str | None:
+    """Why ``path`` cannot receive the run's outputs (None if it can), checked before any training."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        return "exists and is not a folder"
+    probe = p
+    while not probe.exists():  # the nearest existing parent must be a writable folder
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    problem = check_output_folder(cfg.output)
+    if problem:
+        print(f"error: --output {cfg.output}: {problem}", file=sys.stderr)
         return 2
 
     from toolkit.data import DataError, load_dataset

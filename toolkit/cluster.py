@@ -93,6 +93,56 @@ def resolve_layout(cfg: TrainConfig, nodes: list[Node]) -> Layout:
     return Layout(workers, cpus, gpus, how)
 
 
+def placeable_workers(layout: Layout, nodes: list[Node]) -> int:
+    """How many workers of ``layout``'s size the nodes can hold (by their total resources)."""
+    total = 0
+    for n in nodes:
+        fit = n.cpus // layout.cpus_per_worker if layout.cpus_per_worker else 10**9
+        if layout.gpus_per_worker:
+            fit = min(fit, n.gpus // layout.gpus_per_worker)
+        total += fit
+    return total
+
+
+def describe_nodes(nodes: list[Node]) -> str:
+    if not nodes:
+        return "no nodes with CPUs or GPUs"
+    cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    return f"{len(nodes)} node(s), {cpus} CPU and {gpus} GPU in all ({', '.join(f'{n.cpus} CPU/{n.gpus} GPU' for n in nodes)})"
+
+
+def wait_until_placeable(cfg: TrainConfig, timeout_s: float, log=print, poll_s: float = 2.0) -> tuple[Layout, list[Node]]:
+    """Resolve the layout and wait, at most ``timeout_s`` (0 = forever: a cluster whose autoscaler adds
+    nodes), until the cluster can hold every worker. Raises LayoutError naming what was asked and what
+    the cluster has: a run that cannot be scheduled stops instead of waiting forever."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    said = 0.0
+    while True:
+        nodes = alive_nodes()
+        try:
+            layout = resolve_layout(cfg, nodes)
+            fits = placeable_workers(layout, nodes)
+        except LayoutError:
+            layout, fits = None, 0
+        if layout is not None and fits >= layout.num_workers:
+            return layout, nodes
+        asked = (f"{layout.num_workers} worker(s) x {layout.cpus_per_worker} CPU"
+                 + (f" + {layout.gpus_per_worker} GPU" if layout.gpus_per_worker else "")) if layout else \
+            ("GPU workers" if cfg.use_gpu else "CPU workers")
+        has = f"the cluster has {describe_nodes(nodes)}"
+        now = time.monotonic()
+        if timeout_s and now >= deadline:
+            raise LayoutError(f"cannot schedule {asked}: {has}, room for {fits} "
+                              f"(waited {timeout_s:g}s; see --num-workers, --cpus-per-worker, --use-gpu, --resource-timeout)")
+        if now - said >= 15 or not said:
+            log(f"waiting for resources: {asked}; {has}, room for {fits}"
+                + (f" (up to {timeout_s:g}s)" if timeout_s else " (no timeout: waiting for the autoscaler)"))
+            said = now
+        time.sleep(poll_s)
+
+
 def worker_node_id() -> Optional[str]:
     """The Ray node this process runs on (recorded per worker in metrics.json)."""
     try:

@@ -91,6 +91,10 @@ class TrainConfig:
     # worker and write the breakdown into metrics.json (0 = off; the scaling benchmark sets it).
     profile_steps: int = 0
 
+    # Seconds to wait for the cluster to offer what the run asks (workers x CPUs/GPUs) before
+    # stopping with one line (exit 2); 0 = wait forever, for clusters whose autoscaler adds nodes.
+    # A minute covers a replacement node joining; Ray itself would wait forever, silently.
+    resource_timeout: float = 60.0
     # Ray Train run name: the same name and storage path resume an interrupted run.
     name: Optional[str] = None
     # Where Ray Train keeps runs and checkpoints (a local folder, NFS, or s3://...).
@@ -128,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"bytes_per_pack must be >= 0, got {self.bytes_per_pack}")
         if self.steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        if self.resource_timeout < 0:
+            raise ValueError(f"resource_timeout must be >= 0, got {self.resource_timeout}")
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
         if not 0.0 < self.val_fraction < 1.0:

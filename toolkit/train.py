@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from toolkit.cluster import LayoutError, alive_nodes, resolve_layout, worker_node_id
+from toolkit.cluster import LayoutError, wait_until_placeable, worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
 from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
@@ -294,7 +294,7 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     from ray.train.tensorflow import TensorflowTrainer
 
     init_ray()
-    layout = resolve_layout(cfg, alive_nodes())
+    layout, _ = wait_until_placeable(cfg, cfg.resource_timeout, log=log)
     try:
         cfg = dataclasses.replace(cfg, num_workers=layout.num_workers, cpus_per_worker=layout.cpus_per_worker)
     except ValueError as e:  # e.g. the global batch does not split over the workers found
