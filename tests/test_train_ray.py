@@ -113,7 +113,6 @@ def test_same_name_resumes_from_the_latest_checkpoint(smoke_run, cache_dir):
 def test_survives_a_killed_worker(tmp_path, tiny_tree_tgz, cache_dir):
     """SIGKILL a training worker mid-run: Ray Train restarts the group from the latest checkpoint
     and the run still completes every epoch."""
-    import os
     import re
     import signal
 
@@ -123,11 +122,14 @@ def test_survives_a_killed_worker(tmp_path, tiny_tree_tgz, cache_dir):
          "--epochs", "5", "--cache-dir", cache_dir, "--storage-path", str(tmp_path / "ray"), "--name", "chaos",
          "--max-failures", "2", "--output", str(out), "--no-export"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ray Train V2 registers a reported checkpoint when its controller polls the workers (every 2 s by
+        # default); this run's epochs take well under a second, so poll faster or the kill can beat the poll.
+        env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
     )
     lines, killed = [], None
     for line in proc.stdout:
         lines.append(line)
-        m = re.search(r"RayTrainWorker pid=(\d+)\).*epoch +2/5", line)
+        m = re.search(r"RayTrainWorker pid=(\d+)\).*epoch +3/5", line)
         if m and killed is None:
             killed = int(m.group(1))
             os.kill(killed, signal.SIGKILL)
