@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d["seed"].default)
     g = p.add_argument_group("Ray")
     g.add_argument("--num-workers", type=_auto_int, default="auto",
-                   help="Ray Train workers; auto = one per node (per GPU node with --use-gpu), which on one "
-                        "machine trains as fast as plain Keras (README, Scaling)")
+                   help="Ray Train workers; auto = one per node (per GPU node with --use-gpu): on one machine, "
+                        "one worker with every core (0.96x plain Keras in the README's scaling table)")
     g.add_argument("--use-gpu", action="store_true",
                    help="train on GPUs: each worker gets its node's GPUs (MultiWorkerMirroredStrategy mirrors "
                         "over them) unless --num-workers asks for more workers per node")
