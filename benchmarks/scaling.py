@@ -202,6 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from toolkit.outputs import git_revision
+
     if args._plain:
         print(json.dumps(plain_keras(args.data, args.cache_dir, args._batch, args.limit, args.epochs, args._augment)))
         return 0
@@ -281,19 +283,13 @@ def main(argv=None) -> int:
                         rows.append(row(sec2, name, r, baseline=plain_on(n * c, batch), batch=batch))
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "python": platform.python_version(),
             "command": "python benchmarks/scaling.py " + " ".join(a for a in (argv or sys.argv[1:])),
-            "git_revision": _git_revision(), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+            "git_revision": git_revision(), "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "scaling.md").write_text(markdown(rows, meta))
     print(f"\nwrote {out / 'scaling.json'} and {out / 'scaling.md'}")
     return 0
-
-
-def _git_revision() -> str:
-    from toolkit.outputs import git_revision
-
-    return git_revision()
 
 
 if __name__ == "__main__":

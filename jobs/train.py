@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         except LayoutError as e:  # a layout the cluster cannot give (resolved before any worker starts)
             print(f"error: {e}", file=sys.stderr)
             return 2
-        metrics = write_training_outputs(outcome.config, ds, outcome, cfg.output)
+        metrics = write_training_outputs(ds, outcome, cfg.output)
     print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
           f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
           f"{metrics['train_images_per_s']:,.0f} img/s) -> {os.path.abspath(cfg.output)}", flush=True)

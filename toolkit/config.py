@@ -85,7 +85,7 @@ class TrainConfig:
     steps_per_execution: int = 4
     # Read every metric's result every step, as Keras does: under MultiWorkerMirroredStrategy
     # each read is a cross-worker all-reduce. Off: steps accumulate metric states and results are
-    # read once per epoch (same numbers; measured 2 x 1-CPU workers 3,718 -> 4,692 images/s).
+    # read once per epoch (same numbers; the scaling benchmark's "before" rows measure the cost).
     step_metrics: bool = False
     # After training, time this many steps of each part (compute, all-reduce, input) on every
     # worker and write the breakdown into metrics.json (0 = off; the scaling benchmark sets it).

@@ -41,12 +41,12 @@ def step_breakdown(model, strategy, dataset_fn: Callable[[], Any], *, steps: int
     input_ms = _time_ms(lambda: next(it), steps)
     x, y = next(it)
 
-    # compute: a local copy of the model (built outside any strategy scope), the same batch,
-    # cross-entropy and Adam, no communication
+    # compute: a local copy of the model (built outside any strategy scope), the same batch, the
+    # model's own compiled loss and optimizer class, no communication
     local = keras.models.clone_model(model)
     local.set_weights(model.get_weights())
-    optimizer = keras.optimizers.Adam(learning_rate=1e-3)
-    loss_fn = keras.losses.CategoricalCrossentropy()
+    optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
+    loss_fn = keras.losses.get(model.loss)
     micro = tf.split(x, accumulate_steps), tf.split(y, accumulate_steps)
 
     @tf.function

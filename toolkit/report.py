@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.config import TrainConfig
 from toolkit.data import Dataset
 from toolkit.evaluate import classification_metrics
 from toolkit.outputs import copy_file, git_revision, write_json, write_text
@@ -33,14 +32,12 @@ def time_to_accuracy(history: dict[str, list[float]], target: float, key: str = 
 
 
 def _step_breakdown(workers: list[dict]) -> dict | None:
-    """The slowest worker's profile (it sets the pace of every synchronous step), if one was taken."""
+    """The profile of the worker with the slowest compute (it sets the pace of every synchronous step)."""
     profiles = [w["step_breakdown"] for w in workers if w.get("step_breakdown")]
-    if not profiles:
-        return None
-    return max(profiles, key=lambda p: p.get("step_ms", 0.0) + p["compute_ms"])
+    return max(profiles, key=lambda p: p["compute_ms"]) if profiles else None
 
 
-def write_training_outputs(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, output: str) -> dict:
+def write_training_outputs(ds: Dataset, outcome: TrainOutcome, output: str) -> dict:
     """Evaluate the trained model on the test split and write every artifact into ``output``."""
     keras = import_keras()
     out = Path(output)

@@ -14,6 +14,7 @@ The final report (``final: True``) carries the best-validation model as ``model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -22,7 +23,6 @@ import math
 import os
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
