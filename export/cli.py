@@ -1,7 +1,8 @@
 """The command line shared by ``python -m export``, ``python -m export.tflite`` and ``python -m export.onnx``.
 
-Exit status: 0 every variant within --max-drop; 1 some variant over it (named, one line each);
-2 bad input (model, data, variants), with one line and no files written.
+Exit status: 0 every variant built and within --max-drop; 1 some variant failed or is over it (named,
+one line each; the rest of the export is still written); 2 bad input (model, data, variants), with one
+line and no files written.
 """
 
 from __future__ import annotations
@@ -24,18 +25,28 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="exit status: 0 all variants within --max-drop; 1 a variant over it; 2 bad input",
     )
-    p.add_argument("model", help="the float model (.keras, Keras 2 / tf_keras)")
+    p.add_argument("model", help="the float classifier: .keras (saved by Keras 2 or Keras 3), .h5, or a SavedModel "
+                                 "folder; one image input (raw 0-255 pixels), one output (probabilities, logits "
+                                 "or one sigmoid unit)")
     p.add_argument("--data", default=None,
                    help="dataset source as for training (omit for the Keras download): calibration and "
                         "fine-tuning use its training split, evaluation its full test split")
     p.add_argument("--out", default=None, help="output folder (default: export/ next to the model)")
-    p.add_argument("--variants", default=",".join(variants), help=f"comma list from: {', '.join(variants)}")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list from: {', '.join(variants)} (default: all that apply to the model; named "
+                        "variants must all be built)")
     p.add_argument("--max-drop", type=float, default=1.0,
                    help="largest allowed accuracy drop of any variant vs the float model, in percentage points")
     p.add_argument("--calibration-size", type=int, default=500, help="representative images for int8 calibration")
     p.add_argument("--calibration-data", default=None,
                    help="take calibration images from this source's training split instead of --data's")
     p.add_argument("--qat-epochs", type=int, default=2, help="quantisation-aware fine-tuning epochs")
+    p.add_argument("--selective-steps", type=int, default=8,
+                   help="int8_selective: most tensors kept in float before it gives up")
+    p.add_argument("--stall-timeout", type=float, default=900.0,
+                   help="seconds without progress after which a variant's build is killed and reported failed")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks and the converters' own output")
     p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per variant")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="cache of decoded datasets")
     p.add_argument("--seed", type=int, default=0)
@@ -43,26 +54,41 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> ExportConfig:
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    wrong_format = [v for v in variants if v in FORMAT_OF and FORMAT_OF[v] not in formats]
-    if wrong_format:
-        raise ExportInputError(f"variants: {', '.join(wrong_format)} not produced by this command "
-                               f"(use python -m export for all formats)")
+    if args.variants is None:  # all of this command's formats
+        variants = None if len(formats) == 2 else tuple(v for v in ALL_VARIANTS if FORMAT_OF[v] in formats)
+        explicit = False
+    else:
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        explicit = True
+        wrong_format = [v for v in variants if v in FORMAT_OF and FORMAT_OF[v] not in formats]
+        if wrong_format:
+            raise ExportInputError(f"variants: {', '.join(wrong_format)} not produced by this command "
+                                   f"(use python -m export for all formats)")
     return ExportConfig(
         model=args.model, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
         calibration_size=args.calibration_size, calibration_data=args.calibration_data,
-        qat_epochs=args.qat_epochs, latency_runs=args.latency_runs, cache_dir=args.cache_dir, seed=args.seed,
+        qat_epochs=args.qat_epochs, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
+        stall_timeout=args.stall_timeout, cache_dir=args.cache_dir, seed=args.seed, debug=args.debug,
+        explicit_variants=explicit,
     )
 
 
 def exit_status(report: dict) -> int:
-    """0 when every variant passed the drift gate; else name each offender on stderr and return 1."""
+    """0 when every requested variant was built and passed the drift gate; else name each offender
+    on stderr (one line each) and return 1."""
+    built = [r for r in report["variants"] if r["status"] == "ok"]
+    for r in report["variants"]:
+        if r["status"] == "skipped":
+            print(f"{'FAIL' if not r['passed'] else 'skipped'} {r['name']}: {r['reason']}",
+                  file=sys.stderr if not r["passed"] else sys.stdout, flush=True)
     if report["passed"]:
-        print(f"export: all {len(report['variants'])} variants within {report['max_drop_pp']} pp "
+        print(f"export: {len(built)} variants within {report['max_drop_pp']} pp "
               f"of the float model ({report['float_accuracy']:.4f})", flush=True)
         return 0
     for r in report["variants"]:
-        if not r["passed"]:
+        if r["status"] == "failed":
+            print(f"FAIL {r['name']}: {r['reason']}", file=sys.stderr, flush=True)
+        elif r["status"] == "ok" and not r["passed"]:
             print(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, drop {r['drop_pp']:.2f} pp > "
                   f"max {report['max_drop_pp']} pp", file=sys.stderr, flush=True)
     return 1
@@ -81,4 +107,10 @@ def main(argv: Optional[list[str]] = None, formats: Sequence[str] = ("tflite", "
     except (ExportInputError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:  # a bug of ours, not bad input: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: export failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+              "(run again with --debug for the traceback)", file=sys.stderr, flush=True)
+        return 1
     return exit_status(report)

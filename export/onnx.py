@@ -27,14 +27,22 @@ OPSET = 17
 
 
 def convert_float32(model, path: str) -> None:
-    """tf2onnx from the Keras model, with an explicit input signature (batch dimension dynamic,
-    raw 0-255 float pixels), checked with ``onnx.checker``."""
+    """tf2onnx with an explicit input signature (batch dimension dynamic, raw 0-255 float pixels),
+    checked with ``onnx.checker``. ``model``: a tf_keras model, or a SourceModel (any saved model,
+    converted through its concrete function)."""
     tf = import_tf()
     import onnx
     import tf2onnx
 
-    spec = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="image")]
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+    keras2 = getattr(model, "keras2", model) if hasattr(model, "info") else model
+    if keras2 is not None:
+        spec = [tf.TensorSpec((None, *keras2.input_shape[1:]), tf.float32, name="image")]
+        proto, _ = tf2onnx.convert.from_keras(keras2, input_signature=spec, opset=OPSET)
+    else:
+        spec = [tf.TensorSpec((None, *model.info.input_shape), tf.float32, name="image")]
+        fn = model.concrete_function()
+        proto, _ = tf2onnx.convert.from_function(tf.function(lambda image: fn(image)), input_signature=spec,
+                                                 opset=OPSET)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, path)
 

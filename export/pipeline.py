@@ -1,16 +1,29 @@
-"""Export a trained Keras model to every edge variant, measure each on the test split, gate on drift.
+"""Export a trained classifier to every edge variant, measure each on the test split, gate on drift.
 
-``run_export(cfg)`` is the whole stage: validate inputs -> convert -> measure -> report. All files
-are written into a staging folder and moved into ``cfg.out`` only when every stage succeeded, so a
-failure leaves no partial output. The drift gate does not count as a failure here: the report is
-written, and ``report["passed"]`` says whether every variant stayed within ``max_drop_pp``.
+``run_export(cfg)`` is the whole stage:
+
+1. validate every input before any work: the model (``.keras`` from Keras 2 or 3, ``.h5``, a SavedModel
+   folder; one image input, one output; finite weights), the data, and that they fit each other;
+   find what the model outputs (probabilities, logits, a sigmoid unit);
+2. build and measure the variants in a supervised worker process (:mod:`export.worker`): a variant that
+   raises, crashes its process or hangs fails alone, with a one-line reason, and the others go on;
+3. write the report (``report.json``, ``report.md``, a plot, one sidecar per model file).
+
+Files are staged in a hidden folder next to the output and moved into place at the end, so an export
+that dies half-way (or bad input) leaves no partial output. The drift gate and failed variants do not
+stop the report: ``report["passed"]`` says whether every requested variant was built and stayed within
+``max_drop_pp``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,13 +34,15 @@ import numpy as np
 
 from export import onnx as onnx_export
 from export import tflite as tflite_export
+from export.model_io import ModelInputError, class_predictions, inspect_model, load_source_model
 from export.report import plot_accuracy_vs_size, render_markdown
-from export.runtime import open_model, time_calls
 from toolkit.config import default_cache_dir
 from toolkit.outputs import git_revision, write_json, write_text
 
 ALL_VARIANTS = tflite_export.VARIANTS + onnx_export.VARIANTS
 FORMAT_OF = {**{v: "tflite" for v in tflite_export.VARIANTS}, **{v: "onnx" for v in onnx_export.VARIANTS}}
+SUFFIX = {"tflite": ".tflite", "onnx": ".onnx"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ExportInputError(ValueError):
@@ -36,13 +51,18 @@ class ExportInputError(ValueError):
 
 @dataclass
 class ExportConfig:
-    model: str  # path to the float .keras model
+    model: str  # the float model: .keras (Keras 2 or 3), .h5, or a SavedModel folder
     # Same sources as training; calibration images come from its training split, evaluation
     # uses its full test split. None = the Keras download.
     data: Optional[str] = None
     # Output folder; None = "export/" next to the model.
     out: Optional[str] = None
-    variants: tuple[str, ...] = ALL_VARIANTS
+    # None = every variant that applies (a variant that does not apply, such as QAT of a Keras 3
+    # model, is skipped with its reason). Named variants must all be built, or the export fails.
+    variants: Optional[tuple[str, ...]] = None
+    # Whether ``variants`` was named by the user (None: named when given). ``python -m export.tflite``
+    # passes its own format's variants as a default, not as a demand.
+    explicit_variants: Optional[bool] = None
     # Largest allowed top-1 accuracy drop of any variant against the float model, in points.
     max_drop: float = 1.0
     # Representative images for int8 calibration: 500 covers CIFAR-10's classes many times over;
@@ -50,31 +70,55 @@ class ExportConfig:
     calibration_size: int = 500
     # A different source for calibration images (its training split), e.g. device-domain images.
     calibration_data: Optional[str] = None
-    # Quantisation-aware fine-tuning epochs over the training split.
+    # Quantisation-aware fine-tuning epochs over the training split, at a small step: the float
+    # weights are already good, QAT only adapts them to 8-bit rounding.
     qat_epochs: int = 2
+    qat_learning_rate: float = 1e-4
+    # int8_selective: at most this many tensors kept in float before giving up.
+    selective_steps: int = 8
+    # Held-out images from the training split (never the test split) that QAT's divergence check
+    # and int8_selective's search measure on: 2,000 resolve a 1-point drop to +-0.5 points.
+    holdout_size: int = 2000
     # Latency: batch-1 runs after warm-up, on one thread, as on a phone's single big core.
     latency_runs: int = 200
     latency_threads: int = 1
     throughput_batch: int = 64
+    # A variant whose worker shows no sign of life this long is killed (converters can hang);
+    # tfmot's graph rebuild gets its own, shorter limit (it takes seconds, or loops forever).
+    stall_timeout: float = 900.0
+    qat_build_timeout: float = 120.0
     cache_dir: str = field(default_factory=default_cache_dir)
     seed: int = 0
+    # Tracebacks of failed variants, and the worker's raw output, on stderr.
+    debug: bool = False
 
     def __post_init__(self) -> None:
-        self.variants = tuple(self.variants)
-        unknown = [v for v in self.variants if v not in ALL_VARIANTS]
-        if unknown:
-            raise ExportInputError(f"variants: unknown variant(s) {', '.join(unknown)}; "
-                                   f"choose from {', '.join(ALL_VARIANTS)}")
-        if not self.variants:
-            raise ExportInputError("variants: no variants selected")
+        if self.variants is not None:
+            self.variants = tuple(self.variants)
+            unknown = [v for v in self.variants if v not in ALL_VARIANTS]
+            if unknown:
+                raise ExportInputError(f"variants: unknown variant(s) {', '.join(unknown)}; "
+                                       f"choose from {', '.join(ALL_VARIANTS)}")
+            if not self.variants:
+                raise ExportInputError("variants: no variants selected")
         if self.max_drop < 0:
             raise ExportInputError(f"max_drop: must be >= 0, got {self.max_drop}")
-        if self.calibration_size < 1:
-            raise ExportInputError(f"calibration_size: must be >= 1, got {self.calibration_size}")
-        if self.latency_runs < 1:
-            raise ExportInputError(f"latency_runs: must be >= 1, got {self.latency_runs}")
-        if "qat_int8" in self.variants and self.qat_epochs < 1:
+        for name in ("calibration_size", "latency_runs", "selective_steps", "holdout_size"):
+            if getattr(self, name) < 1:
+                raise ExportInputError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if "qat_int8" in self.requested and self.qat_epochs < 1:
             raise ExportInputError(f"qat_epochs: must be >= 1, got {self.qat_epochs}")
+
+    @property
+    def requested(self) -> tuple[str, ...]:
+        """The variants to build, in report order."""
+        return tuple(v for v in ALL_VARIANTS if self.variants is None or v in self.variants)
+
+    @property
+    def explicit(self) -> tuple[str, ...]:
+        """The variants the user named (these must be built)."""
+        named = self.variants is not None if self.explicit_variants is None else self.explicit_variants
+        return self.requested if named else ()
 
     @property
     def out_dir(self) -> Path:
@@ -84,59 +128,11 @@ class ExportConfig:
         return dataclasses.asdict(self)
 
 
-def load_keras_model(path: str):
-    """Load a Keras 2 model, or raise ExportInputError with one line naming the file."""
-    from toolkit.tf import import_keras
-
-    p = Path(path)
-    if not p.exists():
-        raise ExportInputError(f"{path}: model file does not exist")
-    if p.is_dir():
-        raise ExportInputError(f"{path}: is a folder, expected a .keras model file")
-    keras = import_keras()
-    try:
-        return keras.models.load_model(str(p), compile=False)
-    except Exception as e:  # Keras raises many types for a bad file; all mean "not a loadable model"
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ExportInputError(f"{path}: not a loadable Keras model ({type(e).__name__}: {detail})") from e
-
-
-def _check_fits(model, x: np.ndarray, num_classes: int, model_path: str, data_desc: str) -> None:
-    want = tuple(model.input_shape[1:])
-    got = tuple(x.shape[1:])
-    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
-        raise ExportInputError(f"{model_path}: model input shape {want} does not fit the images of "
-                               f"{data_desc} {got}")
-    if model.output_shape[-1] != num_classes:
-        raise ExportInputError(f"{model_path}: model has {model.output_shape[-1]} outputs but "
-                               f"{data_desc} has {num_classes} classes")
-
-
-def _select_calibration(x: np.ndarray, n: int, seed: int) -> np.ndarray:
-    idx = np.random.default_rng(seed).permutation(len(x))[:n]
-    return x[np.sort(idx)]
-
-
-def _measure(path: Path, x_test, y_test, ref_pred, cfg: ExportConfig, **open_kw) -> dict:
-    """Accuracy and agreement on the full test split, latency at batch 1, throughput at a batch."""
-    m = open_model(str(path), num_threads=os.cpu_count() or 1, **open_kw)
-    probs = m.predict(x_test)
-    pred = probs.argmax(1)
-    timed = open_model(str(path), num_threads=cfg.latency_threads, **open_kw)
-    one = timed.prepare(x_test[:1])
-    lat = time_calls(lambda: timed.run(one), runs=cfg.latency_runs, warmup=20)
-    batch = timed.prepare(x_test[: cfg.throughput_batch])
-    t = time_calls(lambda: timed.run(batch), runs=10, warmup=2)
-    return {
-        "accuracy": float(np.mean(pred == y_test)),
-        "agreement": float(np.mean(pred == ref_pred)),
-        "latency_ms_p50": float(np.percentile(lat, 50)),
-        "latency_ms_p90": float(np.percentile(lat, 90)),
-        "throughput_images_per_s": float(len(batch) / (np.median(t) / 1e3)),
-        "throughput_batch": int(len(batch)),
-        "input": m.input.to_dict(),
-        "output": m.output.to_dict(),
-    }
+def _holdout_split(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (fit, held-out) indices of the training split: held-out is 10%, at most ``size``."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, min(size, n // 10))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=None) -> dict:
@@ -148,24 +144,66 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
 
     t_start = time.perf_counter()
     # --- validate every input before doing any work or writing anything ---------------------
-    model = load_keras_model(cfg.model)
+    try:
+        source = load_source_model(cfg.model)
+    except ModelInputError as e:
+        raise ExportInputError(str(e)) from e
     ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir)  # DataError names the source
-    _check_fits(model, ds.x_test, ds.num_classes, cfg.model, f"data {ds.source}")
-    cal_source = ds
+    try:
+        info = inspect_model(source, ds.x_test[:256], ds.num_classes, f"data {ds.source}")
+    except ModelInputError as e:
+        raise ExportInputError(str(e)) from e
+    fit_idx, val_idx = _holdout_split(len(ds.x_train), cfg.holdout_size, cfg.seed)
     if cfg.calibration_data is not None:
         cal_source = load_dataset(cfg.calibration_data, cfg.cache_dir)
-        _check_fits(model, cal_source.x_train, ds.num_classes, cfg.model, f"calibration data {cal_source.source}")
-    calibration = _select_calibration(cal_source.x_train, cfg.calibration_size, cfg.seed)
+        if tuple(cal_source.x_train.shape[1:]) != info.input_shape:
+            raise ExportInputError(f"{cfg.model}: model input shape {info.input_shape} does not fit the images "
+                                   f"of calibration data {cal_source.source} {tuple(cal_source.x_train.shape[1:])}")
+        pool = cal_source.x_train
+    else:
+        pool = ds.x_train[fit_idx]  # calibration never uses the held-out images
+    calibration = pool[np.sort(np.random.default_rng(cfg.seed).permutation(len(pool))[:cfg.calibration_size])]
     out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise ExportInputError(f"--out {out}: exists and is not a folder")
+
+    log(f"export: {cfg.model} -> {out}  ({len(cfg.requested)} variants, test split {len(ds.x_test):,} images)")
+    log(f"  model: {info.format}" + (f" (Keras {info.keras})" if info.keras else "")
+        + f", input {'x'.join(map(str, info.input_shape))}, {info.units} output unit(s): {info.output_kind}"
+        + (f" (last activation {info.output_activation})" if info.output_activation else ""))
+    ref_pred = class_predictions(source.predict(ds.x_test), info.output_kind)
+    float_acc = float(np.mean(ref_pred == ds.y_test))
+    x_val, y_val = ds.x_train[val_idx], ds.y_train[val_idx]
+    float_val_acc = float(np.mean(class_predictions(source.predict(x_val), info.output_kind) == y_val))
+    log(f"  float model: accuracy {float_acc:.4f} (held-out training images {float_val_acc:.4f})")
+
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
-        report = _export_into(stage, cfg, model, ds, calibration, log)
+        work = stage / ".work"
+        arrays = work / "arrays"
+        arrays.mkdir(parents=True)
+        for name, a in (("x_test", ds.x_test), ("y_test", ds.y_test), ("ref_pred", ref_pred),
+                        ("x_fit", ds.x_train[fit_idx]), ("y_fit", ds.y_train[fit_idx]), ("x_val", x_val),
+                        ("y_val", y_val), ("calibration", calibration)):
+            np.save(arrays / f"{name}.npy", np.ascontiguousarray(a))
+        del source  # the worker loads its own copy
+        write_text(stage / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
+        job = {"model": str(Path(cfg.model).resolve()), "stage": str(stage), "arrays": str(arrays),
+               "info": info.to_dict(), "config": cfg.to_dict(), "explicit": list(cfg.explicit),
+               "num_classes": ds.num_classes, "float_accuracy": float_acc, "float_val_accuracy": float_val_acc,
+               "debug": cfg.debug}
+        rows = _supervise(job, list(cfg.requested), work, cfg, float_acc, log)
+        report = _report(stage, cfg, info, ds, rows, float_acc, float_val_acc)
         report["wall_time_s"] = time.perf_counter() - t_start
         for v in report["variants"]:
-            v["path"] = str(out.resolve() / Path(v["path"]).name)  # where the file is about to land
+            if v.get("path"):
+                v["path"] = str(out.resolve() / Path(v["path"]).name)  # where the file is about to land
         write_json(stage / "report.json", report)
-        # Everything succeeded: move the staged files into place (one rename each).
+        if any(r["status"] == "failed" for r in rows) and (work / "worker.log").exists():
+            shutil.copy(work / "worker.log", stage / "export-worker.log")  # the frameworks' own words
+        shutil.rmtree(work)
+        # Done: move the staged files into place (one rename each).
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
@@ -174,72 +212,182 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     return report
 
 
-def _export_into(stage: Path, cfg: ExportConfig, model, ds, calibration: np.ndarray, log) -> dict:
-    x_test, y_test = ds.x_test, ds.y_test
-    log(f"export: {cfg.model} -> {cfg.out_dir}  ({len(cfg.variants)} variants, test split {len(x_test):,} images)")
-    ref_probs = np.asarray(model.predict(x_test, batch_size=500, verbose=0))
-    ref_pred = ref_probs.argmax(1)
-    float_acc = float(np.mean(ref_pred == y_test))
-    log(f"  float model (Keras): accuracy {float_acc:.4f}")
-    write_text(stage / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
+# --------------------------------------------------------------------------------------------
+# Supervising the worker
 
-    rows: list[dict] = []
-    files: dict[str, Path] = {}
 
-    def tflite_file(variant: str, qat_model=None) -> Path:
-        if variant not in files:
-            t0 = time.perf_counter()
-            blob = tflite_export.convert_variant(variant, model, calibration=calibration, qat_model=qat_model)
-            files[variant] = stage / f"{variant}.tflite"
-            files[variant].write_bytes(blob)
-            log(f"  converted {variant}: {len(blob) / 1024:,.0f} KB ({time.perf_counter() - t0:.1f}s)")
-        return files[variant]
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"crashed ({signal.Signals(-rc).name})"
+        except ValueError:
+            return f"crashed (signal {-rc})"
+    return f"exited with status {rc}"
 
-    def add_row(name: str, path: Path) -> None:
-        rows.append(_row(name, path, _measure(path, x_test, y_test, ref_pred, cfg), float_acc, cfg, log))
 
-    for variant in tflite_export.VARIANTS:
-        if variant not in cfg.variants:
-            continue
-        qat_model = None
-        if variant == "qat_int8":
-            log(f"  quantisation-aware fine-tuning ({cfg.qat_epochs} epochs on {len(ds.x_train):,} images)")
-            qat_model = tflite_export.train_qat(model, ds.x_train, ds.y_train, epochs=cfg.qat_epochs,
-                                                seed=cfg.seed, log=log)
-        add_row(variant, tflite_file(variant, qat_model))
+def _tail(path: Path, n: int = 1) -> str:
+    try:
+        lines = [l.strip() for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[:300]
 
-    if "onnx_float32" in cfg.variants or "onnx_int8" in cfg.variants:
-        float_onnx = stage / "onnx_float32.onnx"
-        onnx_export.convert_float32(model, str(float_onnx))
-        if "onnx_float32" in cfg.variants:
-            add_row("onnx_float32", float_onnx)
-    if "onnx_int8" in cfg.variants:
-        rows.append(_onnx_int8(stage, cfg, x_test, y_test, ref_pred, float_acc, calibration, float_onnx,
-                               tflite_file, log))
-        if "onnx_float32" not in cfg.variants:
-            float_onnx.unlink()
-    # Only requested variants' files ship (int8.tflite may have been built for onnx_int8).
-    for variant, path in files.items():
-        if variant not in cfg.variants and path.exists():
-            path.unlink()
 
-    float32_size = next((r["size_bytes"] for r in rows if r["name"] == "float32"), None)
+def _supervise(job: dict, variants: list[str], work: Path, cfg: ExportConfig, float_acc: float,
+               log: Callable[[str], None]) -> list[dict]:
+    """Run export.worker until every variant has a row; a crash or a hang fails the variant that was
+    running (or moves it to its next attempt, e.g. the next QAT scheme) and a new worker takes the rest."""
+    remaining = list(variants)
+    rows: dict[str, dict] = {}
+    start_attempt: dict[str, int] = {}
+    attempt_failures: dict[str, list[str]] = {}
+    logf = open(work / "worker.log", "ab")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    runs, proc = 0, None
+    try:
+        while remaining:
+            runs += 1
+            events_path = work / f"events-{runs}.jsonl"
+            job_path = work / f"job-{runs}.json"
+            job.update(variants=remaining, prior_rows=rows, start_attempt=start_attempt,
+                       attempt_failures=attempt_failures, events=str(events_path))
+            job_path.write_text(json.dumps(job))
+            events_path.touch()
+            proc = subprocess.Popen([sys.executable, "-m", "export.worker", str(job_path)], cwd=str(ROOT), env=env,
+                                    stdout=None if cfg.debug else logf, stderr=None if cfg.debug else logf)
+            current, phase, attempt, attempts_of = None, "starting", 0, 1
+            timeout, last = cfg.stall_timeout, time.monotonic()
+            done, killed, exited, partial = False, None, False, ""
+            with open(events_path) as ev:
+                while True:
+                    line = ev.readline()
+                    if line:
+                        partial += line
+                        if not partial.endswith("\n"):
+                            continue  # the rest of the line is still being written
+                        e, partial = json.loads(partial), ""
+                        last = time.monotonic()
+                        kind = e["event"]
+                        if kind == "start":
+                            current, phase, attempt, attempts_of = e["variant"], "starting", \
+                                start_attempt.get(e["variant"], 0), 1
+                            timeout = cfg.stall_timeout
+                        elif kind == "attempt":
+                            attempt, attempts_of = e["index"], e["of"]
+                        elif kind == "phase":
+                            phase = e["what"]
+                            timeout = e.get("timeout_s") or cfg.stall_timeout
+                        elif kind == "log":
+                            log(e["line"])
+                        elif kind == "row":
+                            rows[e["variant"]] = e["row"]
+                            remaining.remove(e["variant"])
+                            _log_row(e["row"], float_acc, cfg, log)
+                            current = None
+                        elif kind == "done":
+                            done = True
+                        continue
+                    if proc.poll() is not None:
+                        if exited:  # and everything it wrote has been read
+                            break
+                        exited = True
+                        continue
+                    if time.monotonic() - last > timeout:
+                        killed = timeout
+                        proc.kill()
+                        proc.wait()
+                        break
+                    time.sleep(0.1)
+            if done or not remaining:
+                break
+            rc = proc.returncode
+            what = f"no sign of life for {killed:.0f} s" if killed else f"the worker process {_describe_exit(rc)}"
+            if current is None:  # died before starting a variant (e.g. could not load the model)
+                detail = _tail(work / "worker.log")
+                for v in remaining:
+                    rows[v] = {"name": v, "format": FORMAT_OF[v], "status": "failed",
+                               "reason": f"{what} before building it" + (f": {detail}" if detail else "")}
+                    _log_row(rows[v], float_acc, cfg, log)
+                remaining.clear()
+                break
+            reason = f"{what} while {phase}" + ("; killed" if killed else "")
+            if attempt + 1 < attempts_of:
+                attempt_failures.setdefault(current, []).append(reason)
+                start_attempt[current] = attempt + 1
+                log(f"  {current}: {reason}; trying its next way (attempt {attempt + 2} of {attempts_of})")
+            else:
+                prior = attempt_failures.get(current, [])
+                rows[current] = {"name": current, "format": FORMAT_OF[current], "status": "failed",
+                                 "reason": "; ".join(prior + [reason])}
+                remaining.remove(current)
+                _log_row(rows[current], float_acc, cfg, log)
+    finally:
+        if proc is not None and proc.poll() is None:  # interrupted: take the worker down with us
+            proc.kill()
+            proc.wait()
+        logf.close()
+    return [rows[v] for v in variants]
+
+
+def _log_row(row: dict, float_acc: float, cfg: ExportConfig, log) -> None:
+    name = row["name"]
+    if row["status"] == "failed":
+        log(f"  {name:<14} FAILED: {row['reason']}")
+        return
+    if row["status"] == "skipped":
+        log(f"  {name:<14} skipped: {row['reason']}")
+        return
+    drop = (float_acc - row["accuracy"]) * 100
+    log(f"  {name:<14} acc {row['accuracy']:.4f}  drop {drop:+.2f} pp  agree {row['agreement']:.4f}  "
+        f"{row['size_bytes'] / 1024:,.0f} KB  p50 {row['latency_ms_p50']:.3f} ms"
+        + (f"  (kept {row['route']})" if row.get("route") else "")
+        + ("" if drop <= cfg.max_drop else "  OVER THRESHOLD"))
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def _report(stage: Path, cfg: ExportConfig, info, ds, rows: list[dict], float_acc: float,
+            float_val_acc: float) -> dict:
+    requested = set(cfg.requested)
+    # Intermediate files (int8 built for onnx_int8 or int8_selective, float ONNX for onnx_int8) only
+    # ship when they were asked for.
+    for f in list(stage.iterdir()):
+        if f.is_file() and f.suffix in (".tflite", ".onnx") and (f.stem not in requested or ".part" in f.name):
+            f.unlink()
+    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+    float32_size = ok["float32"]["size_bytes"] if "float32" in ok else None
     for r in rows:
-        r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
-        if r["name"] not in ("float32", "onnx_float32"):
-            # What an app needs to feed and read the quantised model.
+        if r["status"] == "ok":
+            r["drop_pp"] = (float_acc - r["accuracy"]) * 100
+            r["passed"] = r["drop_pp"] <= cfg.max_drop
+            r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
+            # What an app needs to feed and read the model.
             write_json(stage / f"{Path(r['path']).name}.json",
                        {"variant": r["name"], "file": Path(r["path"]).name, "input": r["input"],
-                        "output": r["output"], "labels": "labels.txt"})
+                        "output": r["output"], "output_kind": info.output_kind,
+                        "apply_softmax": info.output_kind == "logits",
+                        "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt"})
+        elif r["status"] == "skipped":
+            r["passed"] = r["name"] not in cfg.explicit  # a named variant must be built
+        else:
+            r["passed"] = False
     failed = [r["name"] for r in rows if not r["passed"]]
     report = {
         "model": str(Path(cfg.model).resolve()),
+        "model_info": info.to_dict(),
+        "output_kind": info.output_kind,
         "data_source": ds.source,
-        "num_test_images": int(len(x_test)),
+        "class_names": list(ds.class_names),
+        "num_test_images": int(len(ds.x_test)),
         "float_accuracy": float_acc,
+        "float_holdout_accuracy": float_val_acc,
         "max_drop_pp": cfg.max_drop,
         "passed": not failed,
         "failed": failed,
+        "built": [r["name"] for r in rows if r["status"] == "ok"],
+        "skipped": {r["name"]: r["reason"] for r in rows if r["status"] == "skipped"},
         "variants": rows,
         "git_revision": git_revision(),
         "config": cfg.to_dict(),
@@ -247,47 +395,3 @@ def _export_into(stage: Path, cfg: ExportConfig, model, ds, calibration: np.ndar
     write_text(stage / "report.md", render_markdown(report))
     plot_accuracy_vs_size(report, stage / "accuracy_vs_size.png")
     return report
-
-
-def _row(name: str, path: Path, measured: dict, float_acc: float, cfg: ExportConfig, log, **extra) -> dict:
-    """One report row: the measurement plus drop against the float model and the gate verdict."""
-    drop = (float_acc - measured["accuracy"]) * 100
-    row = {"name": name, "format": FORMAT_OF[name], "path": str(path), "size_bytes": path.stat().st_size,
-           **measured, "drop_pp": drop, "passed": drop <= cfg.max_drop, **extra}
-    log(f"  {name:<13} acc {row['accuracy']:.4f}  drop {drop:+.2f} pp  agree {row['agreement']:.4f}  "
-        f"{row['size_bytes'] / 1024:,.0f} KB  p50 {row['latency_ms_p50']:.3f} ms"
-        + (f"  (kept {extra['route']})" if "route" in extra else "")
-        + ("" if row["passed"] else "  OVER THRESHOLD"))
-    return row
-
-
-def _onnx_int8(stage, cfg, x_test, y_test, ref_pred, float_acc, calibration, float_onnx, tflite_file, log) -> dict:
-    """Build both int8 ONNX candidates, measure both, keep the more accurate (then the faster)."""
-    candidates = {}
-    ort_path = stage / "onnx_int8.ort_static.onnx"
-    onnx_export.quantize_static(str(float_onnx), calibration, str(ort_path))
-    candidates["ort_static"] = (ort_path, {})
-    int8_tflite = tflite_file("int8")
-    tfl_path = stage / "onnx_int8.from_tflite.onnx"
-    onnx_export.convert_from_tflite(str(int8_tflite), str(tfl_path))
-    out_q = open_model(str(int8_tflite)).output
-    candidates["from_tflite"] = (tfl_path, {"output_quantization": (out_q.scale, out_q.zero_point)})
-    measured = {}
-    for route, (path, kw) in candidates.items():
-        measured[route] = _measure(path, x_test, y_test, ref_pred, cfg, **kw)
-        measured[route]["size_bytes"] = path.stat().st_size
-        log(f"  onnx_int8 candidate {route}: acc {measured[route]['accuracy']:.4f}  "
-            f"p50 {measured[route]['latency_ms_p50']:.3f} ms")
-    # The more accurate; within 0.1 point (10 of 10,000 images: noise) the faster at batch 1.
-    top = max(v["accuracy"] for v in measured.values())
-    best = min((r for r in measured if measured[r]["accuracy"] >= top - 0.001),
-               key=lambda r: measured[r]["latency_ms_p50"])
-    final = stage / "onnx_int8.onnx"
-    os.replace(candidates[best][0], final)
-    for route, (path, _) in candidates.items():
-        if route != best and path.exists():
-            path.unlink()
-    candidates_summary = {r: {k: v[k] for k in ("accuracy", "latency_ms_p50", "size_bytes")}
-                          for r, v in measured.items()}
-    return _row("onnx_int8", final, measured[best], float_acc, cfg, log, route=best,
-                candidates=candidates_summary)

@@ -20,6 +20,11 @@ def render_markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["variants"]:
+        if r["status"] != "ok":
+            word = "**FAILED**" if r["status"] == "failed" else "skipped"
+            lines.append(f"| {r['name']} | {r['format']} | {word}: {r['reason']} |" + " |" * 7
+                         + f" {'pass' if r['passed'] else '**FAIL**'} |")
+            continue
         ratio = r.get("size_ratio_vs_float32_tflite")
         lines.append(
             f"| {r['name']}{' (' + r['route'] + ')' if r.get('route') else ''} | {r['format']} | "
@@ -28,11 +33,29 @@ def render_markdown(report: dict) -> str:
             f"{r['latency_ms_p90']:.3f} | {r['throughput_images_per_s']:,.0f} @{r['throughput_batch']} | "
             f"{'pass' if r['passed'] else '**FAIL**'} |"
         )
+    info = report.get("model_info", {})
+    if info:
+        lines[2:2] = [f"Model: {info['format']}" + (f" saved by Keras {info['keras']}" if info.get("keras") else "")
+                      + f", input {'x'.join(map(str, info['input_shape']))}, output: {info['output_kind']}"
+                      + (" (apply softmax on the device for probabilities)" if info["output_kind"] == "logits" else "")
+                      + ".", ""]
     cands = [r for r in report["variants"] if r.get("candidates")]
     for r in cands:
         lines += ["", f"`{r['name']}` was built two ways and the more accurate kept (`{r['route']}`): "
-                  + "; ".join(f"{k}: {v['accuracy'] * 100:.2f}%, p50 {v['latency_ms_p50']:.3f} ms"
-                              for k, v in r["candidates"].items()) + "."]
+                  + "; ".join(f"{k}: {v['accuracy'] * 100:.2f}%, p50 {v['latency_ms_p50']:.3f} ms" if "error" not in v
+                              else f"{k}: failed ({v['error']})" for k, v in r["candidates"].items()) + "."]
+    for r in report["variants"]:
+        if r.get("qat"):
+            q = r["qat"]
+            lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, {q['quantized_layers']} of {q['weighted_layers']} layers with weights "
+                      f"quantised, learning rate {q['learning_rate']:g}"
+                      + (" after a diverged first try" if q["retried_after_divergence"] else "")
+                      + ("; schemes that failed first: " + "; ".join(q["schemes_failed"]) if q["schemes_failed"]
+                         else "") + "."]
+        if r.get("float_tensors") and r["status"] == "ok":
+            lines += ["", f"`{r['name']}` keeps {len(r['float_tensors'])} tensor(s) in float, chosen by "
+                      f"quantisation error and re-measured on held-out training images: "
+                      + ", ".join(f"`{t}`" for t in r.get("float_layers", r["float_tensors"])) + ". Input and output are float32."]
     lines += ["", "Latency: batch 1, one thread, median and 90th percentile of "
               f"{report['config']['latency_runs']} runs after warm-up; TFLite in LiteRT, ONNX in ONNX Runtime (CPU).",
               "Drop: float accuracy minus variant accuracy, in percentage points. Agreement: share of test images "
@@ -44,6 +67,8 @@ def plot_accuracy_vs_size(report: dict, path: str | os.PathLike) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in report["variants"]:
+        if r["status"] != "ok":
+            continue
         marker = "o" if r["format"] == "tflite" else "s"
         color = "tab:green" if r["passed"] else "tab:red"
         ax.scatter(r["size_bytes"] / 1024, r["accuracy"] * 100, marker=marker, color=color, s=50)

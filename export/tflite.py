@@ -1,20 +1,22 @@
-"""TFLite variants: float32, dynamic-range, float16, full-integer int8, and QAT int8.
+"""TFLite variants: float32, dynamic-range, float16, full-integer int8, selective int8, and QAT int8.
 
     python -m export.tflite MODEL.keras --data ...    (see --help)
 
-Each ``convert_*`` takes a Keras 2 model and returns the .tflite flatbuffer bytes.
+Each ``convert_*`` takes a tf_keras model or a SourceModel (any saved model) and returns the .tflite flatbuffer bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 from typing import Iterator, Optional
 
 import numpy as np
 
-from toolkit.tf import import_keras, import_tf
+from toolkit.tf import import_tf
 
-VARIANTS = ("float32", "dynamic", "float16", "int8", "qat_int8")
+VARIANTS = ("float32", "dynamic", "float16", "int8", "int8_selective", "qat_int8")
 
 
 def _representative(calibration: np.ndarray):
@@ -27,8 +29,19 @@ def _representative(calibration: np.ndarray):
 
 
 def _converter(model):
+    """A TFLiteConverter for a tf_keras model or an :class:`export.model_io.SourceModel` (any source)."""
+    if hasattr(model, "tflite_converter"):
+        return model.tflite_converter()
     tf = import_tf()
     return tf.lite.TFLiteConverter.from_keras_model(model)
+
+
+@contextlib.contextmanager
+def quiet_converter():
+    """The converter warns that a model scaling its own pixels has no input statistics; expected here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        yield
 
 
 def convert_float32(model) -> bytes:
@@ -67,83 +80,15 @@ def convert_int8(model, calibration: np.ndarray, io_type: str = "uint8") -> byte
     c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     c.inference_input_type = getattr(tf, io_type)
     c.inference_output_type = getattr(tf, io_type)
-    return c.convert()
-
-
-def quantize_aware_model(model):
-    """``model`` wrapped for quantisation-aware training with tfmot's default 8-bit scheme.
-
-    Pixel scaling (Rescaling) is not in tfmot's registry: it gets a config that quantises its
-    output only, which the converter needs as the first convolution's input range."""
-    keras = import_keras()
-    import tensorflow_model_optimization as tfmot
-
-    qk = tfmot.quantization.keras
-
-    class OutputQuantizeConfig(qk.QuantizeConfig):
-        """Quantise only the layer's output (it has no weights). Without an output range the
-        converter has nothing to quantise the next layer's input with."""
-
-        def get_weights_and_quantizers(self, layer):
-            return []
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            pass
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
-
-        def get_output_quantizers(self, layer):
-            return [qk.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
-                                                         narrow_range=False)]
-
-        def get_config(self):
-            return {}
-
-    def annotate(layer):
-        if isinstance(layer, keras.layers.Rescaling):
-            return qk.quantize_annotate_layer(layer, quantize_config=OutputQuantizeConfig())
-        return qk.quantize_annotate_layer(layer)
-
-    annotated = keras.models.clone_model(model, clone_function=annotate)
-    annotated.set_weights(model.get_weights())
-    with qk.quantize_scope({"OutputQuantizeConfig": OutputQuantizeConfig}):
-        return qk.quantize_apply(annotated)
-
-
-def train_qat(model, x_train: np.ndarray, y_train: np.ndarray, *, epochs: int, batch_size: int = 128,
-              learning_rate: float = 1e-4, seed: int = 0, log=print):
-    """Fine-tune a QAT copy of ``model`` from its float weights; returns the QAT model."""
-    keras = import_keras()
-    from toolkit.data import make_train_dataset
-
-    if epochs < 1:
-        raise ValueError(f"qat_epochs: must be >= 1, got {epochs}")
-    keras.utils.set_random_seed(seed)
-    qat = quantize_aware_model(model)
-    # A small step: the float weights are already good; QAT only adapts them to 8-bit rounding.
-    qat.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="categorical_crossentropy",
-                metrics=["accuracy"])
-    steps = max(1, len(x_train) // batch_size)
-    ds = make_train_dataset(x_train, y_train, batch_size, num_classes=model.output_shape[-1], augment=False,
-                            seed=seed)
-    tf = import_tf()
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
-
-    class Progress(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            log(f"  qat epoch {epoch + 1}/{epochs}  loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}")
-
-    qat.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[Progress()])
-    return qat
+    with quiet_converter():
+        return c.convert()
 
 
 def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = None,
                     qat_model=None) -> bytes:
-    """Convert ``model`` to TFLite ``variant`` (one of ``VARIANTS``)."""
+    """Convert ``model`` (tf_keras model or SourceModel) to TFLite ``variant``.
+
+    ``int8_selective`` needs held-out images and a budget: :func:`export.selective.build_int8_selective`."""
     if variant == "float32":
         return convert_float32(model)
     if variant == "dynamic":

@@ -1,0 +1,286 @@
+"""Load the model a user hands the exporter, and understand it before any conversion starts.
+
+Accepted: ``.keras`` (saved by Keras 2 / tf_keras or by Keras 3), ``.h5``, and a SavedModel folder.
+Whatever the source, :class:`SourceModel` offers the same four things: ``predict``, a TFLite converter,
+a function for tf2onnx, and (only when it is Keras 2) the tf_keras model that tfmot's quantisation-aware
+training needs.
+
+:func:`inspect_model` refuses what the exporter cannot handle (several inputs or outputs, NaN weights,
+output units that do not match the classes) with one line, and finds out what the output means:
+probabilities, logits, or one sigmoid unit of a binary classifier. Every variant is measured, trained and
+documented (sidecar ``output_kind``) with that meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from toolkit.tf import import_keras, import_tf
+
+# What a classifier's output tensor holds.
+OUTPUT_KINDS = ("probabilities", "logits", "sigmoid", "sigmoid_logit")
+
+
+class ModelInputError(ValueError):
+    """The model cannot be exported (missing, unreadable, unsupported): exit 2, one line."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    format: str  # "keras", "h5" or "savedmodel"
+    keras: Optional[int]  # 2 (tf_keras), 3 (Keras 3) or None (a plain SavedModel)
+    input_shape: tuple  # (H, W, C)
+    units: int  # size of the output vector
+    output_kind: str = "probabilities"
+    output_activation: Optional[str] = None  # the last layer's activation, when it has one
+    num_layers: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def can_qat(self) -> bool:
+        return self.keras == 2
+
+
+class SourceModel:
+    """The model to export, whatever saved it. ``keras2`` is the tf_keras model or None."""
+
+    def __init__(self, info: ModelInfo, keras2=None, keras3=None, signature=None, trackable=None):
+        self.info = info
+        self.keras2 = keras2
+        self._keras3 = keras3
+        self._signature = signature  # a SavedModel's serving function: image -> {name: tensor}
+        self._trackable = trackable
+
+    # -- running it ------------------------------------------------------------------------
+
+    def concrete_function(self):
+        """``float32 (None, H, W, C) -> (None, units)``: what TFLite and tf2onnx convert."""
+        tf = import_tf()
+        spec = tf.TensorSpec((None, *self.info.input_shape), tf.float32, name="image")
+        if self._signature is not None:
+            sig, name = self._signature, _sig_input(self._signature)
+            fn = tf.function(lambda x: next(iter(sig(**{name: x}).values())))
+        else:
+            m = self.keras2 if self.keras2 is not None else self._keras3
+            fn = tf.function(lambda x: m(x, training=False))
+        return fn.get_concrete_function(spec)
+
+    def predict(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        if self.keras2 is not None:
+            return np.asarray(self.keras2.predict(x, batch_size=batch_size, verbose=0), np.float32)
+        if self._keras3 is not None:
+            return np.asarray(self._keras3.predict(x, batch_size=batch_size, verbose=0), np.float32)
+        fn = self.concrete_function()
+        outs = [fn(x[i:i + batch_size].astype(np.float32)).numpy() for i in range(0, len(x), batch_size)]
+        return np.concatenate(outs).astype(np.float32)
+
+    # -- converting it ---------------------------------------------------------------------
+
+    def tflite_converter(self):
+        tf = import_tf()
+        if self.keras2 is not None:
+            return tf.lite.TFLiteConverter.from_keras_model(self.keras2)
+        trackable = self._keras3 if self._keras3 is not None else self._trackable
+        return tf.lite.TFLiteConverter.from_concrete_functions([self.concrete_function()], trackable)
+
+    def weights(self) -> list[tuple[str, np.ndarray]]:
+        """(layer or variable name, values) for every weight, to refuse NaN/inf up front."""
+        if self.keras2 is not None or self._keras3 is not None:
+            m = self.keras2 if self.keras2 is not None else self._keras3
+            return [(layer.name, np.asarray(w)) for layer in m.layers for w in layer.get_weights()]
+        return [(v.name.split(":")[0], v.numpy()) for v in getattr(self._trackable, "variables", [])]
+
+
+def _sig_input(sig) -> str:
+    kwargs = sig.structured_input_signature[1]
+    if len(kwargs) != 1:
+        raise ModelInputError(f"the SavedModel's serving signature has {len(kwargs)} inputs; "
+                              "export supports one image input")
+    return next(iter(kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def keras_version_of(path: Path) -> Optional[int]:
+    """2 or 3 for a ``.keras`` zip (its metadata.json), None when it does not say."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("metadata.json"))
+        return int(str(meta.get("keras_version", "")).split(".")[0])
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def load_source_model(path: str) -> SourceModel:
+    """Load ``path`` (.keras, .h5 or a SavedModel folder); ModelInputError names the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelInputError(f"{path}: model file does not exist")
+    keras = import_keras()
+    if p.is_dir():
+        if not (p / "saved_model.pb").exists():
+            raise ModelInputError(f"{path}: is a folder without saved_model.pb, expected a .keras or .h5 "
+                                  "model file or a SavedModel folder")
+        try:  # a SavedModel written by tf_keras loads back as a Keras 2 model (QAT possible)
+            return _from_keras2(keras.models.load_model(str(p), compile=False), path, "savedmodel")
+        except Exception:  # not a Keras SavedModel: serve it through its signature below
+            pass
+        tf = import_tf()
+        try:
+            loaded = tf.saved_model.load(str(p))
+        except Exception as e:  # TensorFlow raises many types for a bad folder
+            raise ModelInputError(f"{path}: not a loadable SavedModel ({_first_line(e)})") from e
+        sigs = getattr(loaded, "signatures", {})
+        if "serving_default" not in sigs:
+            raise ModelInputError(f"{path}: SavedModel has no serving_default signature")
+        sig = sigs["serving_default"]
+        name = _sig_input(sig)
+        spec = sig.structured_input_signature[1][name]
+        if len(sig.structured_outputs) != 1:
+            raise ModelInputError(f"{path}: SavedModel has {len(sig.structured_outputs)} outputs; export supports "
+                                  "single-output classifiers")
+        if spec.shape.rank != 4:
+            raise ModelInputError(f"{path}: SavedModel input {name} has shape {spec.shape}; expected images "
+                                  "(batch, height, width, channels)")
+        out = next(iter(sig.structured_outputs.values()))
+        info = ModelInfo(str(p), "savedmodel", None, tuple(int(d) for d in spec.shape[1:]), int(out.shape[-1]))
+        return SourceModel(info, signature=sig, trackable=loaded)
+    suffix = p.suffix.lower()
+    if suffix not in (".keras", ".h5", ".hdf5"):
+        raise ModelInputError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected .keras, .h5 "
+                              "or a SavedModel folder")
+    fmt = "keras" if suffix == ".keras" else "h5"
+    version = keras_version_of(p) if fmt == "keras" else None
+    if version == 3:
+        return _load_keras3(p, path)
+    try:
+        return _from_keras2(keras.models.load_model(str(p), compile=False), path, fmt)
+    except ModelInputError:
+        raise
+    except Exception as e2:  # Keras raises many types for a bad file
+        if fmt == "h5":  # maybe written by Keras 3
+            try:
+                return _load_keras3(p, path)
+            except ModelInputError:
+                pass
+        raise ModelInputError(f"{path}: not a loadable Keras model ({_first_line(e2)})") from e2
+
+
+def _load_keras3(p: Path, path: str) -> SourceModel:
+    import_tf()
+    try:
+        import keras as keras3
+    except ImportError as e:
+        raise ModelInputError(f"{path}: saved by Keras 3, which is not installed (pip install keras)") from e
+    try:
+        model = keras3.saving.load_model(str(p), compile=False)
+    except Exception as e:  # Keras raises many types for a bad file
+        raise ModelInputError(f"{path}: not a loadable Keras 3 model ({_first_line(e)})") from e
+    _check_single_io(model, path)
+    info = ModelInfo(str(p), p.suffix.lower().lstrip(".") if p.suffix.lower() == ".keras" else "h5", 3,
+                     tuple(int(d) for d in model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1]),
+                     output_activation=_last_activation(model), num_layers=len(model.layers))
+    return SourceModel(info, keras3=model)
+
+
+def _check_single_io(model, path: str) -> None:
+    n_in, n_out = len(model.inputs), len(model.outputs)
+    if n_in != 1 or n_out != 1:
+        raise ModelInputError(f"{path}: model has {n_in} input(s) and {n_out} output(s); export supports "
+                              "classifiers with one image input and one class-score output")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4:
+        raise ModelInputError(f"{path}: model input has shape {shape}; expected images (batch, height, width, "
+                              "channels)")
+    if any(d is None for d in shape[1:]):
+        raise ModelInputError(f"{path}: model input shape {shape} has an unknown size; export needs a fixed "
+                              "height, width and channels")
+
+
+def _from_keras2(model, path: str, fmt: str) -> SourceModel:
+    _check_single_io(model, path)
+    info = ModelInfo(str(Path(path)), fmt, 2, tuple(int(d) for d in model.input_shape[1:]),
+                     int(model.output_shape[-1]), output_activation=_last_activation(model),
+                     num_layers=len(model.layers))
+    return SourceModel(info, keras2=model)
+
+
+def _last_activation(model) -> Optional[str]:
+    """The activation applied last: the output layer's ``activation``, or a Softmax/Activation layer."""
+    layer = model.layers[-1]
+    name = type(layer).__name__
+    if name == "Softmax":
+        return "softmax"
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return None
+    return getattr(act, "__name__", str(act))
+
+
+# --------------------------------------------------------------------------------------------
+# Understanding
+
+
+def detect_output_kind(outputs: np.ndarray) -> str:
+    """What the outputs on a batch are: rows of non-negative values summing to 1 are probabilities;
+    a single unit in [0, 1] is a sigmoid probability; anything else is logits."""
+    if outputs.shape[-1] == 1:
+        return "sigmoid" if (outputs.min() >= 0 and outputs.max() <= 1) else "sigmoid_logit"
+    if outputs.min() >= -1e-6 and np.allclose(outputs.sum(-1), 1.0, atol=1e-3):
+        return "probabilities"
+    return "logits"
+
+
+def class_predictions(outputs: np.ndarray, kind: str) -> np.ndarray:
+    """Top-1 class per row, for any output kind (a sigmoid unit is class 1 above 0.5 / logit 0)."""
+    outputs = np.asarray(outputs)
+    if kind == "sigmoid":
+        return (outputs.reshape(len(outputs), -1)[:, 0] > 0.5).astype(np.int64)
+    if kind == "sigmoid_logit":
+        return (outputs.reshape(len(outputs), -1)[:, 0] > 0).astype(np.int64)
+    return outputs.argmax(-1)
+
+
+def check_finite_weights(model: SourceModel) -> None:
+    """Refuse NaN or infinite weights up front, naming the first layer that has them."""
+    for name, w in model.weights():
+        if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
+            bad = "NaN" if np.isnan(w).any() else "infinite"
+            raise ModelInputError(f"{model.info.path}: layer {name} has {bad} weights; the model is broken "
+                                  "(diverged training?), nothing to export")
+
+
+def inspect_model(model: SourceModel, sample: np.ndarray, num_classes: int, data_desc: str) -> ModelInfo:
+    """Check the model against the data and find its output kind; returns the completed ModelInfo."""
+    info = model.info
+    want, got = tuple(info.input_shape), tuple(sample.shape[1:])
+    if want != got:
+        raise ModelInputError(f"{info.path}: model input shape {want} does not fit the images of {data_desc} {got}")
+    if info.units == 1 and num_classes != 2:
+        raise ModelInputError(f"{info.path}: model has 1 output unit (a binary classifier) but {data_desc} has "
+                              f"{num_classes} classes")
+    if info.units != 1 and info.units != num_classes:
+        raise ModelInputError(f"{info.path}: model has {info.units} outputs but {data_desc} has {num_classes} "
+                              "classes")
+    check_finite_weights(model)
+    out = model.predict(sample)
+    if not np.all(np.isfinite(out)):
+        raise ModelInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
+    kind = detect_output_kind(out)
+    return ModelInfo(**{**info.to_dict(), "output_kind": kind})

@@ -1,0 +1,194 @@
+"""Quantisation-aware fine-tuning with tfmot, for models tfmot's default scheme cannot rebuild too.
+
+Schemes, tried in order until one builds:
+
+- ``default``: every layer annotated, tfmot's default 8-bit scheme (batch norm folded by its transforms);
+- ``conv_dense``: only Conv2D and Dense layers annotated, everything else left in float. tfmot's
+  whole-graph layout transforms (separable-convolution splitting, batch-norm folding across shared
+  inputs) are what fail on mobile-style graphs; plain convolutions and dense layers always rebuild.
+
+A scheme that raises is followed by the next one in the same process. A scheme that hangs (tfmot's
+graph rebuild can loop forever) is killed by the export's supervisor, which resumes with the next scheme.
+
+Fine-tuning uses the loss that matches the model's output (probabilities, logits, one sigmoid unit),
+and is checked for divergence (a non-finite loss, or held-out accuracy that fell back towards chance);
+a diverged run is retried once with a ten times smaller learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from export.model_io import class_predictions
+from toolkit.tf import import_keras, import_tf
+
+SCHEMES = ("default", "conv_dense")
+
+
+class QATDiverged(RuntimeError):
+    """Fine-tuning diverged at both learning rates."""
+
+
+@dataclass
+class QATResult:
+    model: object
+    scheme: str
+    quantized_layers: int  # layers with weights wrapped for quantisation
+    weighted_layers: int  # layers of the float model that have weights
+    learning_rate: float
+    retried: bool
+    val_accuracy: float
+    final_loss: float
+
+    def summary(self) -> dict:
+        return {"scheme": self.scheme, "quantized_layers": self.quantized_layers,
+                "weighted_layers": self.weighted_layers, "learning_rate": self.learning_rate,
+                "retried_after_divergence": self.retried, "val_accuracy": self.val_accuracy,
+                "final_loss": self.final_loss}
+
+
+def _output_quantize_config():
+    """Quantise only a layer's output (Rescaling has no weights, but the converter needs the range
+    of the first convolution's input)."""
+    import tensorflow_model_optimization as tfmot
+
+    qk = tfmot.quantization.keras
+
+    class OutputQuantizeConfig(qk.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [qk.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                         narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    return OutputQuantizeConfig
+
+
+def quantize_aware_model(model, scheme: str = "default"):
+    """``model`` (tf_keras) wrapped for quantisation-aware training with ``scheme`` (see SCHEMES)."""
+    keras = import_keras()
+    import tensorflow_model_optimization as tfmot
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: unknown QAT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    qk = tfmot.quantization.keras
+    OutputQuantizeConfig = _output_quantize_config()
+
+    def annotate(layer):
+        if isinstance(layer, keras.layers.Rescaling):
+            return qk.quantize_annotate_layer(layer, quantize_config=OutputQuantizeConfig())
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer
+        if scheme == "conv_dense" and type(layer) not in (keras.layers.Conv2D, keras.layers.Dense):
+            return layer
+        return qk.quantize_annotate_layer(layer)
+
+    annotated = keras.models.clone_model(model, clone_function=annotate)
+    annotated.set_weights(model.get_weights())
+    with qk.quantize_scope({"OutputQuantizeConfig": OutputQuantizeConfig}):
+        return qk.quantize_apply(annotated)
+
+
+def count_quantized(qat_model) -> int:
+    """Layers with weights that tfmot wrapped for quantisation (the coverage the report states)."""
+    return sum(1 for layer in qat_model.layers
+               if type(layer).__name__.startswith("QuantizeWrapper") and layer.layer.weights)
+
+
+def loss_for(output_kind: str):
+    """The cross-entropy that matches what the model outputs (labels are integer class ids)."""
+    keras = import_keras()
+    if output_kind == "probabilities":
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+    if output_kind == "logits":
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if output_kind == "sigmoid":
+        return keras.losses.BinaryCrossentropy(from_logits=False)
+    if output_kind == "sigmoid_logit":
+        return keras.losses.BinaryCrossentropy(from_logits=True)
+    raise ValueError(f"output_kind: unknown {output_kind!r}")
+
+
+def _train_dataset(x, y, batch_size: int, output_kind: str, seed: int):
+    tf = import_tf()
+    labels = y.astype(np.float32).reshape(-1, 1) if output_kind.startswith("sigmoid") else y.astype(np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((x, labels)).shuffle(min(len(x), 20_000), seed=seed)
+    return ds.batch(batch_size).map(lambda a, b: (tf.cast(a, tf.float32), b)).prefetch(tf.data.AUTOTUNE)
+
+
+def fine_tune(qat, x, y, x_val, y_val, *, output_kind: str, epochs: int, learning_rate: float,
+              batch_size: int = 128, seed: int = 0, log: Callable[[str], None] = print,
+              heartbeat: Optional[Callable[[], None]] = None) -> tuple[float, float, Optional[str]]:
+    """Fit ``qat`` in place; returns (held-out accuracy, last loss, divergence reason or None)."""
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    qat.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss_for(output_kind))
+    losses: list[float] = []
+
+    class Watch(keras.callbacks.Callback):
+        last = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self.model.stop_training = True  # nothing good comes after a NaN
+                losses.append(float(loss))
+            if heartbeat is not None and time.monotonic() - Watch.last > 5:
+                Watch.last = time.monotonic()
+                heartbeat()
+
+        def on_epoch_end(self, epoch, logs=None):
+            losses.append(float(logs["loss"]))
+            log(f"  qat epoch {epoch + 1}/{epochs}  loss {logs['loss']:.4f}  (lr {learning_rate:g})")
+
+    qat.fit(_train_dataset(x, y, batch_size, output_kind, seed), epochs=epochs, verbose=0, callbacks=[Watch()])
+    last = losses[-1] if losses else float("nan")
+    if not all(math.isfinite(v) for v in losses):
+        return float("nan"), last, f"loss became {last} at lr {learning_rate:g}"
+    pred = class_predictions(qat.predict(x_val.astype(np.float32), batch_size=500, verbose=0), output_kind)
+    return float(np.mean(pred == y_val)), last, None
+
+
+def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, float_val_accuracy: float,
+              epochs: int, scheme: str, learning_rate: float = 1e-4, seed: int = 0,
+              log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
+    """Build the QAT model with ``scheme`` and fine-tune it from the float weights; a diverged run is
+    retried once at a tenth of the learning rate, then QATDiverged is raised."""
+    if epochs < 1:
+        raise ValueError(f"qat_epochs: must be >= 1, got {epochs}")
+    chance = 1.0 / num_classes
+    weighted = sum(1 for layer in model.layers if layer.weights)
+    reasons = []
+    for attempt, lr in enumerate((learning_rate, learning_rate / 10)):
+        qat = quantize_aware_model(model, scheme)
+        quantized = count_quantized(qat)
+        val_acc, loss, reason = fine_tune(qat, x, y, x_val, y_val, output_kind=output_kind, epochs=epochs,
+                                          learning_rate=lr, seed=seed, log=log, heartbeat=heartbeat)
+        # Accuracy that fell more than half-way back to chance is a fine-tune that broke the model.
+        if reason is None and float_val_accuracy > chance + 0.05 and \
+                val_acc < chance + 0.5 * (float_val_accuracy - chance):
+            reason = (f"held-out accuracy fell to {val_acc:.3f} (float model {float_val_accuracy:.3f}, "
+                      f"chance {chance:.3f}) at lr {lr:g}")
+        if reason is None:
+            return QATResult(qat, scheme, quantized, weighted, lr, attempt > 0, val_acc, loss)
+        reasons.append(reason)
+        log(f"  qat diverged: {reason}" + ("; retrying at lr /10" if attempt == 0 else ""))
+    raise QATDiverged("fine-tuning diverged: " + "; then ".join(reasons))

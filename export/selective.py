@@ -1,0 +1,118 @@
+"""``int8_selective``: full-integer int8 with the fewest layers kept in float that brings the accuracy
+back within the budget.
+
+1. Calibrate once and let TFLite's QuantizationDebugger compare every quantised tensor with its float
+   value on calibration images. Each tensor is ranked by its normalised error, the mean squared
+   quantisation error over the mean squared float value: scale-free, so a tensor whose range is blown
+   up by a few outliers (every ordinary value rounding to zero) ranks first even though its absolute
+   error looks small.
+2. Keep the worst tensor's op in float, re-quantise (no new calibration), measure accuracy on held-out
+   images from the training split, and repeat with the next worst until the drop is within budget or
+   the step limit is reached (NNCF's accuracy-control loop, for TFLite).
+
+The model keeps float32 input and output (raw 0-255 pixels in, the model's own output out): with float
+ops inside, the converter's integer-only I/O does not apply.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from export.model_io import class_predictions
+
+
+@dataclass
+class SelectiveResult:
+    blob: bytes
+    float_tensors: list[str]  # tensors (ops' outputs) kept in float, worst first
+    val_accuracy: float
+    val_drop_pp: float
+    steps: int
+    ranking: list[dict] = field(default_factory=list)  # the worst tensors with their normalised error
+    within_budget: bool = True
+
+
+def layer_of(tensor_name: str) -> str:
+    """The Keras layer a TFLite tensor came from: 'model/dense_1/MatMul;model/dense_1/Relu' -> 'dense_1'."""
+    first = tensor_name.split(";")[0]
+    parts = [p for p in first.split("/") if p]
+    return parts[1] if len(parts) > 2 else (parts[-2] if len(parts) > 1 else first)
+
+
+def _nmse(float_values, quant_values, scale, zero_point) -> float:
+    deq = (np.asarray(quant_values, np.float32) - zero_point) * scale
+    f = np.asarray(float_values, np.float32)
+    return float(np.mean((deq - f) ** 2) / (np.mean(f ** 2) + 1e-12))
+
+
+def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=blob)
+    i, o = interp.get_input_details()[0], interp.get_output_details()[0]
+    preds = []
+    for s in range(0, len(x), 250):
+        batch = x[s:s + 250].astype(np.float32)
+        interp.resize_tensor_input(i["index"], [len(batch), *batch.shape[1:]])
+        interp.allocate_tensors()
+        interp.set_tensor(i["index"], batch)
+        interp.invoke()
+        preds.append(interp.get_tensor(o["index"]))
+    return float(np.mean(class_predictions(np.concatenate(preds), output_kind) == y))
+
+
+def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+                         output_kind: str, float_val_accuracy: float, max_drop_pp: float, max_steps: int = 8,
+                         debug_images: int = 64, log: Callable[[str], None] = print,
+                         heartbeat: Callable[[], None] = lambda: None) -> SelectiveResult:
+    """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
+    ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images."""
+    from export.tflite import _representative, quiet_converter
+    from toolkit.tf import import_tf
+
+    tf = import_tf()
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = _representative(calibration)
+    debug_set = _representative(calibration[:debug_images])
+    with quiet_converter():
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=debug_set,
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                layer_direct_compare_metrics={"nmse": _nmse}))
+        debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    dump.seek(0)
+    stats = [r for r in csv.DictReader(dump) if r.get("tensor_name")]
+    ranked = sorted(stats, key=lambda r: -float(r["nmse"]) if r["nmse"] not in ("", "nan") else 0.0)
+    names: list[str] = []
+    for r in ranked:  # one entry per tensor, worst first
+        if r["tensor_name"] not in names:
+            names.append(r["tensor_name"])
+    ranking = [{"tensor": r["tensor_name"], "layer": layer_of(r["tensor_name"]), "op": r["op_name"],
+                "nmse": float(r["nmse"])} for r in ranked[:10]]
+    log("  int8_selective: worst quantised tensors: "
+        + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
+    best = None
+    for step in range(0, min(max_steps, len(names)) + 1):  # step 0: the full-integer body, float I/O
+        heartbeat()
+        keep = names[:step]
+        debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
+        with quiet_converter():
+            blob = debugger.get_nondebug_quantized_model()
+        acc = _accuracy(blob, x_val, y_val, output_kind)
+        drop = (float_val_accuracy - acc) * 100
+        log(f"  int8_selective step {step}: {step} tensor(s) in float"
+            + (f" (+{layer_of(keep[-1])})" if keep else "") + f", held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
+        if best is None or acc > best.val_accuracy:
+            best = SelectiveResult(blob, list(keep), acc, drop, step, ranking, drop <= max_drop_pp)
+        if drop <= max_drop_pp:
+            break
+    if best is None:
+        raise RuntimeError("the quantisation debugger found no quantised tensors to keep in float")
+    return best
