@@ -5,7 +5,8 @@ back within the budget.
    value on calibration images. Each tensor is ranked by its normalised error, the mean squared
    quantisation error over the mean squared float value: scale-free, so a tensor whose range is blown
    up by a few outliers (every ordinary value rounding to zero) ranks first even though its absolute
-   error looks small.
+   error looks small. The error is taken per channel and averaged, so one huge channel cannot hide
+   the others it crushes.
 2. Keep the worst tensor's op in float, re-quantise (no new calibration), measure accuracy on held-out
    images from the training split, and repeat with the next worst until the drop is within budget or
    the step limit is reached (NNCF's accuracy-control loop, for TFLite).
@@ -45,9 +46,15 @@ def layer_of(tensor_name: str) -> str:
 
 
 def _nmse(float_values, quant_values, scale, zero_point) -> float:
-    deq = (np.asarray(quant_values, np.float32) - zero_point) * scale
+    """Mean over channels of each channel's squared quantisation error relative to its mean square:
+    1.0 for a channel rounded away entirely, ~1e-4 for a well-quantised one, whatever the scale."""
     f = np.asarray(float_values, np.float32)
-    return float(np.mean((deq - f) ** 2) / (np.mean(f ** 2) + 1e-12))
+    deq = (np.asarray(quant_values, np.float32) - zero_point) * scale
+    channels = f.shape[-1] if f.ndim else 1
+    f, err = f.reshape(-1, channels), (deq - f.reshape(deq.shape)).reshape(-1, channels)
+    power = np.mean(f ** 2, axis=0)
+    live = power > 0  # channels that are always zero (dead ReLUs) carry no signal to lose
+    return float(np.mean(np.mean(err ** 2, axis=0)[live] / power[live])) if live.any() else 0.0
 
 
 def _accuracy(blob: bytes, x, y, output_kind: str) -> float:

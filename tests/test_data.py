@@ -78,6 +78,24 @@ def test_image_tree_jpeg_and_custom_classes_sorted(tmp_path):
     assert np.abs(got - first_zebra).mean() < 8
 
 
+def test_image_tree_of_another_size_and_grayscale(tmp_path):
+    """Any one image size loads as it is; grayscale (L) images load as one channel."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(12, 40, 48), dtype=np.uint8)  # 48 wide, 40 high
+    for i, img in enumerate(x):
+        split = "train" if i < 8 else "test"
+        d = tmp_path / "tree" / split / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(d / f"{i:02d}.png")
+    ds = load_dataset(str(tmp_path / "tree"))
+    assert ds.x_train.shape == (8, 40, 48, 1) and ds.x_test.shape == (4, 40, 48, 1)
+    assert ds.class_names == ("a", "b")
+    got = {tuple(v.ravel()[:5]) for v in ds.x_train}
+    assert {tuple(x[i].ravel()[:5]) for i in range(8)} == got
+
+
 def test_cache_is_written_reused_and_keyed_by_source(tmp_path, arrays):
     tree = write_image_tree(tmp_path / "tree", make_arrays(n_train=400, n_test=100))
     cache = tmp_path / "cache"
@@ -128,11 +146,15 @@ def _bad(tmp_path, arrays, case):
     if case == "wrong size image":
         tree = write_image_tree(tmp_path / "tree", arrays)
         Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tree / "train" / "cat" / "big.png")
-        return tree, "train/cat/big.png: image is 28x28 RGB, expected 32x32 RGB"
+        return tree, "train/cat/big.png: image is 28x28 RGB but train/airplane/"
     if case == "grayscale image":
         tree = write_image_tree(tmp_path / "tree", arrays)
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(tree / "test" / "cat" / "gray.png")
-        return tree, "test/cat/gray.png: image is 32x32 L, expected 32x32 RGB"
+        return tree, "test/cat/gray.png: image is 32x32 grayscale but train/airplane/"
+    if case == "rgba image":
+        tree = write_image_tree(tmp_path / "tree", arrays)
+        Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(tree / "train" / "dog" / "alpha.png")
+        return tree, "train/dog/alpha.png: image is 32x32 RGBA; expected RGB or grayscale"
     if case == "undecodable image":
         tree = write_image_tree(tmp_path / "tree", arrays)
         (tree / "train" / "frog" / "broken.jpg").write_bytes(b"\xff\xd8not a jpeg")
@@ -163,7 +185,7 @@ def _bad(tmp_path, arrays, case):
     raise AssertionError(case)
 
 
-BAD_CASES = ["missing path", "missing split", "empty class folder", "wrong size image", "grayscale image",
+BAD_CASES = ["missing path", "missing split", "empty class folder", "wrong size image", "grayscale image", "rgba image",
              "undecodable image", "truncated archive", "label out of range", "missing batch file",
              "not a dataset", "plain file"]
 

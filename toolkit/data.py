@@ -1,4 +1,5 @@
-"""CIFAR-10 (or any small RGB image-classification set) as uint8 arrays, and tf.data pipelines.
+"""CIFAR-10 (or any image-classification set of one image size, RGB or grayscale) as uint8 arrays,
+and tf.data pipelines.
 
 Sources, recognised from what is at the path:
 
@@ -45,7 +46,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test splits as uint8 images (N, 32, 32, 3) and int64 labels (N,)."""
+    """Train and test splits as uint8 images (N, H, W, C), C = 3 (RGB) or 1 (grayscale), and int64
+    labels (N,)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -222,8 +224,10 @@ def _decode_image(raw: bytes, where: str) -> np.ndarray:
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
-    if mode != "RGB" or arr.shape != IMAGE_SHAPE:
-        raise DataError(f"{where}: image is {size[0]}x{size[1]} {mode}, expected 32x32 RGB")
+    if mode == "L":
+        return arr[:, :, None]  # grayscale: one channel
+    if mode != "RGB":
+        raise DataError(f"{where}: image is {size[0]}x{size[1]} {mode}; expected RGB or grayscale (L) images")
     return arr
 
 
@@ -246,6 +250,7 @@ def _assemble_tree(
         raise DataError(f"{where}: train/ and test/ have different classes ({', '.join(only)})")
     class_names = _order_classes(files["train"])
     out = {}
+    first: dict = {}  # the first image's shape and name: every image must share it
     for split in ("train", "test"):
         xs, ys = [], []
         for label, cls in enumerate(class_names):
@@ -253,10 +258,20 @@ def _assemble_tree(
             if not keys:
                 raise DataError(f"{where}: class folder {split}/{cls}/ has no images")
             for key in keys:
-                xs.append(_decode_image(read(key), f"{where}/{key}"))
+                img = _decode_image(read(key), f"{where}/{key}")
+                if not first:
+                    first.update(shape=img.shape, key=key)
+                elif img.shape != first["shape"]:
+                    raise DataError(f"{where}/{key}: image is {_describe(img.shape)} but {first['key']} is "
+                                    f"{_describe(first['shape'])}; all images must share one size and channel count")
+                xs.append(img)
                 ys.append(label)
         out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
     return Dataset(out["train"][0], out["train"][1], out["test"][0], out["test"][1], class_names, where)
+
+
+def _describe(shape: tuple) -> str:
+    return f"{shape[1]}x{shape[0]} {'RGB' if shape[2] == 3 else 'grayscale'}"
 
 
 _TREE_RE = re.compile(r"^(?:(?P<top>[^/]+)/)?(?P<split>train|test)/(?P<cls>[^/]+)(?:/(?P<file>[^/]+))?$")
@@ -318,8 +333,13 @@ def _load_image_tree_tar(tar: tarfile.TarFile, path: Path) -> Dataset:
 
 def _validate(ds: Dataset) -> None:
     for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-            raise DataError(f"{ds.source}: {split} images have shape {x.shape} {x.dtype}, expected (N, 32, 32, 3) uint8")
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
+            raise DataError(f"{ds.source}: {split} images have shape {x.shape} {x.dtype}, expected "
+                            "(N, height, width, 1 or 3) uint8")
+    if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
+        raise DataError(f"{ds.source}: train images are {_describe(ds.x_train.shape[1:])} but test images are "
+                        f"{_describe(ds.x_test.shape[1:])}")
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
         if len(x) != len(y):
             raise DataError(f"{ds.source}: {split} has {len(x)} images but {len(y)} labels")
         if len(x) == 0:

@@ -23,11 +23,51 @@ def set_tf_env() -> None:
         os.environ.setdefault(k, v)
 
 
+# C++ log lines TensorFlow prints while it looks for devices, which read like failures on a CPU-only
+# machine: the CUDA build finding no driver. Real errors still come through (as Python exceptions,
+# and as any other log line).
+_DEVICE_NOISE = ("failed call to cuInit", "Could not find cuda drivers",
+                 "All log messages before absl::InitializeLog() is called")
+_devices_ready = False
+
+
+def _init_devices_quietly(tf) -> None:
+    """Let TensorFlow find its devices (where it tries CUDA) with stderr captured at the file
+    descriptor, then pass on every line that is not known device-probing noise."""
+    global _devices_ready
+    if _devices_ready:
+        return
+    _devices_ready = True
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to quiet
+        tf.config.list_physical_devices()
+        return
+    with tempfile.TemporaryFile() as cap:
+        os.dup2(cap.fileno(), 2)
+        try:
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        cap.seek(0)
+        kept = [line for line in cap.read().decode(errors="replace").splitlines(keepends=True)
+                if not any(n in line for n in _DEVICE_NOISE)]
+    if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
+
+
 def import_tf() -> ModuleType:
-    """``tensorflow``, imported with legacy Keras selected."""
+    """``tensorflow``, imported with legacy Keras selected, its devices found without the CUDA
+    build's driver-probing noise."""
     set_tf_env()
     import tensorflow as tf
 
+    _init_devices_quietly(tf)
     return tf
 
 
