@@ -45,6 +45,9 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
                    help="int8_selective: most tensors kept in float before it gives up")
     p.add_argument("--stall-timeout", type=float, default=900.0,
                    help="seconds without progress after which a variant's build is killed and reported failed")
+    p.add_argument("--qat-build-timeout", type=float, default=120.0,
+                   help="seconds tfmot may take to rebuild the model for QAT before the next scheme is tried "
+                        "(it can loop forever on some graphs)")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks and the converters' own output")
     p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per variant")
@@ -68,7 +71,7 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
         model=args.model, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
         calibration_size=args.calibration_size, calibration_data=args.calibration_data,
         qat_epochs=args.qat_epochs, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
-        stall_timeout=args.stall_timeout, cache_dir=args.cache_dir, seed=args.seed, debug=args.debug,
+        stall_timeout=args.stall_timeout, qat_build_timeout=args.qat_build_timeout, cache_dir=args.cache_dir, seed=args.seed, debug=args.debug,
         explicit_variants=explicit,
     )
 

@@ -13,7 +13,10 @@ documented (sidecar ``output_kind``) with that meaning.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,12 +56,16 @@ class ModelInfo:
 class SourceModel:
     """The model to export, whatever saved it. ``keras2`` is the tf_keras model or None."""
 
-    def __init__(self, info: ModelInfo, keras2=None, keras3=None, signature=None, trackable=None):
+    def __init__(self, info: ModelInfo, keras2=None, keras3=None, saved_model_dir: Optional[str] = None,
+                 loaded=None):
         self.info = info
         self.keras2 = keras2
         self._keras3 = keras3
-        self._signature = signature  # a SavedModel's serving function: image -> {name: tensor}
-        self._trackable = trackable
+        # Everything that is not Keras 2 converts from a SavedModel: a Keras 3 model is exported to one
+        # first (converting its objects through a concrete function gives NaN outputs in TFLite 2.20).
+        self._saved_model_dir = saved_model_dir
+        self._trackable = loaded
+        self._signature = loaded.signatures["serving_default"] if loaded is not None else None
 
     # -- running it ------------------------------------------------------------------------
 
@@ -89,8 +96,7 @@ class SourceModel:
         tf = import_tf()
         if self.keras2 is not None:
             return tf.lite.TFLiteConverter.from_keras_model(self.keras2)
-        trackable = self._keras3 if self._keras3 is not None else self._trackable
-        return tf.lite.TFLiteConverter.from_concrete_functions([self.concrete_function()], trackable)
+        return tf.lite.TFLiteConverter.from_saved_model(self._saved_model_dir)
 
     def weights(self) -> list[tuple[str, np.ndarray]]:
         """(layer or variable name, values) for every weight, to refuse NaN/inf up front."""
@@ -146,21 +152,7 @@ def load_source_model(path: str) -> SourceModel:
             loaded = tf.saved_model.load(str(p))
         except Exception as e:  # TensorFlow raises many types for a bad folder
             raise ModelInputError(f"{path}: not a loadable SavedModel ({_first_line(e)})") from e
-        sigs = getattr(loaded, "signatures", {})
-        if "serving_default" not in sigs:
-            raise ModelInputError(f"{path}: SavedModel has no serving_default signature")
-        sig = sigs["serving_default"]
-        name = _sig_input(sig)
-        spec = sig.structured_input_signature[1][name]
-        if len(sig.structured_outputs) != 1:
-            raise ModelInputError(f"{path}: SavedModel has {len(sig.structured_outputs)} outputs; export supports "
-                                  "single-output classifiers")
-        if spec.shape.rank != 4:
-            raise ModelInputError(f"{path}: SavedModel input {name} has shape {spec.shape}; expected images "
-                                  "(batch, height, width, channels)")
-        out = next(iter(sig.structured_outputs.values()))
-        info = ModelInfo(str(p), "savedmodel", None, tuple(int(d) for d in spec.shape[1:]), int(out.shape[-1]))
-        return SourceModel(info, signature=sig, trackable=loaded)
+        return _from_saved_model(loaded, str(p), path, "savedmodel", None)
     suffix = p.suffix.lower()
     if suffix not in (".keras", ".h5", ".hdf5"):
         raise ModelInputError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected .keras, .h5 "
@@ -182,6 +174,28 @@ def load_source_model(path: str) -> SourceModel:
         raise ModelInputError(f"{path}: not a loadable Keras model ({_first_line(e2)})") from e2
 
 
+def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3) -> SourceModel:
+    """A SavedModel served through its ``serving_default`` signature (one image in, one tensor out)."""
+    sigs = getattr(loaded, "signatures", {})
+    if "serving_default" not in sigs:
+        raise ModelInputError(f"{path}: SavedModel has no serving_default signature")
+    sig = sigs["serving_default"]
+    name = _sig_input(sig)
+    spec = sig.structured_input_signature[1][name]
+    if len(sig.structured_outputs) != 1:
+        raise ModelInputError(f"{path}: SavedModel has {len(sig.structured_outputs)} outputs; export supports "
+                              "single-output classifiers")
+    if spec.shape.rank != 4 or any(d is None for d in spec.shape[1:]):
+        raise ModelInputError(f"{path}: SavedModel input {name} has shape {spec.shape}; expected images "
+                              "(batch, height, width, channels) of a fixed size")
+    out = next(iter(sig.structured_outputs.values()))
+    info = ModelInfo(str(Path(path)), fmt, 3 if keras3 is not None else None,
+                     tuple(int(d) for d in spec.shape[1:]), int(out.shape[-1]),
+                     output_activation=_last_activation(keras3) if keras3 is not None else None,
+                     num_layers=len(keras3.layers) if keras3 is not None else 0)
+    return SourceModel(info, keras3=keras3, saved_model_dir=saved_model_dir, loaded=loaded)
+
+
 def _load_keras3(p: Path, path: str) -> SourceModel:
     import_tf()
     try:
@@ -193,10 +207,15 @@ def _load_keras3(p: Path, path: str) -> SourceModel:
     except Exception as e:  # Keras raises many types for a bad file
         raise ModelInputError(f"{path}: not a loadable Keras 3 model ({_first_line(e)})") from e
     _check_single_io(model, path)
-    info = ModelInfo(str(p), p.suffix.lower().lstrip(".") if p.suffix.lower() == ".keras" else "h5", 3,
-                     tuple(int(d) for d in model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1]),
-                     output_activation=_last_activation(model), num_layers=len(model.layers))
-    return SourceModel(info, keras3=model)
+    export_dir = tempfile.mkdtemp(prefix="keras3-savedmodel-")
+    atexit.register(shutil.rmtree, export_dir, True)
+    try:
+        model.export(export_dir, format="tf_saved_model", verbose=False)
+        loaded = import_tf().saved_model.load(export_dir)
+    except Exception as e:  # Keras/TensorFlow raise many types for models they cannot trace
+        raise ModelInputError(f"{path}: Keras 3 model could not be exported to a SavedModel "
+                              f"({_first_line(e)})") from e
+    return _from_saved_model(loaded, export_dir, path, "keras" if p.suffix.lower() == ".keras" else "h5", model)
 
 
 def _check_single_io(model, path: str) -> None:

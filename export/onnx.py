@@ -5,7 +5,9 @@
 ``onnx_int8`` candidates:
   ``ort_static``   ONNX Runtime static quantisation of the float ONNX model (QDQ, per-channel
                    int8 weights, uint8 activations), calibrated on the same images as TFLite int8;
-  ``from_tflite``  tf2onnx conversion of the int8 TFLite model (its quantisation carried over).
+  ``from_tflite``  tf2onnx conversion of the int8 TFLite model (its quantisation carried over);
+  ``ort_static_selective``  when int8_selective had to keep layers in float: ``ort_static`` with the
+                   same layers' nodes left in float.
 """
 
 from __future__ import annotations
@@ -61,8 +63,18 @@ def convert_from_tflite(tflite_path: str, path: str) -> None:
     onnx.save(proto, path)
 
 
-def quantize_static(float_path: str, calibration: np.ndarray, path: str) -> None:
-    """ONNX Runtime static QDQ quantisation calibrated on ``calibration`` (uint8 images)."""
+def nodes_of_layers(float_path: str, layers: list[str]) -> list[str]:
+    """The ONNX nodes tf2onnx made from the named Keras layers (their names keep ``.../layer/...``)."""
+    import onnx
+
+    keys = [f"/{layer}/" for layer in layers]
+    return [n.name for n in onnx.load(float_path).graph.node if any(k in f"/{n.name}" for k in keys)]
+
+
+def quantize_static(float_path: str, calibration: np.ndarray, path: str,
+                    nodes_to_exclude: Optional[list[str]] = None) -> None:
+    """ONNX Runtime static QDQ quantisation calibrated on ``calibration`` (uint8 images);
+    ``nodes_to_exclude`` stay in float."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
@@ -84,6 +96,7 @@ def quantize_static(float_path: str, calibration: np.ndarray, path: str) -> None
         ort_quantize_static(
             pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(nodes_to_exclude or []),
         )
     onnx.checker.check_model(onnx.load(path), full_check=True)
 

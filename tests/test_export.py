@@ -128,6 +128,48 @@ def test_broken_calibration_fails_the_gate(regression_run, tmp_path, cache_dir):
     assert report["variants"][0]["drop_pp"] > 1.0
 
 
+def test_a_variant_that_cannot_convert_fails_alone(tmp_path, tiny_tree_tgz, cache_dir):
+    """Bicubic upsampling has no TFLite kernel: every TFLite variant fails with the converter's reason in
+    one line, the ONNX variants are still built, measured and written with the report, and the exit
+    status is 1 with one FAIL line per missing variant, no traceback."""
+    from toolkit.data import load_dataset
+    from toolkit.tf import import_keras, save_model
+
+    keras = import_keras()
+    L = keras.layers
+    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([L.InputLayer(input_shape=(32, 32, 3)), L.Rescaling(1 / 255), L.AveragePooling2D(4),
+                          L.UpSampling2D(interpolation="bicubic"), L.Conv2D(8, 3, activation="relu"),
+                          L.GlobalAveragePooling2D(), L.Dense(10, activation="softmax")])
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    m.fit(ds.x_train, ds.y_train, epochs=3, batch_size=32, verbose=0)
+    path = tmp_path / "bicubic.keras"
+    save_model(m, str(path))
+    out = tmp_path / "out"
+    proc = run_cli("export", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out), "--cache-dir", cache_dir,
+                              "--qat-epochs", "1", "--latency-runs", "5", "--calibration-size", "50",
+                              "--max-drop", "100"], timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    tflite = [v for v in ALL_VARIANTS if rows[v]["format"] == "tflite"]
+    for v in tflite:
+        assert rows[v]["status"] == "failed", rows[v]
+        assert "ResizeBicubic" in rows[v]["reason"] and "\n" not in rows[v]["reason"], rows[v]["reason"]
+        assert f"FAIL {v}: " in proc.stderr
+        assert not (out / f"{v}.tflite").exists()
+    assert rows["onnx_float32"]["status"] == "ok" and (out / "onnx_float32.onnx").exists()
+    assert rows["onnx_int8"]["status"] == "ok" and rows["onnx_int8"]["route"] == "ort_static"
+    assert "ResizeBicubic" in rows["onnx_int8"]["candidates"]["from_tflite"]["error"]
+    assert set(report["failed"]) == set(tflite)
+    assert "**FAILED**" in (out / "report.md").read_text()
+    assert (out / "export-worker.log").exists()  # the converters' own words, for whoever debugs it
+    err = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(err) == len(tflite), err
+
+
 # -- bad input: exit 2, one line, nothing written -------------------------------------------------
 
 
@@ -147,6 +189,33 @@ def _bad_model_case(tmp_path, case, regression_model):
         p = tmp_path / "mnist.keras"
         save_model(m, str(p))
         return ["export", str(p)], "model input shape (28, 28, 1) does not fit"
+    if case == "NaN weights":
+        from toolkit.models import make_model
+        from toolkit.tf import save_model
+
+        m = make_model("seed_cnn")
+        w = m.get_layer("conv2").get_weights()
+        w[0][0, 0, 0, 0] = np.nan
+        m.get_layer("conv2").set_weights(w)
+        p = tmp_path / "nan.keras"
+        save_model(m, str(p))
+        return ["export", str(p)], "layer conv2 has NaN weights"
+    if case == "two inputs":
+        from toolkit.tf import import_keras, save_model
+
+        keras = import_keras()
+        a, b = keras.Input((32, 32, 3)), keras.Input((4,))
+        x = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(a), b])
+        p = tmp_path / "two.keras"
+        save_model(keras.Model([a, b], keras.layers.Dense(10, activation="softmax")(x)), str(p))
+        return ["export", str(p)], "model has 2 input(s) and 1 output(s); export supports classifiers with one"
+    if case == "wrong class count":
+        from toolkit.models import make_model
+        from toolkit.tf import save_model
+
+        p = tmp_path / "five.keras"
+        save_model(make_model("seed_cnn", num_classes=5), str(p))
+        return ["export", str(p)], "model has 5 outputs but data"
     if case == "unknown variant":
         return ["export", str(regression_model), "--variants", "int8,int4"], "unknown variant(s) int4"
     if case == "variant of the other format":
@@ -156,7 +225,8 @@ def _bad_model_case(tmp_path, case, regression_model):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing model", "corrupt model", "input shape mismatch", "unknown variant",
+@pytest.mark.parametrize("case", ["missing model", "corrupt model", "input shape mismatch", "NaN weights",
+                                  "two inputs", "wrong class count", "unknown variant",
                                   "variant of the other format", "bad data source"])
 def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir):
     # A small stand-in model file for the cases that need a valid one (the fast path: no training).
