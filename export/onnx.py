@@ -72,9 +72,9 @@ def nodes_of_layers(float_path: str, layers: list[str]) -> list[str]:
 
 
 def quantize_static(float_path: str, calibration: np.ndarray, path: str,
-                    nodes_to_exclude: Optional[list[str]] = None) -> None:
-    """ONNX Runtime static QDQ quantisation calibrated on ``calibration`` (uint8 images);
-    ``nodes_to_exclude`` stay in float."""
+                    float_layers: Optional[list[str]] = None) -> None:
+    """ONNX Runtime static QDQ quantisation calibrated on ``calibration`` (uint8 images); the nodes
+    made from the Keras layers ``float_layers`` stay in float."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
@@ -93,10 +93,14 @@ def quantize_static(float_path: str, calibration: np.ndarray, path: str,
     with tempfile.TemporaryDirectory() as tmp:
         pre = os.path.join(tmp, "pre.onnx")
         quant_pre_process(float_path, pre, skip_symbolic_shape=True)
+        # Pre-processing fuses nodes (MatMul + Add -> Gemm) and renames them: look the layers up after it.
+        exclude = nodes_of_layers(pre, float_layers) if float_layers else []
+        if float_layers and not exclude:
+            raise ValueError(f"float_layers: no ONNX nodes found for layers {', '.join(float_layers)}")
         ort_quantize_static(
             pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(nodes_to_exclude or []),
+            nodes_to_exclude=exclude,
         )
     onnx.checker.check_model(onnx.load(path), full_check=True)
 

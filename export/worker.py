@@ -251,11 +251,9 @@ def _build_onnx_int8(ctx: Context, attempt: int):
         try:
             ctx.phase("onnx_int8: static quantisation with int8_selective's float layers left in float")
             float_onnx = _onnx_float(ctx)
-            nodes = onnx_export.nodes_of_layers(str(float_onnx), selective["float_layers"])
-            if not nodes:
-                raise RuntimeError(f"no ONNX nodes found for layers {', '.join(selective['float_layers'])}")
             p = ctx.stage / "onnx_int8.ort_static_selective.onnx"
-            onnx_export.quantize_static(str(float_onnx), ctx.calibration, str(p), nodes_to_exclude=nodes)
+            onnx_export.quantize_static(str(float_onnx), ctx.calibration, str(p),
+                                        float_layers=selective["float_layers"])
             candidates["ort_static_selective"] = (p, {})
         except Exception as e:  # any converter error fails this route only
             errors["ort_static_selective"] = one_line(e)
