@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from toolkit.report import write_training_outputs
     from toolkit.cluster import LayoutError
-    from toolkit.train import fit_distributed
+    from toolkit.train import TrainingDiverged, TrainingInterrupted, fit_distributed
 
     with tempfile.TemporaryDirectory() as work:
         try:
@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         except LayoutError as e:  # a layout the cluster cannot give (resolved before any worker starts)
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except TrainingInterrupted as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
         metrics = write_training_outputs(ds, outcome, cfg.output)
     print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
           f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "

@@ -55,3 +55,48 @@ def test_an_output_that_is_a_file_is_refused_before_training(tmp_path, tiny_tree
     assert error_lines(proc) == [f"error: --output {target}: exists and is not a folder"]
     assert "layout:" not in proc.stdout, "refused before Ray or any training started"
     assert target.read_text() == "not a folder"
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_model(tmp_path, tiny_tree_tgz, cache_dir):
+    """A learning rate of 1e37 sends the weights (and the loss) to infinity in the first epoch: the run
+    stops there instead of training on NaN, says so in one line (epoch, steps), exits 1, and writes no
+    model.keras."""
+    proc, _ = run(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--epochs", "5", "--batch-size", "32",
+                   "--learning-rate", "1e37", "--output", str(tmp_path / "out"), "--storage-path",
+                   str(tmp_path / "ray"), "--name", "diverge", "--no-export"], timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = error_lines(proc)
+    assert line.startswith("error: training diverged: loss ") and "in epoch 1 (steps 1-" in line, line
+    assert "no model.keras written" in line and "--learning-rate" in line
+    assert "Traceback" not in proc.stderr
+    assert "epoch   2/5" not in proc.stdout, "it stopped at the diverged epoch"
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, tiny_tree_tgz, cache_dir):
+    """SIGINT mid-run (what Ctrl-C sends): Ray Train aborts the workers, the driver exits 130 with one line
+    saying where the checkpoints are and how to resume, writes no outputs; the same command resumes."""
+    import signal
+
+    args = [sys.executable, TRAIN, "--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--epochs", "40",
+            "--batch-size", "32", "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
+            "--name", "ctrlc", "--no-export"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:  # wait until two epochs (and their checkpoints) are done
+        seen.append(line)
+        if "epoch   2/40" in line or time.monotonic() > deadline:
+            break
+    assert any("epoch   2/40" in l for l in seen), "".join(seen)[-2000:]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    (line,) = [l for l in err.splitlines() if l.startswith("stopped:")]
+    assert "interrupted; the checkpoints of run ctrlc are kept" in line and "--name ctrlc" in line, line
+    assert not (tmp_path / "out").exists()
+    # The same command resumes from the last checkpoint (two epochs or more in).
+    again, _ = run(args[2:6] + ["--epochs", "12"] + args[8:], timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "resuming from checkpoint after epoch" in again.stdout
+    assert (tmp_path / "out" / "model.keras").exists()

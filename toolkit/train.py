@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with checkpoint.as_directory() as d:
                 with open(os.path.join(d, STATE_FILE)) as f:
                     state = json.load(f)
+                state.pop("diverged", None)  # a rerun (say, at a smaller learning rate) starts clean
                 model = keras.models.load_model(os.path.join(d, MODEL_FILE))
                 best_path = os.path.join(d, BEST_WEIGHTS_FILE)
                 if os.path.exists(best_path):
@@ -181,6 +182,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logs = {k: float(v) for k, v in (logs or {}).items() if DEFERRED_KEY not in k}
             logs.update(getattr(self, "train_logs", {}), **getattr(self, "val_logs", {}))
             logs.update(epoch_time_s=seconds, train_time_s=self.t_val - self.t0, images_per_s=images_per_s)
+            if not math.isfinite(logs.get("loss", 0.0)):
+                # Diverged: the weights are NaN/inf from here on. Stop, keep the last good checkpoint and
+                # the best weights, and tell the driver (every worker sees the same all-reduced loss).
+                last_step = int(self.model.optimizer.iterations.numpy())
+                state["diverged"] = {"epoch": epoch + 1, "loss": logs["loss"],
+                                     "steps": [self.iterations + 1, last_step]}
+                self.model.stop_training = True
+                if rank == 0:
+                    _progress(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {logs['loss']}: training diverged, stopping")
+                return
             for k, v in logs.items():
                 state["history"].setdefault(k, []).append(v)
             state["epoch"] = epoch + 1
@@ -223,8 +234,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The final report carries the best-validation model: model selection never sees the test set.
     if best_weights is not None:
         model.set_weights(best_weights)
+    elif state.get("diverged"):
+        model = None  # diverged before any good epoch: there is no model worth saving
     final_metrics = {"epoch": state["epoch"], "best_epoch": state["best_epoch"],
-                     "val_accuracy": state["best_val_accuracy"], "final": True}
+                     "val_accuracy": state["best_val_accuracy"], "final": True,
+                     "diverged": bool(state.get("diverged"))}
     _report(model, best_weights, state, cfg, rank, final=True, metrics=final_metrics, worker=worker)
 
 
@@ -240,7 +254,8 @@ def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, fi
     with tempfile.TemporaryDirectory() as d:
         # Every worker saves (reading distributed variables may need all of them);
         # only rank 0's folder becomes the checkpoint.
-        save_model(model, os.path.join(d, MODEL_FILE))
+        if model is not None:
+            save_model(model, os.path.join(d, MODEL_FILE))
         if best_weights is not None:
             np.savez(os.path.join(d, BEST_WEIGHTS_FILE), *best_weights)
         with open(os.path.join(d, STATE_FILE), "w") as f:
@@ -255,6 +270,40 @@ def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, fi
                     os.remove(os.path.join(d, name))
         has_files = bool(os.listdir(d))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if has_files else None)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stopped, nothing was written as the model."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """The user pressed Ctrl-C: Ray Train aborted the run gracefully; its checkpoints are kept."""
+
+
+def _trainer_class():
+    """TensorflowTrainer that also records a Ctrl-C. Ray Train installs its own SIGINT handler inside
+    ``fit`` (it aborts the run gracefully, then leaves with a SystemExit or an actor error); wrapping
+    it is how the driver knows the run ended because the user asked, and can say how to resume."""
+    import signal
+    import threading
+
+    from ray.train.tensorflow import TensorflowTrainer
+
+    class Trainer(TensorflowTrainer):
+        interrupted = threading.Event()
+
+        def _register_sigint_handler(self, controller):  # Ray Train V2's hook (a no-op if it is renamed)
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                Trainer.interrupted.set()
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    return Trainer
 
 
 @dataclass
@@ -291,7 +340,6 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     set_tf_env()  # ray.train.tensorflow imports TensorFlow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
     init_ray()
     layout, _ = wait_until_placeable(cfg, cfg.resource_timeout, log=log)
@@ -306,6 +354,7 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     data_ref = ray.put({"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val})
     name = cfg.name or time.strftime(f"{cfg.model}-%Y%m%d-%H%M%S")
     storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path)) if cfg.storage_path and "://" not in cfg.storage_path else cfg.storage_path
+    TensorflowTrainer = _trainer_class()
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "data": data_ref, "num_classes": ds.num_classes},
@@ -321,7 +370,17 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    run_dir = f"{storage_path.rstrip('/')}/{name}" if storage_path else f"~/ray_results/{name}"
+    resume_hint = (f"the checkpoints of run {name} are kept ({run_dir}); run the same command again (same --name "
+                   f"{name} and --storage-path) to resume from the last one")
+    try:
+        result = trainer.fit()
+    except BaseException:  # Ray Train's SIGINT handler leaves with SystemExit or an actor error
+        if TensorflowTrainer.interrupted.is_set():
+            raise TrainingInterrupted(f"interrupted; {resume_hint}") from None
+        raise
+    if TensorflowTrainer.interrupted.is_set():
+        raise TrainingInterrupted(f"interrupted; {resume_hint}")
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} ended without a checkpoint")
@@ -332,6 +391,13 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
         workers_dir = os.path.join(d, "workers")
         workers = [json.load(open(os.path.join(workers_dir, n))) for n in sorted(os.listdir(workers_dir))] \
             if os.path.isdir(workers_dir) else []
+        if state.get("diverged"):
+            dv = state["diverged"]
+            good = (f"the best model so far (epoch {state['best_epoch']}) is in the checkpoints under {result.path}"
+                    if state.get("best_epoch") else "no epoch finished with a finite loss")
+            raise TrainingDiverged(f"training diverged: loss {dv['loss']} in epoch {dv['epoch']} (steps "
+                                   f"{dv['steps'][0]}-{dv['steps'][1]}); no model.keras written; {good}; "
+                                   "try a smaller --learning-rate")
         model_path = os.path.join(workdir, MODEL_FILE)
         with open(os.path.join(d, MODEL_FILE), "rb") as src, open(model_path, "wb") as dst:
             dst.write(src.read())
