@@ -97,6 +97,10 @@ def test_smoke_test_runs_every_stage_through_the_export(smoke_run):
     assert len(report["built"]) == 7 and list(report["skipped"]) == ["int8_selective"]  # int8 within budget
     assert (tmp / "out" / "export" / "int8.tflite").exists()
     assert "export: 7 variants within" in proc.stdout
+    # What a user sees: the toolkit's lines, not the frameworks' noise that reads like failures.
+    for noise in ("failed call to cuInit", "grpc_server_lib.cc", "PreemptionWatcher",
+                  "All log messages before absl::InitializeLog()"):
+        assert noise not in proc.stdout + proc.stderr, noise
 
 
 def test_same_name_resumes_from_the_latest_checkpoint(smoke_run, cache_dir):

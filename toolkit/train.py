@@ -321,6 +321,42 @@ class TrainOutcome:
     config: TrainConfig  # with the layout resolved
 
 
+# Lines the workers and Ray Train's controller print on every run that read like failures and are not:
+# absl's note that logging is not initialised, TensorFlow's gRPC server start (absl INFO, which
+# TF_CPP_MIN_LOG_LEVEL does not cover), CUDA probing on CPU machines, and Ray Train's warning about its
+# own PreemptionWatcher actor. Each is matched narrowly; every other line passes.
+_WORKER_NOISE = (
+    ("All log messages before absl::InitializeLog() is called",),
+    ("grpc_server_lib.cc", "Started server with target"),
+    ("failed call to cuInit",),
+    ("Could not find cuda drivers",),
+    ("PreemptionWatcher", "max_restarts > 0"),
+)
+
+
+def _is_noise(line: str) -> bool:
+    return any(all(part in line for part in pattern) for pattern in _WORKER_NOISE)
+
+
+def _filter_worker_logs() -> None:
+    """Drop known noise from the worker logs Ray forwards to this driver (its ``log_to_driver``
+    handler, wrapped; if Ray's internals move, logs pass through unfiltered)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        wrapped = []
+        for name, handler in dispatcher.handlers:
+            if name == "ray_print_logs":
+                def handler(data, _print=handler):
+                    lines = [line for line in data.get("lines", []) if not _is_noise(line)]
+                    if lines:
+                        _print({**data, "lines": lines})
+            wrapped.append((name, handler))
+        dispatcher.handlers = wrapped
+
+
 def init_ray() -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``) or start a local one,
     with legacy Keras selected in every worker process."""
@@ -330,6 +366,7 @@ def init_ray() -> None:
         return
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(LEGACY_KERAS_ENV)}, "log_to_driver": True}
     ray.init(**kwargs)
+    _filter_worker_logs()
 
 
 def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
