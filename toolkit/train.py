@@ -408,16 +408,23 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     )
     t0 = time.perf_counter()
     run_dir = f"{storage_path.rstrip('/')}/{name}" if storage_path else f"~/ray_results/{name}"
-    resume_hint = (f"the checkpoints of run {name} are kept ({run_dir}); run the same command again (same --name "
-                   f"{name} and --storage-path) to resume from the last one")
+
+    def resume_hint() -> str:
+        local = os.path.expanduser(run_dir)
+        if "://" not in run_dir and os.path.isdir(local) and not any(
+                n.startswith("checkpoint_") for n in os.listdir(local)):
+            return f"no checkpoint of run {name} was saved yet ({run_dir}): the same command starts it again"
+        return (f"the checkpoints of run {name} are kept ({run_dir}); run the same command again (same --name "
+                f"{name} and --storage-path) to resume from the last one")
+
     try:
         result = trainer.fit()
     except BaseException:  # Ray Train's SIGINT handler leaves with SystemExit or an actor error
         if TensorflowTrainer.interrupted.is_set():
-            raise TrainingInterrupted(f"interrupted; {resume_hint}") from None
+            raise TrainingInterrupted(f"interrupted; {resume_hint()}") from None
         raise
     if TensorflowTrainer.interrupted.is_set():
-        raise TrainingInterrupted(f"interrupted; {resume_hint}")
+        raise TrainingInterrupted(f"interrupted; {resume_hint()}")
     wall = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} ended without a checkpoint")
