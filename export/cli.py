@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from export.pipeline import ALL_VARIANTS, FORMAT_OF, ExportConfig, ExportInputError
+from export.errors import ExportInputError
+from export.pipeline import ALL_VARIANTS, FORMAT_OF, ExportConfig
 from toolkit.config import default_cache_dir
 
 

@@ -24,14 +24,11 @@ from typing import Optional
 
 import numpy as np
 
+from export.errors import ExportInputError, one_line
 from toolkit.tf import import_keras, import_tf
 
 # What a classifier's output tensor holds.
 OUTPUT_KINDS = ("probabilities", "logits", "sigmoid", "sigmoid_logit")
-
-
-class ModelInputError(ValueError):
-    """The model cannot be exported (missing, unreadable, unsupported): exit 2, one line."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +45,6 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @property
-    def can_qat(self) -> bool:
-        return self.keras == 2
-
 
 class SourceModel:
     """The model to export, whatever saved it. ``keras2`` is the tf_keras model or None."""
@@ -59,11 +52,11 @@ class SourceModel:
     def __init__(self, info: ModelInfo, keras2=None, keras3=None, saved_model_dir: Optional[str] = None,
                  loaded=None):
         self.info = info
-        self.keras2 = keras2
-        self._keras3 = keras3
+        self.keras2 = keras2  # what tfmot's QAT needs
+        self._keras = keras2 if keras2 is not None else keras3  # either Keras, to run and inspect
         # Everything that is not Keras 2 converts from a SavedModel: a Keras 3 model is exported to one
         # first (converting its objects through a concrete function gives NaN outputs in TFLite 2.20).
-        self._saved_model_dir = saved_model_dir
+        self.saved_model_dir = saved_model_dir
         self._trackable = loaded
         self._signature = loaded.signatures["serving_default"] if loaded is not None else None
 
@@ -77,15 +70,13 @@ class SourceModel:
             sig, name = self._signature, _sig_input(self._signature)
             fn = tf.function(lambda x: next(iter(sig(**{name: x}).values())))
         else:
-            m = self.keras2 if self.keras2 is not None else self._keras3
+            m = self._keras
             fn = tf.function(lambda x: m(x, training=False))
         return fn.get_concrete_function(spec)
 
     def predict(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-        if self.keras2 is not None:
-            return np.asarray(self.keras2.predict(x, batch_size=batch_size, verbose=0), np.float32)
-        if self._keras3 is not None:
-            return np.asarray(self._keras3.predict(x, batch_size=batch_size, verbose=0), np.float32)
+        if self._keras is not None:
+            return np.asarray(self._keras.predict(x, batch_size=batch_size, verbose=0), np.float32)
         fn = self.concrete_function()
         outs = [fn(x[i:i + batch_size].astype(np.float32)).numpy() for i in range(0, len(x), batch_size)]
         return np.concatenate(outs).astype(np.float32)
@@ -96,20 +87,19 @@ class SourceModel:
         tf = import_tf()
         if self.keras2 is not None:
             return tf.lite.TFLiteConverter.from_keras_model(self.keras2)
-        return tf.lite.TFLiteConverter.from_saved_model(self._saved_model_dir)
+        return tf.lite.TFLiteConverter.from_saved_model(self.saved_model_dir)
 
     def weights(self) -> list[tuple[str, np.ndarray]]:
         """(layer or variable name, values) for every weight, to refuse NaN/inf up front."""
-        if self.keras2 is not None or self._keras3 is not None:
-            m = self.keras2 if self.keras2 is not None else self._keras3
-            return [(layer.name, np.asarray(w)) for layer in m.layers for w in layer.get_weights()]
+        if self._keras is not None:
+            return [(layer.name, np.asarray(w)) for layer in self._keras.layers for w in layer.get_weights()]
         return [(v.name.split(":")[0], v.numpy()) for v in getattr(self._trackable, "variables", [])]
 
 
 def _sig_input(sig) -> str:
     kwargs = sig.structured_input_signature[1]
     if len(kwargs) != 1:
-        raise ModelInputError(f"the SavedModel's serving signature has {len(kwargs)} inputs; "
+        raise ExportInputError(f"the SavedModel's serving signature has {len(kwargs)} inputs; "
                               "export supports one image input")
     return next(iter(kwargs))
 
@@ -128,20 +118,15 @@ def keras_version_of(path: Path) -> Optional[int]:
         return None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
 def load_source_model(path: str) -> SourceModel:
-    """Load ``path`` (.keras, .h5 or a SavedModel folder); ModelInputError names the file."""
+    """Load ``path`` (.keras, .h5 or a SavedModel folder); ExportInputError names the file."""
     p = Path(path)
     if not p.exists():
-        raise ModelInputError(f"{path}: model file does not exist")
+        raise ExportInputError(f"{path}: model file does not exist")
     keras = import_keras()
     if p.is_dir():
         if not (p / "saved_model.pb").exists():
-            raise ModelInputError(f"{path}: is a folder without saved_model.pb, expected a .keras or .h5 "
+            raise ExportInputError(f"{path}: is a folder without saved_model.pb, expected a .keras or .h5 "
                                   "model file or a SavedModel folder")
         try:  # a SavedModel written by tf_keras loads back as a Keras 2 model (QAT possible)
             return _from_keras2(keras.models.load_model(str(p), compile=False), path, "savedmodel")
@@ -151,11 +136,11 @@ def load_source_model(path: str) -> SourceModel:
         try:
             loaded = tf.saved_model.load(str(p))
         except Exception as e:  # TensorFlow raises many types for a bad folder
-            raise ModelInputError(f"{path}: not a loadable SavedModel ({_first_line(e)})") from e
+            raise ExportInputError(f"{path}: not a loadable SavedModel ({one_line(e)})") from e
         return _from_saved_model(loaded, str(p), path, "savedmodel", None)
     suffix = p.suffix.lower()
     if suffix not in (".keras", ".h5", ".hdf5"):
-        raise ModelInputError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected .keras, .h5 "
+        raise ExportInputError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected .keras, .h5 "
                               "or a SavedModel folder")
     fmt = "keras" if suffix == ".keras" else "h5"
     version = keras_version_of(p) if fmt == "keras" else None
@@ -163,30 +148,30 @@ def load_source_model(path: str) -> SourceModel:
         return _load_keras3(p, path)
     try:
         return _from_keras2(keras.models.load_model(str(p), compile=False), path, fmt)
-    except ModelInputError:
+    except ExportInputError:
         raise
     except Exception as e2:  # Keras raises many types for a bad file
         if fmt == "h5":  # maybe written by Keras 3
             try:
                 return _load_keras3(p, path)
-            except ModelInputError:
+            except ExportInputError:
                 pass
-        raise ModelInputError(f"{path}: not a loadable Keras model ({_first_line(e2)})") from e2
+        raise ExportInputError(f"{path}: not a loadable Keras model ({one_line(e2)})") from e2
 
 
 def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3) -> SourceModel:
     """A SavedModel served through its ``serving_default`` signature (one image in, one tensor out)."""
     sigs = getattr(loaded, "signatures", {})
     if "serving_default" not in sigs:
-        raise ModelInputError(f"{path}: SavedModel has no serving_default signature")
+        raise ExportInputError(f"{path}: SavedModel has no serving_default signature")
     sig = sigs["serving_default"]
     name = _sig_input(sig)
     spec = sig.structured_input_signature[1][name]
     if len(sig.structured_outputs) != 1:
-        raise ModelInputError(f"{path}: SavedModel has {len(sig.structured_outputs)} outputs; export supports "
+        raise ExportInputError(f"{path}: SavedModel has {len(sig.structured_outputs)} outputs; export supports "
                               "single-output classifiers")
     if spec.shape.rank != 4 or any(d is None for d in spec.shape[1:]):
-        raise ModelInputError(f"{path}: SavedModel input {name} has shape {spec.shape}; expected images "
+        raise ExportInputError(f"{path}: SavedModel input {name} has shape {spec.shape}; expected images "
                               "(batch, height, width, channels) of a fixed size")
     out = next(iter(sig.structured_outputs.values()))
     info = ModelInfo(str(Path(path)), fmt, 3 if keras3 is not None else None,
@@ -201,11 +186,11 @@ def _load_keras3(p: Path, path: str) -> SourceModel:
     try:
         import keras as keras3
     except ImportError as e:
-        raise ModelInputError(f"{path}: saved by Keras 3, which is not installed (pip install keras)") from e
+        raise ExportInputError(f"{path}: saved by Keras 3, which is not installed (pip install keras)") from e
     try:
         model = keras3.saving.load_model(str(p), compile=False)
     except Exception as e:  # Keras raises many types for a bad file
-        raise ModelInputError(f"{path}: not a loadable Keras 3 model ({_first_line(e)})") from e
+        raise ExportInputError(f"{path}: not a loadable Keras 3 model ({one_line(e)})") from e
     _check_single_io(model, path)
     export_dir = tempfile.mkdtemp(prefix="keras3-savedmodel-")
     atexit.register(shutil.rmtree, export_dir, True)
@@ -213,22 +198,22 @@ def _load_keras3(p: Path, path: str) -> SourceModel:
         model.export(export_dir, format="tf_saved_model", verbose=False)
         loaded = import_tf().saved_model.load(export_dir)
     except Exception as e:  # Keras/TensorFlow raise many types for models they cannot trace
-        raise ModelInputError(f"{path}: Keras 3 model could not be exported to a SavedModel "
-                              f"({_first_line(e)})") from e
+        raise ExportInputError(f"{path}: Keras 3 model could not be exported to a SavedModel "
+                              f"({one_line(e)})") from e
     return _from_saved_model(loaded, export_dir, path, "keras" if p.suffix.lower() == ".keras" else "h5", model)
 
 
 def _check_single_io(model, path: str) -> None:
     n_in, n_out = len(model.inputs), len(model.outputs)
     if n_in != 1 or n_out != 1:
-        raise ModelInputError(f"{path}: model has {n_in} input(s) and {n_out} output(s); export supports "
+        raise ExportInputError(f"{path}: model has {n_in} input(s) and {n_out} output(s); export supports "
                               "classifiers with one image input and one class-score output")
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4:
-        raise ModelInputError(f"{path}: model input has shape {shape}; expected images (batch, height, width, "
+        raise ExportInputError(f"{path}: model input has shape {shape}; expected images (batch, height, width, "
                               "channels)")
     if any(d is None for d in shape[1:]):
-        raise ModelInputError(f"{path}: model input shape {shape} has an unknown size; export needs a fixed "
+        raise ExportInputError(f"{path}: model input shape {shape} has an unknown size; export needs a fixed "
                               "height, width and channels")
 
 
@@ -281,7 +266,7 @@ def check_finite_weights(model: SourceModel) -> None:
     for name, w in model.weights():
         if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
             bad = "NaN" if np.isnan(w).any() else "infinite"
-            raise ModelInputError(f"{model.info.path}: layer {name} has {bad} weights; the model is broken "
+            raise ExportInputError(f"{model.info.path}: layer {name} has {bad} weights; the model is broken "
                                   "(diverged training?), nothing to export")
 
 
@@ -290,16 +275,16 @@ def inspect_model(model: SourceModel, sample: np.ndarray, num_classes: int, data
     info = model.info
     want, got = tuple(info.input_shape), tuple(sample.shape[1:])
     if want != got:
-        raise ModelInputError(f"{info.path}: model input shape {want} does not fit the images of {data_desc} {got}")
+        raise ExportInputError(f"{info.path}: model input shape {want} does not fit the images of {data_desc} {got}")
     if info.units == 1 and num_classes != 2:
-        raise ModelInputError(f"{info.path}: model has 1 output unit (a binary classifier) but {data_desc} has "
+        raise ExportInputError(f"{info.path}: model has 1 output unit (a binary classifier) but {data_desc} has "
                               f"{num_classes} classes")
     if info.units != 1 and info.units != num_classes:
-        raise ModelInputError(f"{info.path}: model has {info.units} outputs but {data_desc} has {num_classes} "
+        raise ExportInputError(f"{info.path}: model has {info.units} outputs but {data_desc} has {num_classes} "
                               "classes")
     check_finite_weights(model)
     out = model.predict(sample)
     if not np.all(np.isfinite(out)):
-        raise ModelInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
+        raise ExportInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
     kind = detect_output_kind(out)
     return ModelInfo(**{**info.to_dict(), "output_kind": kind})

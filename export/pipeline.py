@@ -34,19 +34,15 @@ import numpy as np
 
 from export import onnx as onnx_export
 from export import tflite as tflite_export
-from export.model_io import ModelInputError, class_predictions, inspect_model, load_source_model
+from export.errors import ExportInputError
+from export.model_io import class_predictions, inspect_model, load_source_model
 from export.report import plot_accuracy_vs_size, render_markdown
 from toolkit.config import default_cache_dir
 from toolkit.outputs import git_revision, write_json, write_text
 
 ALL_VARIANTS = tflite_export.VARIANTS + onnx_export.VARIANTS
 FORMAT_OF = {**{v: "tflite" for v in tflite_export.VARIANTS}, **{v: "onnx" for v in onnx_export.VARIANTS}}
-SUFFIX = {"tflite": ".tflite", "onnx": ".onnx"}
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class ExportInputError(ValueError):
-    """Bad input to the export (model, data, variants): exit status 2, nothing written."""
 
 
 @dataclass
@@ -128,32 +124,22 @@ class ExportConfig:
         return dataclasses.asdict(self)
 
 
-def _holdout_split(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (fit, held-out) indices of the training split: held-out is 10%, at most ``size``."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, min(size, n // 10))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=None) -> dict:
     """Convert, measure and report; returns the report dict (also written as report.json).
 
     ``dataset`` (a toolkit.data.Dataset) skips loading ``cfg.data``: the training job passes the
     arrays it trained on."""
-    from toolkit.data import load_dataset
+    from toolkit.data import load_dataset, split_validation
 
     t_start = time.perf_counter()
     # --- validate every input before doing any work or writing anything ---------------------
-    try:
-        source = load_source_model(cfg.model)
-    except ModelInputError as e:
-        raise ExportInputError(str(e)) from e
+    source = load_source_model(cfg.model)  # ExportInputError names the file
     ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir)  # DataError names the source
-    try:
-        info = inspect_model(source, ds.x_test[:256], ds.num_classes, f"data {ds.source}")
-    except ModelInputError as e:
-        raise ExportInputError(str(e)) from e
-    fit_idx, val_idx = _holdout_split(len(ds.x_train), cfg.holdout_size, cfg.seed)
+    info = inspect_model(source, ds.x_test[:256], ds.num_classes, f"data {ds.source}")
+    # Held-out images for QAT's divergence check and int8_selective's search: the same seeded split as
+    # training's validation set (so, after a training run, images it never trained on), at most holdout_size.
+    x_fit, y_fit, x_val, y_val = split_validation(
+        ds.x_train, ds.y_train, min(0.1, cfg.holdout_size / len(ds.x_train)), cfg.seed)
     if cfg.calibration_data is not None:
         cal_source = load_dataset(cfg.calibration_data, cfg.cache_dir)
         if tuple(cal_source.x_train.shape[1:]) != info.input_shape:
@@ -161,7 +147,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
                                    f"of calibration data {cal_source.source} {tuple(cal_source.x_train.shape[1:])}")
         pool = cal_source.x_train
     else:
-        pool = ds.x_train[fit_idx]  # calibration never uses the held-out images
+        pool = x_fit  # calibration never uses the held-out images
     calibration = pool[np.sort(np.random.default_rng(cfg.seed).permutation(len(pool))[:cfg.calibration_size])]
     out = cfg.out_dir
     if out.exists() and not out.is_dir():
@@ -173,7 +159,6 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
         + (f" (last activation {info.output_activation})" if info.output_activation else ""))
     ref_pred = class_predictions(source.predict(ds.x_test), info.output_kind)
     float_acc = float(np.mean(ref_pred == ds.y_test))
-    x_val, y_val = ds.x_train[val_idx], ds.y_train[val_idx]
     float_val_acc = float(np.mean(class_predictions(source.predict(x_val), info.output_kind) == y_val))
     log(f"  float model: accuracy {float_acc:.4f} (held-out training images {float_val_acc:.4f})")
 
@@ -184,12 +169,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
         arrays = work / "arrays"
         arrays.mkdir(parents=True)
         for name, a in (("x_test", ds.x_test), ("y_test", ds.y_test), ("ref_pred", ref_pred),
-                        ("x_fit", ds.x_train[fit_idx]), ("y_fit", ds.y_train[fit_idx]), ("x_val", x_val),
+                        ("x_fit", x_fit), ("y_fit", y_fit), ("x_val", x_val),
                         ("y_val", y_val), ("calibration", calibration)):
             np.save(arrays / f"{name}.npy", np.ascontiguousarray(a))
-        del source  # the worker loads its own copy
         write_text(stage / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
-        job = {"model": str(Path(cfg.model).resolve()), "stage": str(stage), "arrays": str(arrays),
+        # The worker loads its own copy; a Keras 3 model from the SavedModel exported here (the worker
+        # only converts, it never needs Keras 3 itself).
+        job = {"model": source.saved_model_dir if info.keras == 3 else str(Path(cfg.model).resolve()), "stage": str(stage), "arrays": str(arrays),
                "info": info.to_dict(), "config": cfg.to_dict(), "explicit": list(cfg.explicit),
                "num_classes": ds.num_classes, "float_accuracy": float_acc, "float_val_accuracy": float_val_acc,
                "debug": cfg.debug}

@@ -38,8 +38,8 @@ class QATDiverged(RuntimeError):
 class QATResult:
     model: object
     scheme: str
-    quantized_layers: int  # layers with weights wrapped for quantisation
-    weighted_layers: int  # layers of the float model that have weights
+    quantized_layers: int  # convolution/dense layers wrapped for quantisation
+    weighted_layers: int  # convolution/dense layers of the float model (nested models inlined)
     learning_rate: float
     retried: bool
     val_accuracy: float
@@ -82,6 +82,39 @@ def _output_quantize_config():
     return OutputQuantizeConfig
 
 
+def flatten_nested(model):
+    """``model`` with every nested functional model (a ``keras.applications`` base, say) inlined into
+    one graph of plain layers, sharing their weights: tfmot annotates layers, and refuses a model
+    used as a layer. Models without nested models come back unchanged."""
+    keras = import_keras()
+    tf = import_tf()
+    if not any(isinstance(layer, keras.Model) for layer in model.layers):
+        return model
+
+    def inline(m, inputs):  # tf_keras's own graph walk (Functional._run_internal_graph), recursing
+        usage = m._tensor_usage_count
+        tensors = {}
+        for x, y in zip(m.inputs, tf.nest.flatten(inputs)):
+            tensors[str(id(x))] = [y] * usage[str(id(x))]
+        for depth in sorted(m._nodes_by_depth, reverse=True):
+            for node in m._nodes_by_depth[depth]:
+                if node.is_input or any(t not in tensors for t in node.flat_input_ids):
+                    continue
+                args, kwargs = node.map_arguments(tensors)
+                layer = node.layer
+                if isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
+                    outputs = inline(layer, args[0] if len(args) == 1 else args)
+                else:
+                    outputs = layer(*args, **kwargs)
+                for x_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
+                    tensors[x_id] = [y] * usage[x_id]
+        outs = [tensors[str(id(x))].pop() for x in m.outputs]
+        return outs[0] if len(outs) == 1 else outs
+
+    inputs = [keras.Input(x.shape[1:], dtype=x.dtype) for x in model.inputs]
+    return keras.Model(inputs, inline(model, inputs[0] if len(inputs) == 1 else inputs), name=model.name)
+
+
 def quantize_aware_model(model, scheme: str = "default"):
     """``model`` (tf_keras) wrapped for quantisation-aware training with ``scheme`` (see SCHEMES)."""
     keras = import_keras()
@@ -91,6 +124,7 @@ def quantize_aware_model(model, scheme: str = "default"):
         raise ValueError(f"scheme: unknown QAT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     qk = tfmot.quantization.keras
     OutputQuantizeConfig = _output_quantize_config()
+    model = flatten_nested(model)
 
     def annotate(layer):
         if isinstance(layer, keras.layers.Rescaling):
@@ -107,10 +141,15 @@ def quantize_aware_model(model, scheme: str = "default"):
         return qk.quantize_apply(annotated)
 
 
+def has_kernel(layer) -> bool:
+    """A convolution or dense layer: what quantisation coverage counts (batch norm is folded, not counted)."""
+    return any(hasattr(layer, a) for a in ("kernel", "depthwise_kernel", "pointwise_kernel"))
+
+
 def count_quantized(qat_model) -> int:
-    """Layers with weights that tfmot wrapped for quantisation (the coverage the report states)."""
+    """Convolution and dense layers that tfmot wrapped for quantisation (the coverage the report states)."""
     return sum(1 for layer in qat_model.layers
-               if type(layer).__name__.startswith("QuantizeWrapper") and layer.layer.weights)
+               if type(layer).__name__.startswith("QuantizeWrapper") and has_kernel(layer.layer))
 
 
 def loss_for(output_kind: str):
@@ -168,17 +207,18 @@ def fine_tune(qat, x, y, x_val, y_val, *, output_kind: str, epochs: int, learnin
 
 
 def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, float_val_accuracy: float,
-              epochs: int, scheme: str, learning_rate: float = 1e-4, seed: int = 0,
+              epochs: int, scheme: str, learning_rate: float = 1e-4, seed: int = 0, qat_model=None,
               log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
-    """Build the QAT model with ``scheme`` and fine-tune it from the float weights; a diverged run is
-    retried once at a tenth of the learning rate, then QATDiverged is raised."""
+    """Fine-tune the QAT model of ``scheme`` (``qat_model`` if already built, else built here) from the
+    float weights; a diverged run is retried once, on a fresh build, at a tenth of the learning rate,
+    then QATDiverged is raised."""
     if epochs < 1:
         raise ValueError(f"qat_epochs: must be >= 1, got {epochs}")
     chance = 1.0 / num_classes
-    weighted = sum(1 for layer in model.layers if layer.weights)
+    weighted = sum(1 for layer in flatten_nested(model).layers if has_kernel(layer))
     reasons = []
     for attempt, lr in enumerate((learning_rate, learning_rate / 10)):
-        qat = quantize_aware_model(model, scheme)
+        qat = qat_model if attempt == 0 and qat_model is not None else quantize_aware_model(model, scheme)
         quantized = count_quantized(qat)
         val_acc, loss, reason = fine_tune(qat, x, y, x_val, y_val, output_kind=output_kind, epochs=epochs,
                                           learning_rate=lr, seed=seed, log=log, heartbeat=heartbeat)

@@ -47,8 +47,8 @@ def render_markdown(report: dict) -> str:
     for r in report["variants"]:
         if r.get("qat"):
             q = r["qat"]
-            lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, {q['quantized_layers']} of {q['weighted_layers']} layers with weights "
-                      f"quantised, learning rate {q['learning_rate']:g}"
+            lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, {q['quantized_layers']} of {q['weighted_layers']} convolution/dense "
+                      f"layers quantised, learning rate {q['learning_rate']:g}"
                       + (" after a diverged first try" if q["retried_after_divergence"] else "")
                       + ("; schemes that failed first: " + "; ".join(q["schemes_failed"]) if q["schemes_failed"]
                          else "") + "."]

@@ -64,15 +64,16 @@ class _RuntimeModel:
 
 
 class TFLiteModel(_RuntimeModel):
-    """A .tflite file in the LiteRT interpreter."""
+    """A .tflite file (or its bytes, ``content``) in the LiteRT interpreter."""
 
     format = "tflite"
 
-    def __init__(self, path: str, num_threads: int = 1):
+    def __init__(self, path: Optional[str] = None, num_threads: int = 1, content: Optional[bytes] = None):
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = path
-        self._interp = Interpreter(model_path=str(path), num_threads=num_threads)
+        self._interp = Interpreter(model_path=str(path) if content is None else None, model_content=content,
+                                   num_threads=num_threads)
         self._interp.allocate_tensors()
         i, o = self._interp.get_input_details()[0], self._interp.get_output_details()[0]
         self._in_index, self._out_index = i["index"], o["index"]

@@ -58,19 +58,9 @@ def _nmse(float_values, quant_values, scale, zero_point) -> float:
 
 
 def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
-    from ai_edge_litert.interpreter import Interpreter
+    from export.runtime import TFLiteModel
 
-    interp = Interpreter(model_content=blob)
-    i, o = interp.get_input_details()[0], interp.get_output_details()[0]
-    preds = []
-    for s in range(0, len(x), 250):
-        batch = x[s:s + 250].astype(np.float32)
-        interp.resize_tensor_input(i["index"], [len(batch), *batch.shape[1:]])
-        interp.allocate_tensors()
-        interp.set_tensor(i["index"], batch)
-        interp.invoke()
-        preds.append(interp.get_tensor(o["index"]))
-    return float(np.mean(class_predictions(np.concatenate(preds), output_kind) == y))
+    return float(np.mean(class_predictions(TFLiteModel(content=blob).predict(x), output_kind) == y))
 
 
 def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,

@@ -84,11 +84,11 @@ def convert_int8(model, calibration: np.ndarray, io_type: str = "uint8") -> byte
         return c.convert()
 
 
-def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = None,
-                    qat_model=None) -> bytes:
+def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = None) -> bytes:
     """Convert ``model`` (tf_keras model or SourceModel) to TFLite ``variant``.
 
-    ``int8_selective`` needs held-out images and a budget: :func:`export.selective.build_int8_selective`."""
+    ``qat_int8`` is ``convert_int8`` of the QAT model (:mod:`export.qat`); ``int8_selective`` needs
+    held-out images and a budget (:func:`export.selective.build_int8_selective`)."""
     if variant == "float32":
         return convert_float32(model)
     if variant == "dynamic":
@@ -97,11 +97,7 @@ def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = 
         return convert_float16(model)
     if variant == "int8":
         return convert_int8(model, calibration)
-    if variant == "qat_int8":
-        if qat_model is None:
-            raise ValueError("qat_model: required for the qat_int8 variant")
-        return convert_int8(qat_model, calibration)
-    raise ValueError(f"variant: unknown TFLite variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    raise ValueError(f"variant: {variant!r} is not a plain conversion; choose from float32, dynamic, float16, int8")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

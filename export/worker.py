@@ -24,21 +24,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from export.errors import one_line
+
 
 class Skip(Exception):
     """The variant does not apply to this model; the message says why."""
-
-
-def one_line(e: BaseException) -> str:
-    """The gist of an error on one line. The TFLite converter's messages are MLIR diagnostics with
-    source locations and notes: keep the first ``error:`` sentence."""
-    text = " ".join(str(e).split())
-    if "error: " in text:
-        text = text.split("error: ", 1)[1].split(" note: ")[0]
-        text = text.split(" ^ ")[0].split(" <unknown>:")[0]
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class Events:
@@ -96,7 +86,8 @@ class Context:
     def int8_file(self) -> Path:
         from export import tflite
 
-        return self.tflite_file("int8", lambda: tflite.convert_int8(self.source, self.calibration))
+        return self.tflite_file("int8", lambda: tflite.convert_variant("int8", self.source,
+                                                                        calibration=self.calibration))
 
     def measure(self, path: Path, **open_kw) -> dict:
         """Accuracy and agreement on the full test split, latency at batch 1, throughput at a batch."""
@@ -138,12 +129,6 @@ def _plain_tflite(variant: str):
                                                                        calibration=ctx.calibration))
         return path, ctx.measure(path), {}
     return build
-
-
-def _build_int8(ctx: Context, attempt: int):
-    ctx.phase("converting int8")
-    path = ctx.int8_file()
-    return path, ctx.measure(path), {}
 
 
 def _build_int8_selective(ctx: Context, attempt: int):
@@ -191,25 +176,25 @@ def _build_qat(ctx: Context, attempt: int):
         # Rebuilding the graph takes seconds; tfmot can also loop forever on some graphs.
         ctx.phase(f"tfmot {scheme} scheme: rebuilding the model for QAT", timeout_s=cfg["qat_build_timeout"])
         try:
-            qat.quantize_aware_model(ctx.source.keras2, scheme)
+            qat_model = qat.quantize_aware_model(ctx.source.keras2, scheme)
         except Exception as e:  # tfmot raises many types for graphs it cannot rebuild
             failures.append(f"{scheme}: {one_line(e)}")
             ctx.log(f"  qat scheme {scheme} cannot rebuild this model ({one_line(e)[:160]})")
             continue
-        ctx.phase(f"quantisation-aware fine-tuning ({cfg['qat_epochs']} epochs on {len(ctx.x_fit):,} images, "
-                  f"scheme {scheme})")
-        ctx.log(f"  quantisation-aware fine-tuning ({cfg['qat_epochs']} epochs on {len(ctx.x_fit):,} images, "
+        what = (f"quantisation-aware fine-tuning ({cfg['qat_epochs']} epochs on {len(ctx.x_fit):,} images, "
                 f"scheme {scheme})")
+        ctx.phase(what)
+        ctx.log(f"  {what}")
         res = qat.train_qat(ctx.source.keras2, np.asarray(ctx.x_fit), np.asarray(ctx.y_fit), ctx.x_val, ctx.y_val,
                             output_kind=ctx.info.output_kind, num_classes=ctx.job["num_classes"],
                             float_val_accuracy=ctx.job["float_val_accuracy"], epochs=cfg["qat_epochs"],
-                            scheme=scheme, learning_rate=cfg["qat_learning_rate"], seed=cfg["seed"], log=ctx.log,
-                            heartbeat=ctx.beat)
+                            scheme=scheme, learning_rate=cfg["qat_learning_rate"], seed=cfg["seed"],
+                            qat_model=qat_model, log=ctx.log, heartbeat=ctx.beat)
         ctx.phase("converting qat_int8")
         path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(res.model, ctx.calibration))
         extra = {"qat": {**res.summary(), "schemes_failed": failures}}
-        ctx.log(f"  qat_int8: scheme {scheme}, {res.quantized_layers} of {res.weighted_layers} layers with "
-                "weights quantised")
+        ctx.log(f"  qat_int8: scheme {scheme}, {res.quantized_layers} of {res.weighted_layers} convolution/dense "
+                "layers quantised")
         return path, ctx.measure(path), extra
     raise RuntimeError("no QAT scheme could rebuild this model: " + "; ".join(failures))
 
@@ -293,7 +278,7 @@ BUILDERS: dict[str, Callable] = {
     "float32": _plain_tflite("float32"),
     "dynamic": _plain_tflite("dynamic"),
     "float16": _plain_tflite("float16"),
-    "int8": _build_int8,
+    "int8": _plain_tflite("int8"),
     "int8_selective": _build_int8_selective,
     "qat_int8": _build_qat,
     "onnx_float32": _build_onnx_float32,

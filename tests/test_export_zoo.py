@@ -119,5 +119,5 @@ def test_qat_falls_back_when_tfmot_cannot_rebuild(zoo, exported):
     assert q["scheme"] != "default" and q["schemes_failed"], q
     assert q["schemes_failed"][0].startswith("default:") or "tfmot default scheme" in q["schemes_failed"][0]
     assert 0 < q["quantized_layers"] < q["weighted_layers"]
-    assert f"{q['quantized_layers']} of {q['weighted_layers']} layers with weights" in (
+    assert f"{q['quantized_layers']} of {q['weighted_layers']} convolution/dense layers quantised" in (
         Path(report["variants"][0]["path"]).parent / "report.md").read_text()

@@ -34,7 +34,6 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-IMAGE_SHAPE = (32, 32, 3)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Bump when the decoded layout changes, so stale caches are not read.
 _CACHE_VERSION = 1

@@ -23,12 +23,24 @@ def set_tf_env() -> None:
         os.environ.setdefault(k, v)
 
 
-# C++ log lines TensorFlow prints while it looks for devices, which read like failures on a CPU-only
-# machine: the CUDA build finding no driver. Real errors still come through (as Python exceptions,
-# and as any other log line).
-_DEVICE_NOISE = ("failed call to cuInit", "Could not find cuda drivers",
-                 "All log messages before absl::InitializeLog() is called")
+# Lines TensorFlow and Ray print on every run that read like failures and are not: CUDA probing on a
+# CPU-only machine, absl's note that logging is not initialised, TensorFlow's gRPC server start (absl
+# INFO, which TF_CPP_MIN_LOG_LEVEL does not cover), and Ray Train's warning about its own
+# PreemptionWatcher actor. A line is noise when it contains every part of one pattern; each is narrow,
+# and every other line (real errors included) passes. Used here for device initialisation and by
+# toolkit.train on the worker logs Ray forwards.
+KNOWN_NOISE = (
+    ("failed call to cuInit",),
+    ("Could not find cuda drivers",),
+    ("All log messages before absl::InitializeLog() is called",),
+    ("grpc_server_lib.cc", "Started server with target"),
+    ("PreemptionWatcher", "max_restarts > 0"),
+)
 _devices_ready = False
+
+
+def is_noise(line: str) -> bool:
+    return any(all(part in line for part in pattern) for pattern in KNOWN_NOISE)
 
 
 def _init_devices_quietly(tf) -> None:
@@ -55,7 +67,7 @@ def _init_devices_quietly(tf) -> None:
             os.close(saved)
         cap.seek(0)
         kept = [line for line in cap.read().decode(errors="replace").splitlines(keepends=True)
-                if not any(n in line for n in _DEVICE_NOISE)]
+                if not is_noise(line)]
     if kept:
         sys.stderr.write("".join(kept))
         sys.stderr.flush()

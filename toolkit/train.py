@@ -33,7 +33,7 @@ from toolkit.config import TrainConfig
 from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
 from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
 from toolkit.tf import (
-    LEGACY_KERAS_ENV, import_keras, import_tf, quiet_tf_logs, save_model, set_threads, set_tf_env,
+    LEGACY_KERAS_ENV, import_keras, import_tf, is_noise, quiet_tf_logs, save_model, set_threads, set_tf_env,
 )
 
 MODEL_FILE = "model.keras"
@@ -321,26 +321,9 @@ class TrainOutcome:
     config: TrainConfig  # with the layout resolved
 
 
-# Lines the workers and Ray Train's controller print on every run that read like failures and are not:
-# absl's note that logging is not initialised, TensorFlow's gRPC server start (absl INFO, which
-# TF_CPP_MIN_LOG_LEVEL does not cover), CUDA probing on CPU machines, and Ray Train's warning about its
-# own PreemptionWatcher actor. Each is matched narrowly; every other line passes.
-_WORKER_NOISE = (
-    ("All log messages before absl::InitializeLog() is called",),
-    ("grpc_server_lib.cc", "Started server with target"),
-    ("failed call to cuInit",),
-    ("Could not find cuda drivers",),
-    ("PreemptionWatcher", "max_restarts > 0"),
-)
-
-
-def _is_noise(line: str) -> bool:
-    return any(all(part in line for part in pattern) for pattern in _WORKER_NOISE)
-
-
 def _filter_worker_logs() -> None:
-    """Drop known noise from the worker logs Ray forwards to this driver (its ``log_to_driver``
-    handler, wrapped; if Ray's internals move, logs pass through unfiltered)."""
+    """Drop known noise (``toolkit.tf.KNOWN_NOISE``) from the worker logs Ray forwards to this driver
+    (its ``log_to_driver`` handler, wrapped; if Ray's internals move, logs pass through unfiltered)."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -350,7 +333,7 @@ def _filter_worker_logs() -> None:
         for name, handler in dispatcher.handlers:
             if name == "ray_print_logs":
                 def handler(data, _print=handler):
-                    lines = [line for line in data.get("lines", []) if not _is_noise(line)]
+                    lines = [line for line in data.get("lines", []) if not is_noise(line)]
                     if lines:
                         _print({**data, "lines": lines})
             wrapped.append((name, handler))
