@@ -251,3 +251,26 @@ def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cac
 def test_help(module):
     proc = run_cli(module, ["--help"], timeout=120)
     assert proc.returncode == 0 and "--max-drop" in proc.stdout and "--variants" in proc.stdout
+
+
+def test_a_model_used_as_a_layer_is_inlined_for_qat():
+    """Transfer learning's shape (a base model under a new head, as with keras.applications): tfmot refuses a
+    model used as a layer, so QAT inlines it first: same outputs, and every conv/dense layer quantised."""
+    from export.qat import count_quantized, flatten_nested, has_kernel, quantize_aware_model
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    L = keras.layers
+    b_in = keras.Input((16, 16, 3))
+    b = L.Conv2D(8, 3, padding="same", use_bias=False)(b_in)
+    b = L.ReLU()(L.BatchNormalization()(b))
+    base = keras.Model(b_in, L.Add()([L.DepthwiseConv2D(3, padding="same")(b), b]), name="base")
+    inp = keras.Input((16, 16, 3))
+    x = base(L.Rescaling(1 / 255)(inp))
+    model = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(x)))
+    flat = flatten_nested(model)
+    assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
+    x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    qat = quantize_aware_model(model, "default")
+    assert count_quantized(qat) == sum(1 for layer in flat.layers if has_kernel(layer)) == 3
