@@ -101,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None,
                    help="Ray Train run name (default: <model>-<time>); the same name and storage path resume a run")
     g.add_argument("--storage-path", default=None,
-                   help="where Ray Train keeps runs and checkpoints (default: Ray's, ~/ray_results)")
+                   help="where Ray Train keeps runs and checkpoints: a folder every node sees, or s3://bucket/prefix "
+                        "(default: Ray's, ~/ray_results, which is local to each node)")
+    g.add_argument("--s3-endpoint", default=None,
+                   help="S3-compatible endpoint URL for s3:// locations (default: $AWS_ENDPOINT_URL_S3, "
+                        "$AWS_ENDPOINT_URL, else AWS); credentials from the standard AWS_* variables")
     g.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"].default)
     g.add_argument("--max-failures", type=int, default=d["max_failures"].default,
                    help="worker-group restarts from the latest checkpoint before giving up")
     g = p.add_argument_group("outputs")
-    g.add_argument("--output", default=d["output"].default, help="folder for the model, metrics and plots")
+    g.add_argument("--output", default=d["output"].default,
+                   help="folder (or s3://bucket/prefix) for the model, metrics and plots")
     g.add_argument("--export", action=argparse.BooleanOptionalAction, default=d["export"].default,
                    help="run the edge export (TFLite/ONNX variants, drift report) after training")
     g.add_argument("--max-drop", type=float, default=d["max_drop"].default,
@@ -134,18 +139,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k != "smoke_test"})
 
 
-def check_output_folder(path: str) -> str | None:
-    """Why ``path`` cannot receive the run's outputs (None if it can), checked before any training."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        return "exists and is not a folder"
-    probe = p
-    while not probe.exists():  # the nearest existing parent must be a writable folder
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable"
+def check_destinations(cfg: TrainConfig) -> str | None:
+    """One line on the first place the run could not write (outputs, checkpoints), or None: checked
+    before any data is read or worker started, so a bad path never costs a training run."""
+    from toolkit.storage import check_writable
+
+    for flag, location in (("--output", cfg.output), ("--storage-path", cfg.storage_path)):
+        if location:
+            problem = check_writable(location, cfg.s3_endpoint)
+            if problem:
+                return f"{flag} {location}: {problem}"
     return None
 
 
@@ -157,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    problem = check_output_folder(cfg.output)
+    problem = check_destinations(cfg)
     if problem:
-        print(f"error: --output {cfg.output}: {problem}", file=sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
         return 2
 
     from toolkit.data import DataError, load_dataset
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.cluster import LayoutError
     from toolkit.train import TrainingDiverged, TrainingInterrupted, fit_distributed
 
+    from toolkit.storage import is_uri, upload_folder
+
     with tempfile.TemporaryDirectory() as work:
         try:
             outcome = fit_distributed(cfg, ds, work)
@@ -189,22 +194,35 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingInterrupted as e:
             print(f"stopped: {e}", file=sys.stderr)
             return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
-        metrics = write_training_outputs(ds, outcome, cfg.output)
-    print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
-          f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
-          f"{metrics['train_images_per_s']:,.0f} img/s) -> {os.path.abspath(cfg.output)}", flush=True)
-    if not cfg.export:
-        return 0
-    from export.cli import exit_status
-    from export.pipeline import ExportConfig, run_export
+        # An object-store output is written here first and uploaded once complete.
+        local_out = os.path.join(work, "output") if is_uri(cfg.output) else cfg.output
+        metrics = write_training_outputs(ds, outcome, local_out)
+        where = cfg.output if is_uri(cfg.output) else os.path.abspath(cfg.output)
+        print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
+              f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
+              f"{metrics['train_images_per_s']:,.0f} img/s) -> {where}", flush=True)
+        status = 0
+        if cfg.export:
+            from export.cli import exit_status
+            from export.pipeline import ExportConfig, run_export
 
-    report = run_export(
-        ExportConfig(model=os.path.join(cfg.output, "model.keras"), data=cfg.data,
-                     out=os.path.join(cfg.output, "export"), max_drop=cfg.max_drop, qat_epochs=cfg.qat_epochs,
-                     cache_dir=cfg.cache_dir, seed=cfg.seed),
-        log=lambda line: print(line, flush=True), dataset=ds,
-    )
-    return exit_status(report)
+            report = run_export(
+                ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data,
+                             out=os.path.join(local_out, "export"), max_drop=cfg.max_drop,
+                             qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed),
+                log=lambda line: print(line, flush=True), dataset=ds,
+            )
+            status = exit_status(report)
+        if is_uri(cfg.output):
+            try:
+                keys = upload_folder(local_out, cfg.output, cfg.s3_endpoint, last=("metrics.json",))
+            except Exception as e:  # the bucket went away during the run: say so, keep the exit code meaningful
+                from toolkit.storage import gist
+
+                print(f"error: --output {cfg.output}: upload failed: {gist(e)}", file=sys.stderr)
+                return 1
+            print(f"uploaded {len(keys)} files to {cfg.output}", flush=True)
+    return status
 
 
 if __name__ == "__main__":

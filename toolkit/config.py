@@ -97,14 +97,19 @@ class TrainConfig:
     resource_timeout: float = 60.0
     # Ray Train run name: the same name and storage path resume an interrupted run.
     name: Optional[str] = None
-    # Where Ray Train keeps runs and checkpoints (a local folder, NFS, or s3://...).
+    # Where Ray Train keeps runs and checkpoints: a local folder, a shared mount (NFS), or an object
+    # store (s3://bucket/prefix). A multi-node run needs one every node reaches.
     storage_path: Optional[str] = None
+    # S3-compatible endpoint for s3:// locations (MinIO, Ceph, ...); None = AWS_ENDPOINT_URL_S3 /
+    # AWS_ENDPOINT_URL, else AWS itself. Credentials come from the standard AWS variables.
+    s3_endpoint: Optional[str] = None
     # Checkpoints kept per run; each is the full model (about 4 MB for seed_cnn).
     keep_checkpoints: int = 3
     # Whole-group restarts after a worker dies, each resuming from the latest checkpoint.
     max_failures: int = 3
 
     # --- outputs --------------------------------------------------------------------------
+    # A local folder or an object-store prefix (s3://...): written locally, uploaded at the end.
     output: str = "out"
     # Run the edge export (TFLite/ONNX variants and the drift report) after training.
     export: bool = True

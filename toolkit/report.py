@@ -61,6 +61,11 @@ def write_training_outputs(ds: Dataset, outcome: TrainOutcome, output: str) -> d
         "num_workers": outcome.config.num_workers,
         "cpus_per_worker": outcome.config.cpus_per_worker,
         "workers": outcome.workers,
+        # Failures survived: worker-group restarts in this run (each from the latest checkpoint), the
+        # epochs each start began from, and the epoch a rerun of the command resumed from.
+        "restarts": outcome.restarts,
+        "starts": outcome.starts,
+        "resumed_from_epoch": outcome.resumed_from_epoch,
         "step_breakdown_ms": _step_breakdown(outcome.workers),
         "time_to_70pct_val_accuracy": time_to_accuracy(outcome.history, 0.70),
         "num_train_images": int(len(ds.x_train)),

@@ -31,6 +31,7 @@ import numpy as np
 from toolkit.cluster import LayoutError, wait_until_placeable, worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.data import Dataset, make_eval_dataset, make_train_dataset, split_validation
+from toolkit.storage import filesystem as storage_filesystem, has_checkpoint, is_uri
 from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
 from toolkit.tf import (
     LEGACY_KERAS_ENV, import_keras, import_tf, is_noise, quiet_tf_logs, save_model, set_threads, set_tf_env,
@@ -151,6 +152,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         install_train_step(model, accumulate_steps=cfg.accumulate_steps, grad_dtype=cfg.grad_dtype, options=options,
                            deferred_metrics=False if cfg.step_metrics else None)
 
+    tracker = config.get("tracker")
+    if tracker is not None and rank == 0:
+        ray.get(tracker.started.remote(int(state["epoch"]), worker_node_id()))
+
     worker = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_id": worker_node_id(),
               "cpus": cfg.cpus_per_worker, "batches": 0, "batch_size": per_worker_batch,
               "micro_batch_size": per_worker_batch // cfg.accumulate_steps}
@@ -209,6 +214,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     f"{images_per_s:,.0f} img/s  {seconds:.1f}s  left {_fmt_duration(eta)}"
                     + ("  (early stop)" if self.model.stop_training else "")
                 )
+            if tracker is not None and rank == 0:
+                tracker.epoch_done.remote(state["epoch"])
             _report(self.model, best_weights, state, cfg, rank, final=False,
                     metrics={**logs, "epoch": state["epoch"]})
 
@@ -319,6 +326,43 @@ class TrainOutcome:
     train_images_per_s: float
     run_path: str
     config: TrainConfig  # with the layout resolved
+    # Worker-group starts in this driver's run: [{"from_epoch", "epochs_done_before", "node_id", "time"}].
+    # More than one = restarts after failures; a first start from epoch > 0 = a resumed run.
+    starts: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def restarts(self) -> int:
+        return max(len(self.starts) - 1, 0)
+
+    @property
+    def resumed_from_epoch(self) -> Optional[int]:
+        return self.starts[0]["from_epoch"] if self.starts and self.starts[0]["from_epoch"] > 0 else None
+
+
+def _run_tracker(ray):
+    """A small actor on the driver's node that outlives worker-group restarts: the workers' rank 0
+    tells it when a group starts (and from which epoch) and when an epoch is done, so the driver can
+    count restarts and the epochs each one lost. Ray Train's own failure count stays in its controller."""
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class RunTracker:
+        def __init__(self):
+            self.starts, self.epochs_done = [], 0
+
+        def started(self, from_epoch: int, node_id: Optional[str]) -> None:
+            self.starts.append({"from_epoch": from_epoch, "epochs_done_before": self.epochs_done,
+                                "node_id": node_id, "time": time.time()})
+
+        def epoch_done(self, epoch: int) -> None:
+            self.epochs_done = max(self.epochs_done, epoch)
+
+        def get_starts(self) -> list[dict]:
+            return self.starts
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return RunTracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
 
 
 def _filter_worker_logs() -> None:
@@ -373,29 +417,38 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     # others: no worker needs the data path, so this works unchanged on a multi-node cluster.
     data_ref = ray.put({"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val})
     name = cfg.name or time.strftime(f"{cfg.model}-%Y%m%d-%H%M%S")
-    storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path)) if cfg.storage_path and "://" not in cfg.storage_path else cfg.storage_path
+    storage_fs, storage_path = None, cfg.storage_path
+    if is_uri(cfg.storage_path):  # an object store: one filesystem object, endpoint and keys included
+        storage_fs, storage_path = storage_filesystem(cfg.storage_path, cfg.s3_endpoint)
+    elif cfg.storage_path:
+        storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
+    run_dir = f"{(cfg.storage_path if storage_fs else storage_path).rstrip('/')}/{name}" if storage_path \
+        else f"~/ray_results/{name}"
+    if has_checkpoint(cfg.storage_path or "~/ray_results", name, cfg.s3_endpoint):
+        log(f"run {name}: checkpoints found in {run_dir}; resuming from the latest")
+    else:
+        log(f"run {name}: checkpoints go to {run_dir}")
+    tracker = _run_tracker(ray)
     TensorflowTrainer = _trainer_class()
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "data": data_ref, "num_classes": ds.num_classes},
+        train_loop_config={"train": cfg.to_dict(), "data": data_ref, "num_classes": ds.num_classes,
+                           "tracker": tracker},
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": layout.cpus_per_worker,
                                   **({"GPU": layout.gpus_per_worker} if cfg.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     t0 = time.perf_counter()
-    run_dir = f"{storage_path.rstrip('/')}/{name}" if storage_path else f"~/ray_results/{name}"
 
     def resume_hint() -> str:
-        local = os.path.expanduser(run_dir)
-        if "://" not in run_dir and os.path.isdir(local) and not any(
-                n.startswith("checkpoint_") for n in os.listdir(local)):
+        if not has_checkpoint(cfg.storage_path or "~/ray_results", name, cfg.s3_endpoint):
             return f"no checkpoint of run {name} was saved yet ({run_dir}): the same command starts it again"
         return (f"the checkpoints of run {name} are kept ({run_dir}); run the same command again (same --name "
                 f"{name} and --storage-path) to resume from the last one")
@@ -434,5 +487,5 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     return TrainOutcome(
         model_path=model_path, history=hist, best_epoch=state["best_epoch"], workers=workers, epochs_run=state["epoch"],
         wall_time_s=wall, train_images_per_s=float(images / train_time) if train_time else 0.0,
-        run_path=result.path, config=cfg,
+        run_path=result.path, config=cfg, starts=ray.get(tracker.get_starts.remote()),
     )
