@@ -27,6 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raylet_pids() -> set[int]:
+    """Pids of the raylet processes running on this machine (one per Ray node)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    exe = f.read().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if exe.endswith(b"/raylet"):
+                pids.add(int(entry))
+    return pids
+
+
 def ray_executable() -> str:
     here = Path(sys.executable).parent / "ray"
     return str(here) if here.exists() else (shutil.which("ray") or "ray")
@@ -40,13 +55,20 @@ class LocalCluster:
     nodes: int
     cpus_per_node: int
     pin: bool = True
+    # The head's dashboard serves `ray job submit`; off by default (it costs a process and memory).
+    dashboard: bool = False
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
     port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
     started: list[dict] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -69,8 +91,10 @@ class LocalCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
     def start(self) -> "LocalCluster":
-        self._run(["start", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0",
-                   "--include-dashboard=false", "--disable-usage-stats",
+        dash = ([f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
+                if self.dashboard else ["--include-dashboard=false"])
+        self._run(["start", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0", *dash,
+                   "--disable-usage-stats",
                    f"--ray-client-server-port={free_port()}"])
         for _ in range(self.nodes):
             self.add_node()
@@ -80,6 +104,7 @@ class LocalCluster:
         """Start one more worker node (pinned to the next cores); returns its cores."""
         index = len(self.started)
         cores = self.cores(index)
+        before = raylet_pids()
         base = 20000 + 1000 * (index % 40)  # each node its own worker-port range
         self._run([
             "start", f"--address={self.address}", f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
@@ -87,9 +112,20 @@ class LocalCluster:
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
             f"--min-worker-port={base}", f"--max-worker-port={base + 999}", "--disable-usage-stats",
         ], cores if self.pin else None)
-        self.started.append({"index": index, "cores": cores})
-        self.wait_for_nodes(index + 1)
+        new = raylet_pids() - before
+        self.started.append({"index": index, "cores": cores, "raylet_pid": min(new) if new else None})
+        self.wait_for_nodes(sum(1 for n in self.started if not n.get("killed")))
         return cores
+
+    def kill_node(self, index: int) -> int:
+        """SIGKILL worker node ``index``'s raylet, as when a machine dies (its workers die with it);
+        returns the pid killed."""
+        import signal
+
+        node = self.started[index]
+        os.kill(node["raylet_pid"], signal.SIGKILL)
+        node["killed"] = True
+        return node["raylet_pid"]
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
         """Block until ``count`` worker nodes are alive (asks the cluster through a short client)."""
@@ -105,6 +141,16 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {lines[-1] if lines else '?'} of {count} Ray nodes came up: {proc.stderr[-1000:]}")
             time.sleep(1.0)
+
+    def ray_nodes(self) -> list[dict]:
+        """Ray's view of the cluster's nodes: [{"node_id", "alive", "cpus", "head"}] (asked through a short client)."""
+        import json
+
+        code = ("import json, ray\nray.init(logging_level='ERROR')\nprint(json.dumps([{'node_id': n['NodeID'], "
+                "'alive': n['Alive'], 'cpus': n['Resources'].get('CPU', 0), 'head': 'node:__internal_head__' in "
+                "n['Resources']} for n in ray.nodes()]))")
+        proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def stop(self) -> None:
         subprocess.run([ray_executable(), "stop", "--force"], env=self.env, capture_output=True, timeout=300)

@@ -1,0 +1,226 @@
+"""Cluster-grade runs, for real: a Ray head plus worker nodes started with `ray start` on this machine
+(token authentication on), a real S3 API endpoint (moto's standalone server), and real failures
+(a worker node's raylet SIGKILLed, the driver SIGKILLed, destinations that cannot be written).
+
+Each test asserts what the user sees (the lines, the exit status) and that nothing was lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from toolkit.localcluster import LocalCluster, free_port, ray_executable
+
+TRAIN = str(ROOT / "jobs" / "train.py")
+BUCKET = "runs"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free port, a bucket, and the standard AWS_* variables that reach it."""
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto server did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.3)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": url}
+    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield {"env": env, "url": url, "client": client}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def s3_json(s3, key):
+    return json.loads(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def s3_keys(s3, prefix):
+    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (no CPUs, dashboard on for `ray job submit`) and two 1-CPU worker nodes. The nodes are
+    started without any AWS variables: workers reach the bucket through what the driver hands them."""
+    with LocalCluster(nodes=2, cpus_per_node=1, dashboard=True) as c:
+        yield c
+
+
+def driver(cluster, s3, args, out_file):
+    """jobs/train.py as a driver connected to ``cluster`` (RAY_ADDRESS), its output in ``out_file``."""
+    env = {**cluster.env, **s3["env"]}
+    return subprocess.Popen([sys.executable, TRAIN, *args], env=env, stdout=open(out_file, "w"),
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def wait_for_line(path, text, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = Path(path).read_text() if Path(path).exists() else ""
+        if text in content:
+            return content
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    pytest.fail(f"never saw {text!r}:\n{Path(path).read_text()[-3000:]}")
+
+
+def run_args(tiny_tree_tgz, cache_dir, name, output, epochs):
+    return ["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--num-workers", "2", "--cpus-per-worker", "1",
+            "--batch-size", "32", "--epochs", str(epochs), "--storage-path", f"s3://{BUCKET}/ray", "--name", name,
+            "--output", output, "--no-export", "--resource-timeout", "120"]
+
+
+def test_job_submit_runs_on_two_nodes_with_checkpoints_and_outputs_in_s3(cluster, s3, tiny_tree_tgz, cache_dir,
+                                                                         tmp_path):
+    # The data archive is not in the job's working dir: only the driver (on the head) reads it.
+    job_env = json.dumps({"env_vars": s3["env"]})
+    proc = subprocess.run(
+        [ray_executable(), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(ROOT),
+         "--runtime-env-json", job_env, "--", "python", "jobs/train.py",
+         *run_args(tiny_tree_tgz, cache_dir, "submitted", f"s3://{BUCKET}/submitted-out", 2)],
+        env=cluster.env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "succeeded" in text.lower()
+    assert f"checkpoints go to s3://{BUCKET}/ray/submitted" in text
+    m = s3_json(s3, "submitted-out/metrics.json")
+    assert m["epochs"] == 2 and m["restarts"] == 0
+    nodes = {n["node_id"]: n for n in cluster.ray_nodes()}
+    worker_nodes = [w["node_id"] for w in m["workers"]]
+    assert len(set(worker_nodes)) == 2, "the two training workers ran on two different Ray nodes"
+    assert all(nodes[n]["cpus"] == 1 and not nodes[n]["head"] for n in worker_nodes)
+    assert all(w["batches"] > 0 for w in m["workers"]), "both workers received data and trained"
+    keys = s3_keys(s3, "")
+    assert "submitted-out/model.keras" in keys and "submitted-out/curves.png" in keys
+    assert any(k.startswith("ray/submitted/checkpoint_") and k.endswith("/model.keras") for k in keys)
+
+
+def test_a_killed_driver_is_resumed_from_s3_by_the_same_command(cluster, s3, tiny_tree_tgz, cache_dir, tmp_path):
+    args = run_args(tiny_tree_tgz, cache_dir, "driverkill", str(tmp_path / "out"), 12)
+    first = driver(cluster, s3, args, tmp_path / "first.txt")
+    wait_for_line(tmp_path / "first.txt", "epoch   3/12", first)
+    time.sleep(4)  # Ray Train's controller registers a reported checkpoint on its next poll (every 2 s)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    saved = [k for k in s3_keys(s3, "ray/driverkill/") if k.endswith("state.json")]
+    assert saved, "a checkpoint reached the bucket before the kill"
+
+    second = driver(cluster, s3, args, tmp_path / "second.txt")
+    assert second.wait(timeout=600) == 0, (tmp_path / "second.txt").read_text()[-4000:]
+    text = (tmp_path / "second.txt").read_text()
+    assert f"run driverkill: checkpoints found in s3://{BUCKET}/ray/driverkill; resuming from the latest" in text
+    assert "resuming from checkpoint after epoch" in text
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    resumed = m["resumed_from_epoch"]
+    assert resumed is not None and resumed >= 3, m["starts"]
+    assert f"resuming from checkpoint after epoch {resumed}" in text
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert m["epochs"] == 12 and all(len(v) == 12 for v in history.values()), "every epoch once, none lost"
+
+
+def test_a_dead_node_is_replaced_and_the_run_recovers(cluster, s3, tiny_tree_tgz, cache_dir, tmp_path):
+    args = run_args(tiny_tree_tgz, cache_dir, "nodekill", str(tmp_path / "out"), 12) + ["--max-failures", "2"]
+    proc = driver(cluster, s3, args, tmp_path / "run.txt")
+    wait_for_line(tmp_path / "run.txt", "epoch   3/12", proc)
+    time.sleep(3)
+    alive_before = {n["node_id"] for n in cluster.ray_nodes() if n["alive"] and not n["head"]}
+    cluster.kill_node(0)  # its raylet, by pid: the node and its training worker are gone
+    cluster.add_node()  # the replacement joins; Ray Train restarts the group on it
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run.txt").read_text()[-4000:]
+    text = (tmp_path / "run.txt").read_text()
+    dead = {n["node_id"] for n in cluster.ray_nodes() if not n["alive"]} & alive_before
+    assert len(dead) == 1
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["restarts"] >= 1, m["starts"]
+    restart = m["starts"][1]
+    assert restart["epochs_done_before"] - restart["from_epoch"] <= 1, f"lost more than one epoch: {restart}"
+    assert f"resuming from checkpoint after epoch {restart['from_epoch']}" in text
+    assert not dead & {w["node_id"] for w in m["workers"]}, "the finished run ran on the replacement node"
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert m["epochs"] == 12 and len(history["loss"]) == 12
+
+
+# --- destinations that cannot be written: refused before any data is read or worker started ------------
+
+def refused(args, env=None, prefix=()):
+    t0 = time.monotonic()
+    proc = subprocess.run([*prefix, sys.executable, TRAIN, *args, "--no-export"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})}, cwd=ROOT)
+    return proc, time.monotonic() - t0
+
+
+def assert_refused(proc, seconds, expected):
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == [expected], proc.stderr[-2000:]
+    assert "data:" not in proc.stdout and "layout:" not in proc.stdout, "refused before reading data or starting Ray"
+    assert seconds < 60
+
+
+def test_a_missing_bucket_is_refused_before_training(s3, tiny_tree_tgz):
+    proc, seconds = refused(["--data", str(tiny_tree_tgz), "--output", "s3://no-such-bucket/out"], s3["env"])
+    assert_refused(proc, seconds,
+                   "error: --output s3://no-such-bucket/out: The specified bucket does not exist (NO_SUCH_BUCKET)")
+    proc, seconds = refused(["--data", str(tiny_tree_tgz), "--storage-path", "s3://no-such-bucket/ray"], s3["env"])
+    assert_refused(proc, seconds, "error: --storage-path s3://no-such-bucket/ray: The specified bucket does not "
+                                  "exist (NO_SUCH_BUCKET)")
+
+
+def test_an_unreachable_endpoint_is_refused_before_training(tiny_tree_tgz):
+    port = free_port()  # nothing listens there
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc, seconds = refused(["--data", str(tiny_tree_tgz), "--output", f"s3://{BUCKET}/out",
+                             "--s3-endpoint", f"http://127.0.0.1:{port}"], env)
+    assert_refused(proc, seconds, f"error: --output s3://{BUCKET}/out: cannot connect to the endpoint "
+                                  f"(127.0.0.1:{port})")
+
+
+def test_a_read_only_folder_is_refused_before_training(tmp_path, tiny_tree_tgz):
+    """A read-only filesystem (a read-only bind mount, where this process may make one), else a folder
+    without write permission (which root ignores, so only for other users)."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    args = ["--data", str(tiny_tree_tgz), "--output", str(folder / "out")]
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {folder} {folder}"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is not None and probe.returncode == 0:
+        script = f'mount --bind -o ro "$0" "$0" && exec "$@"'
+        proc, seconds = refused(args, prefix=("unshare", "-m", "sh", "-c", script, str(folder)))
+        reason = "Read-only file system"
+    elif os.geteuid() != 0:
+        folder.chmod(0o555)
+        proc, seconds = refused(args)
+        reason = "Permission denied"
+    else:
+        pytest.skip("cannot make a read-only folder here: no mount namespace, and root ignores permissions")
+    assert_refused(proc, seconds, f"error: --output {folder / 'out'}: {folder} is not writable ({reason})")
+    assert list(folder.iterdir()) == []
