@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"data: {ds.source}: {len(ds.x_train):,} train, {len(ds.x_test):,} test images, "
           f"{ds.num_classes} classes ({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(f"outputs: {cfg.output if '://' in cfg.output else os.path.abspath(cfg.output)}", flush=True)
 
     from toolkit.report import write_training_outputs
     from toolkit.cluster import LayoutError

@@ -224,3 +224,18 @@ def test_a_read_only_folder_is_refused_before_training(tmp_path, tiny_tree_tgz):
         pytest.skip("cannot make a read-only folder here: no mount namespace, and root ignores permissions")
     assert_refused(proc, seconds, f"error: --output {folder / 'out'}: {folder} is not writable ({reason})")
     assert list(folder.iterdir()) == []
+
+
+def test_job_submit_with_a_wrong_token_is_refused(cluster, tmp_path):
+    import secrets
+
+    env = {**cluster.env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    marker = tmp_path / "ran"
+    proc = subprocess.run(
+        [ray_executable(), "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(ROOT), "--",
+         "python", "-c", f"open({str(marker)!r}, 'w').write('x')"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    text = (proc.stdout + proc.stderr).lower()
+    assert any(w in text for w in ("401", "403", "unauthorized", "authentication", "token")), text[-2000:]
+    assert not marker.exists(), "the job must not have run"

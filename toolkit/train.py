@@ -390,16 +390,18 @@ def _filter_worker_logs() -> None:
         dispatcher.handlers = wrapped
 
 
-def init_ray() -> None:
+def init_ray() -> Optional[str]:
     """Connect to the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``) or start a local one,
-    with legacy Keras selected in every worker process."""
+    with legacy Keras selected in every worker process. Returns the dashboard's URL (None without one)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(LEGACY_KERAS_ENV)}, "log_to_driver": True}
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
     _filter_worker_logs()
+    url = getattr(context, "dashboard_url", None)
+    return (url if "://" in url else f"http://{url}") if url else None
 
 
 def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
@@ -411,7 +413,7 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    init_ray()
+    dashboard = init_ray()
     layout, _ = wait_until_placeable(cfg, cfg.resource_timeout, log=log)
     try:
         cfg = dataclasses.replace(cfg, num_workers=layout.num_workers, cpus_per_worker=layout.cpus_per_worker)
@@ -434,6 +436,8 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
         log(f"run {name}: checkpoints found in {run_dir}; resuming from the latest")
     else:
         log(f"run {name}: checkpoints go to {run_dir}")
+    if dashboard:
+        log(f"ray dashboard: {dashboard}")
     tracker = _run_tracker(ray)
     # Ray Train registers a reported checkpoint when its controller next polls the workers (every 2 s by
     # default). A failure before that poll loses every epoch reported since the last one: with epochs
