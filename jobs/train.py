@@ -24,6 +24,10 @@ from toolkit.config import GRAD_DTYPES, TrainConfig  # noqa: E402
 # What --smoke-test changes: a seconds-long run through every stage, for tests and first tries.
 # The gate is opened wide: a two-epoch model's quantisation drift is noise; smoke runs test that
 # every stage runs, not the model's quality.
+# Streamed data is exported on a decoded sample of this many train and test images: enough for int8
+# calibration, QAT and an accuracy estimate within a fraction of a point, small enough for memory.
+EXPORT_SAMPLE = 10_000
+
 SMOKE_TEST = {"epochs": 2, "limit": 2048, "batch_size": 64, "max_drop": 100.0, "qat_epochs": 1}
 
 
@@ -40,6 +44,15 @@ def _auto_int(value: str) -> int | None:
     return n
 
 
+def _image_size(value: str) -> tuple[int, int]:
+    from toolkit.data import parse_image_size
+
+    try:
+        return parse_image_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__
     p = argparse.ArgumentParser(
@@ -51,8 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="dataset source: omit for the Keras download; or a cifar-10-batches-py/ folder, "
-                        "cifar-10-python.tar.gz, or a train/<class>/ test/<class>/ image tree (folder, .tar, .tar.gz)")
+                        "cifar-10-python.tar.gz, or a train/<class>/ [val/<class>/] test/<class>/ image tree (folder, "
+                        ".tar, .tar.gz, or s3://bucket/prefix/ with the AWS_* variables or --s3-endpoint)")
     g.add_argument("--cache-dir", default=d["cache_dir"].default_factory(), help="cache of decoded arrays")
+    g.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
+                   help="resize every image to H x W on load (default: as stored; all images must then share one "
+                        "size); the model is built for the data's shape")
+    g.add_argument("--resize", choices=("crop", "stretch"), default=d["resize"].default,
+                   help="how --image-size resizes: crop = shorter side to size then centre crop (keeps the aspect "
+                        "ratio); stretch = plain resize")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="convert images to 1 (grayscale) or 3 (RGB) channels, RGBA and palette images included "
+                        "(default: as stored)")
+    g.add_argument("--ingest", choices=("memory", "stream", "auto"), default=d["ingest"].default,
+                   help="memory: decode every image on the driver (cached) and ship arrays; stream: Ray Data reads "
+                        "and decodes a class-folder tree (folder or s3://) in parallel and streams each worker its "
+                        "shard; auto: stream when the decoded arrays exceed --memory-budget")
+    g.add_argument("--memory-budget", type=float, default=d["memory_budget"].default,
+                   help="fraction of this machine's memory the decoded arrays may take before --ingest auto streams")
+    g.add_argument("--class-weights", choices=("balanced",), default=None,
+                   help="balanced: weight training images inversely to their class's count (skewed datasets)")
     g.add_argument("--val-fraction", type=float, default=d["val_fraction"].default,
                    help="fraction of the training split held out for validation")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d["augment"].default,
@@ -60,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and optimiser")
     from toolkit.models import MODELS
 
-    g.add_argument("--model", default=d["model"].default, choices=sorted(MODELS))
+    g.add_argument("--model", default=d["model"].default,
+                   help=f"a registered model ({', '.join(sorted(MODELS))}); a saved Keras 2 model to fine-tune "
+                        "(path/to/model.keras or .h5); or a factory package.module:function, called as "
+                        "function(input_shape, num_classes) and importable on the workers")
     g.add_argument("--epochs", type=int, default=d["epochs"].default)
     g.add_argument("--batch-size", type=int, default=d["batch_size"].default,
                    help="global batch size, split evenly across workers")
@@ -165,17 +199,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
 
-    from toolkit.data import DataError, load_dataset
+    from toolkit.data import DataError
+    from toolkit.ingest import open_data
 
     t0 = time.perf_counter()
     try:
-        ds = load_dataset(cfg.data, cfg.cache_dir).limited(cfg.limit, cfg.seed)
+        ds = open_data(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"data: {ds.source}: {len(ds.x_train):,} train, {len(ds.x_test):,} test images, "
+    counts = ds.class_counts()
+    h, w, c = ds.image_shape
+    n = {split: sum(v.values()) for split, v in counts.items()}
+    val = f"{n['val']:,} val (val/), " if "val" in n else ""
+    print(f"data: {ds.source}: {n['train']:,} train, {val}{n['test']:,} test images of {h}x{w}x{c}, "
           f"{ds.num_classes} classes ({time.perf_counter() - t0:.1f}s)", flush=True)
+    print("classes (train): " + ", ".join(f"{k} {v:,}" for k, v in list(counts["train"].items())[:12])
+          + (f", ... ({len(counts['train'])} classes)" if len(counts["train"]) > 12 else ""), flush=True)
     print(f"outputs: {cfg.output if '://' in cfg.output else os.path.abspath(cfg.output)}", flush=True)
+
+    from toolkit.models import ModelError, build_model
+
+    try:  # the model must fit the data before any worker starts
+        build_model(cfg.model, ds.image_shape, ds.num_classes)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from toolkit.report import write_training_outputs
     from toolkit.cluster import LayoutError
@@ -207,11 +256,18 @@ def main(argv: list[str] | None = None) -> int:
             from export.cli import exit_status
             from export.pipeline import ExportConfig, run_export
 
+            from toolkit.ingest import Stream
+
+            export_ds = ds
+            if isinstance(ds, Stream):  # the export works on arrays: a decoded sample of the stream
+                export_ds = ds.sample(EXPORT_SAMPLE, EXPORT_SAMPLE, seed=cfg.seed)
+                print(f"export: on a sample of {len(export_ds.x_train):,} train and {len(export_ds.x_test):,} "
+                      "test images of the streamed data", flush=True)
             report = run_export(
                 ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data,
                              out=os.path.join(local_out, "export"), max_drop=cfg.max_drop,
                              qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed),
-                log=lambda line: print(line, flush=True), dataset=ds,
+                log=lambda line: print(line, flush=True), dataset=export_ds,
             )
             status = exit_status(report)
         if is_uri(cfg.output):

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from toolkit.localcluster import free_port
 from toolkit.tf import set_tf_env
 
 set_tf_env()  # before anything imports TensorFlow (ray.train.tensorflow does)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
+BUCKET = "runs"  # the bucket the s3 fixture creates
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -108,6 +115,46 @@ def tiny_tree_tgz(tmp_path_factory) -> Path:
     x_test, y_test = make(200)
     tree = write_image_tree(root / "tree", (x_train, y_train, x_test, y_test))
     return tar_folder(tree, root / "tiny.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free port, a bucket, and the standard AWS_* variables that reach it."""
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto server did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.3)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": url}
+    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield {"env": env, "url": url, "client": client}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def s3_json(s3, key):
+    return json.loads(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def s3_keys(s3, prefix):
+    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 @pytest.fixture(scope="session")

@@ -13,56 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import BUCKET, ROOT, s3_json, s3_keys
 from toolkit.localcluster import LocalCluster, free_port, ray_executable
 
 TRAIN = str(ROOT / "jobs" / "train.py")
-BUCKET = "runs"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server on a free port, a bucket, and the standard AWS_* variables that reach it."""
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"moto server did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.3)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": url}
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield {"env": env, "url": url, "client": client}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def s3_json(s3, key):
-    return json.loads(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
-
-
-def s3_keys(s3, prefix):
-    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +171,7 @@ def test_a_read_only_folder_is_refused_before_training(tmp_path, tiny_tree_tgz):
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {folder} {folder}"],
                            capture_output=True) if shutil.which("unshare") else None
     if probe is not None and probe.returncode == 0:
-        script = f'mount --bind -o ro "$0" "$0" && exec "$@"'
+        script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
         proc, seconds = refused(args, prefix=("unshare", "-m", "sh", "-c", script, str(folder)))
         reason = "Read-only file system"
     elif os.geteuid() != 0:

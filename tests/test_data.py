@@ -278,3 +278,66 @@ def test_crop_flip_matches_pad_crop_flip_reference():
     out = crop_flip(g, np.array([0, 2, -3], np.int32), np.array([0, -1, 5], np.int32), np.array([False, True, False]))
     np.testing.assert_array_equal(out.numpy()[0], g[0])
     np.testing.assert_array_equal(out.numpy()[2], np.pad(g[2], ((3, 3), (5, 5), (0, 0)), mode="reflect")[0:8, 10:22])
+
+
+def test_image_spec_crop_keeps_the_centre_and_stretch_keeps_everything():
+    from PIL import Image
+
+    from toolkit.data import ImageSpec
+
+    # 40 high x 80 wide: left half black, right half white, a red 10x10 square in the centre
+    a = np.zeros((40, 80, 3), np.uint8)
+    a[:, 40:] = 255
+    a[15:25, 35:45] = (255, 0, 0)
+    crop = ImageSpec((20, 20), "crop").apply(Image.fromarray(a), "x")
+    stretch = ImageSpec((20, 20), "stretch").apply(Image.fromarray(a), "x")
+    assert crop.shape == stretch.shape == (20, 20, 3)
+    # crop: shorter side 40 -> 20 (scale 0.5), the centre 20x20 of the 20x40: the red square fills its middle
+    assert crop[10, 10][0] > 200 and crop[10, 10][1] < 60
+    assert crop[0, 0].mean() < 60 and crop[0, 19].mean() > 200  # black left edge, white right edge of the centre
+    # stretch: the whole width squeezed in: half black, half white, the square now 5 wide
+    assert stretch[:, :8].mean() < 40 and stretch[:, 12:].mean() > 200
+
+
+def test_image_spec_converts_modes_only_when_asked():
+    from PIL import Image
+
+    from toolkit.data import DataError, ImageSpec
+
+    rgba = Image.fromarray(np.full((8, 8, 4), 200, np.uint8), "RGBA")
+    palette = Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).convert("P")
+    with pytest.raises(DataError, match=r"8x8 RGBA; expected RGB or grayscale .*--channels 3 or 1"):
+        ImageSpec().apply(rgba, "a.png")
+    assert ImageSpec(channels=3).apply(rgba, "a.png").shape == (8, 8, 3)
+    assert ImageSpec(channels=1).apply(palette, "p.png").shape == (8, 8, 1)
+    assert abs(int(ImageSpec(channels=3).apply(palette, "p.png")[0, 0, 0]) - 90) <= 20  # the web palette's nearest grey
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        ImageSpec(channels=2)
+    with pytest.raises(ValueError, match="resize must be one of crop, stretch"):
+        ImageSpec(resize="pad")
+
+
+def test_image_size_option_parses_h_and_hxw():
+    from toolkit.data import parse_image_size
+
+    assert parse_image_size("96") == (96, 96) and parse_image_size("64x48") == (64, 48)
+    with pytest.raises(ValueError, match="H or HxW"):
+        parse_image_size("64x")
+
+
+def test_a_val_folder_becomes_the_validation_split(tmp_path):
+    from conftest import make_arrays, write_image_tree
+    from toolkit.data import load_dataset
+
+    arrays = make_arrays(n_train=30, n_test=20)
+    root = write_image_tree(tmp_path / "tree", arrays)
+    # val/ holds copies of the test images: same classes
+    import shutil
+
+    shutil.copytree(root / "test", root / "val")
+    ds = load_dataset(str(root), str(tmp_path / "cache"))
+    assert ds.x_val is not None and len(ds.x_val) == 20 and ds.class_counts()["val"]["cat"] == 2
+    again = load_dataset(str(root), str(tmp_path / "cache"))  # through the cache
+    assert np.array_equal(again.x_val, ds.x_val) and np.array_equal(again.y_val, ds.y_val)
+    small = ds.limited(5)
+    assert len(small.x_val) == 5

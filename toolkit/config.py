@@ -36,12 +36,31 @@ class TrainConfig:
     # Fraction of the training split held out for validation: model selection and early
     # stopping look only at it, never at the test split.
     val_fraction: float = 0.1
+    # (height, width) every image is resized to on load; None = as stored (one size for all images).
+    image_size: Optional[tuple[int, int]] = None
+    # How --image-size resizes: "crop" (shorter side to size, centre crop: keeps the aspect ratio, as
+    # Keras' image_dataset_from_directory(crop_to_aspect_ratio=True)) or "stretch" (plain resize).
+    resize: str = "crop"
+    # 1 or 3: convert every image to grayscale or RGB (RGBA, palette, ...); None = as stored.
+    channels: Optional[int] = None
+    # "balanced": weight each training image by total / (classes x its class's count), so a skewed set
+    # does not teach the model to predict the majority class; None = every image counts the same.
+    class_weights: Optional[str] = None
+    # How images reach the workers: "memory" decodes everything on the driver once (cached) and ships
+    # arrays (fastest while they fit); "stream" has Ray Data read and decode the files in parallel
+    # tasks and stream each worker its shard (a class-folder tree, local or s3://); "auto" streams
+    # when the decoded arrays would exceed memory_budget.
+    ingest: str = "auto"
+    # Fraction of this machine's memory the decoded arrays may take before "auto" streams. A quarter
+    # leaves room for the object store's copy, the workers' pipelines and evaluation.
+    memory_budget: float = 0.25
     # Random crop after 4-pixel padding plus horizontal flip: the tutorial's own suggested
     # improvement; it is what takes seed_cnn past its ~68% over-fitting ceiling.
     augment: bool = True
 
     # --- model and optimiser --------------------------------------------------------------
-    # Registry name (toolkit.models.MODELS); seed_cnn is the tutorial's network.
+    # A registry name (toolkit.models.MODELS; seed_cnn is the tutorial's network), a saved Keras 2
+    # model (path/to/model.keras) to fine-tune, or a factory package.module:function(input_shape, num_classes).
     model: str = "seed_cnn"
     # 30 epochs as in the tutorial; with augmentation the validation accuracy still rises
     # at 30, so more would help a little, at proportionally more time.
@@ -121,6 +140,20 @@ class TrainConfig:
     limit: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.image_size is not None:
+            self.image_size = tuple(int(d) for d in self.image_size)  # a JSON list from a checkpoint
+        if self.ingest not in ("memory", "stream", "auto"):
+            raise ValueError(f"ingest must be memory, stream or auto, got {self.ingest!r}")
+        if not 0.0 < self.memory_budget <= 1.0:
+            raise ValueError(f"memory_budget must be a fraction of memory in (0, 1], got {self.memory_budget}")
+        if self.class_weights not in (None, "balanced"):
+            raise ValueError(f"class_weights must be 'balanced' or None, got {self.class_weights!r}")
+        from toolkit.data import ImageSpec
+
+        ImageSpec(self.image_size, self.resize, self.channels)  # raises ValueError naming the bad value
+        from toolkit.models import model_kind
+
+        model_kind(self.model)  # a ModelError (ValueError) for a value that is none of the three forms
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -149,6 +182,12 @@ class TrainConfig:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+    @property
+    def image_spec(self):
+        from toolkit.data import ImageSpec
+
+        return ImageSpec(self.image_size, self.resize, self.channels)
 
     def check_batch_split(self, num_workers: int) -> None:
         """The global batch must split evenly into workers x accumulate_steps micro-batches."""

@@ -36,7 +36,7 @@ CIFAR10_CLASSES = (
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Bump when the decoded layout changes, so stale caches are not read.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 class DataError(ValueError):
@@ -54,10 +54,17 @@ class Dataset:
     y_test: np.ndarray
     class_names: tuple[str, ...]
     source: str
+    # A validation split the data came with (a tree's val/ folder); None = split from train.
+    x_val: Optional[np.ndarray] = None
+    y_val: Optional[np.ndarray] = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
     def limited(self, n: Optional[int], seed: int = 0) -> "Dataset":
         """A seeded random ``n`` images of each split (for smoke tests); ``None`` keeps all.
@@ -65,36 +72,134 @@ class Dataset:
         if n is None:
             return self
         rng = np.random.default_rng(seed)
-        tr = np.sort(rng.permutation(len(self.x_train))[:n])
-        te = np.sort(rng.permutation(len(self.x_test))[:n])
-        return Dataset(self.x_train[tr], self.y_train[tr], self.x_test[te], self.y_test[te],
-                       self.class_names, self.source)
+
+        def pick(x, y):
+            if x is None:
+                return None, None
+            i = np.sort(rng.permutation(len(x))[:n])
+            return x[i], y[i]
+
+        return Dataset(*pick(self.x_train, self.y_train), *pick(self.x_test, self.y_test), self.class_names,
+                       self.source, *pick(self.x_val, self.y_val))
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split, by class name."""
+        out = {}
+        for split, y in (("train", self.y_train), ("val", self.y_val), ("test", self.y_test)):
+            if y is not None:
+                counts = np.bincount(y, minlength=self.num_classes)
+                out[split] = {c: int(n) for c, n in zip(self.class_names, counts)}
+        return out
+
+
+RESIZE_MODES = ("crop", "stretch")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images are brought to one shape as they are decoded."""
+
+    # (height, width) to resize to; None = as stored (then every image must share one size).
+    size: Optional[tuple[int, int]] = None
+    # "crop": scale the shorter side to the size, then cut out the centre (keeps the aspect ratio, loses
+    # the borders); "stretch": a plain resize to the size (keeps everything, distorts the aspect ratio).
+    resize: str = "crop"
+    # 1 (grayscale) or 3 (RGB): grayscale, RGBA, palette and other modes are converted; None = as
+    # stored, RGB stays RGB and grayscale stays one channel.
+    channels: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.size is not None and not all(1 <= int(d) <= 4096 for d in self.size):
+            raise ValueError(f"image size must be between 1x1 and 4096x4096, got {self.size[0]}x{self.size[1]}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.size is None and self.channels is None
+
+    def key(self) -> str:
+        return "" if self.is_identity else f"{self.size}:{self.resize}:{self.channels}"
+
+    def apply(self, im, where: str) -> np.ndarray:
+        """A PIL image -> uint8 (H, W, C) array, converted and resized as this spec says."""
+        from PIL import Image
+
+        mode, (w, h) = im.mode, im.size
+        if self.channels == 1:
+            im = im.convert("L")
+        elif self.channels == 3 or (self.channels is None and mode not in ("RGB", "L")):
+            if self.channels is None:
+                raise DataError(f"{where}: image is {w}x{h} {mode}; expected RGB or grayscale (L) images "
+                                "(--channels 3 or 1 converts it)")
+            im = im.convert("RGB")
+        if self.size is not None:
+            th, tw = self.size
+            if self.resize == "stretch":
+                im = im.resize((tw, th), Image.Resampling.BILINEAR)
+            else:
+                scale = max(th / h, tw / w)
+                nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+                im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+                left, top = (nw - tw) // 2, (nh - th) // 2
+                im = im.crop((left, top, left + tw, top + th))
+        arr = np.asarray(im, dtype=np.uint8)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'96' -> (96, 96); '64x48' -> (64, 48) (height x width)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text or "")
+    if not m:
+        raise ValueError(f"image size must be H or HxW (say 96 or 64x48), got {text!r}")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 
 
-def load_dataset(source: Optional[str] = None, cache_dir: Optional[str] = None) -> Dataset:
-    """Load a dataset from ``source`` (see module docstring), through the on-disk cache."""
+def load_dataset(source: Optional[str] = None, cache_dir: Optional[str] = None,
+                 spec: ImageSpec = ImageSpec()) -> Dataset:
+    """Load a dataset from ``source`` (see module docstring), through the on-disk cache, with images
+    converted and resized as ``spec`` says."""
     if source is None or source in ("", "keras", "download"):
-        return _load_keras_download()
+        return _apply_spec(_load_keras_download(), spec)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"{source}: no such file or directory")
     path = path.resolve()
-    key = _source_key(path)
+    key = _source_key(path, spec)
     cache_file = Path(cache_dir) / f"{key}.npz" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         try:
             return _read_cache(cache_file, str(path))
         except (OSError, ValueError, KeyError):
             pass  # A corrupt cache is rebuilt below, never trusted.
-    ds = _load_uncached(path)
+    ds = _load_uncached(path, spec)
     _validate(ds)
     if cache_file is not None:
         _write_cache(cache_file, ds)
     return ds
+
+
+def _apply_spec(ds: Dataset, spec: ImageSpec) -> Dataset:
+    """``spec`` applied to a source decoded as arrays (the CIFAR-10 batches and download)."""
+    if spec.is_identity:
+        return ds
+    from PIL import Image
+
+    def convert(x):
+        if x is None:
+            return None
+        return np.stack([spec.apply(Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img), ds.source)
+                         for img in x])
+
+    return Dataset(convert(ds.x_train), ds.y_train, convert(ds.x_test), ds.y_test, ds.class_names, ds.source,
+                   convert(ds.x_val), ds.y_val)
 
 
 def _load_keras_download() -> Dataset:
@@ -112,20 +217,20 @@ def _load_keras_download() -> Dataset:
     return ds
 
 
-def _load_uncached(path: Path) -> Dataset:
+def _load_uncached(path: Path, spec: ImageSpec) -> Dataset:
     if path.is_dir():
         batches = _find_python_batches_dir(path)
         if batches is not None:
-            return _load_python_batches_dir(batches)
-        return _load_image_tree_dir(path)
+            return _apply_spec(_load_python_batches_dir(batches), spec)
+        return _load_image_tree_dir(path, spec)
     if not tarfile.is_tarfile(path):
         raise DataError(f"{path}: not a folder or a .tar/.tar.gz archive (cannot read it as one)")
     try:
         with tarfile.open(path) as tar:
             names = tar.getnames()
             if any(re.search(r"(^|/)data_batch_1$", n) for n in names):
-                return _load_python_batches_tar(tar, path)
-            return _load_image_tree_tar(tar, path)
+                return _apply_spec(_load_python_batches_tar(tar, path), spec)
+            return _load_image_tree_tar(tar, path, spec)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib.error: a truncated .gz
         raise DataError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
 
@@ -213,21 +318,17 @@ def _load_python_batches_tar(tar: tarfile.TarFile, path: Path) -> Dataset:
 # -- class-folder image trees ---------------------------------------------------------------
 
 
-def _decode_image(raw: bytes, where: str) -> np.ndarray:
+def _decode_image(raw: bytes, where: str, spec: ImageSpec = ImageSpec()) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
-            mode, size = im.mode, im.size
-            arr = np.asarray(im, dtype=np.uint8)
+            return spec.apply(im, where)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
-    if mode == "L":
-        return arr[:, :, None]  # grayscale: one channel
-    if mode != "RGB":
-        raise DataError(f"{where}: image is {size[0]}x{size[1]} {mode}; expected RGB or grayscale (L) images")
-    return arr
 
 
 def _order_classes(names: Iterable[str]) -> tuple[str, ...]:
@@ -238,52 +339,56 @@ def _order_classes(names: Iterable[str]) -> tuple[str, ...]:
 
 
 def _assemble_tree(
-    files: dict[str, dict[str, list[str]]], read: "callable", where: str
+    files: dict[str, dict[str, list[str]]], read: "callable", where: str, spec: ImageSpec = ImageSpec()
 ) -> Dataset:
-    """``files[split][class]`` lists file keys; ``read(key)`` returns bytes."""
+    """``files[split][class]`` lists file keys (splits train, test and optionally val); ``read(key)``
+    returns bytes."""
     for split in ("train", "test"):
         if split not in files or not files[split]:
             raise DataError(f"{where}: missing split '{split}/' (expected {split}/<class>/*.jpg|png)")
-    if set(files["train"]) != set(files["test"]):
-        only = sorted(set(files["train"]) ^ set(files["test"]))
-        raise DataError(f"{where}: train/ and test/ have different classes ({', '.join(only)})")
+    for split in ("test", "val"):
+        if split in files and set(files[split]) != set(files["train"]):
+            only = sorted(set(files["train"]) ^ set(files[split]))
+            raise DataError(f"{where}: train/ and {split}/ have different classes ({', '.join(only)})")
     class_names = _order_classes(files["train"])
     out = {}
     first: dict = {}  # the first image's shape and name: every image must share it
-    for split in ("train", "test"):
+    for split in [s for s in ("train", "val", "test") if s in files]:
         xs, ys = [], []
         for label, cls in enumerate(class_names):
             keys = sorted(files[split][cls])
             if not keys:
                 raise DataError(f"{where}: class folder {split}/{cls}/ has no images")
             for key in keys:
-                img = _decode_image(read(key), f"{where}/{key}")
+                img = _decode_image(read(key), f"{where}/{key}", spec)
                 if not first:
                     first.update(shape=img.shape, key=key)
                 elif img.shape != first["shape"]:
                     raise DataError(f"{where}/{key}: image is {_describe(img.shape)} but {first['key']} is "
-                                    f"{_describe(first['shape'])}; all images must share one size and channel count")
+                                    f"{_describe(first['shape'])}; all images must share one size and channel "
+                                    "count (--image-size HxW resizes them on load, --channels 1|3 converts)")
                 xs.append(img)
                 ys.append(label)
         out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
-    return Dataset(out["train"][0], out["train"][1], out["test"][0], out["test"][1], class_names, where)
+    val = out.get("val", (None, None))
+    return Dataset(out["train"][0], out["train"][1], out["test"][0], out["test"][1], class_names, where, *val)
 
 
 def _describe(shape: tuple) -> str:
     return f"{shape[1]}x{shape[0]} {'RGB' if shape[2] == 3 else 'grayscale'}"
 
 
-_TREE_RE = re.compile(r"^(?:(?P<top>[^/]+)/)?(?P<split>train|test)/(?P<cls>[^/]+)(?:/(?P<file>[^/]+))?$")
+_TREE_RE = re.compile(r"^(?:(?P<top>[^/]+)/)?(?P<split>train|val|test)/(?P<cls>[^/]+)(?:/(?P<file>[^/]+))?$")
 
 
-def _load_image_tree_dir(root: Path) -> Dataset:
+def _load_image_tree_dir(root: Path, spec: ImageSpec = ImageSpec()) -> Dataset:
     base = root
     if not (root / "train").is_dir() and not (root / "test").is_dir():
         subdirs = [p for p in root.iterdir() if p.is_dir()]
         if len(subdirs) == 1:
             base = subdirs[0]  # a tree unpacked under one top-level folder
     files: dict[str, dict[str, list[str]]] = {}
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         d = base / split
         if not d.is_dir():
             continue
@@ -297,10 +402,10 @@ def _load_image_tree_dir(root: Path) -> Dataset:
         raise DataError(
             f"{root}: not a recognised dataset (no cifar-10-batches-py files, no train/ and test/ class folders)"
         )
-    return _assemble_tree(files, lambda key: (base / key).read_bytes(), str(base))
+    return _assemble_tree(files, lambda key: (base / key).read_bytes(), str(base), spec)
 
 
-def _load_image_tree_tar(tar: tarfile.TarFile, path: Path) -> Dataset:
+def _load_image_tree_tar(tar: tarfile.TarFile, path: Path, spec: ImageSpec = ImageSpec()) -> Dataset:
     files: dict[str, dict[str, list[str]]] = {}
     data: dict[str, bytes] = {}
     tops = set()
@@ -324,21 +429,24 @@ def _load_image_tree_tar(tar: tarfile.TarFile, path: Path) -> Dataset:
         )
     if len(tops) > 1:
         raise DataError(f"{path}: train/ and test/ found under several top-level folders")
-    return _assemble_tree(files, data.__getitem__, str(path))
+    return _assemble_tree(files, data.__getitem__, str(path), spec)
 
 
 # -- validation and cache ---------------------------------------------------------------------
 
 
 def _validate(ds: Dataset) -> None:
-    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+    splits = [("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)]
+    if ds.x_val is not None:
+        splits.append(("val", ds.x_val, ds.y_val))
+    for split, x, y in splits:
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
             raise DataError(f"{ds.source}: {split} images have shape {x.shape} {x.dtype}, expected "
                             "(N, height, width, 1 or 3) uint8")
     if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
         raise DataError(f"{ds.source}: train images are {_describe(ds.x_train.shape[1:])} but test images are "
                         f"{_describe(ds.x_test.shape[1:])}")
-    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+    for split, x, y in splits:
         if len(x) != len(y):
             raise DataError(f"{ds.source}: {split} has {len(x)} images but {len(y)} labels")
         if len(x) == 0:
@@ -351,8 +459,8 @@ def _validate(ds: Dataset) -> None:
             )
 
 
-def _source_key(path: Path) -> str:
-    h = hashlib.sha256(f"v{_CACHE_VERSION}:{path}".encode())
+def _source_key(path: Path, spec: ImageSpec = ImageSpec()) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}:{path}:{spec.key()}".encode())
     if path.is_dir():
         for root, dirs, names in os.walk(path):
             dirs.sort()
@@ -370,8 +478,9 @@ def _write_cache(cache_file: Path, ds: Dataset) -> None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            val = {} if ds.x_val is None else {"x_val": ds.x_val, "y_val": ds.y_val}
             np.savez(f, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
-                     class_names=np.asarray(ds.class_names))
+                     class_names=np.asarray(ds.class_names), **val)
         os.replace(tmp, cache_file)  # atomic: readers never see a half-written cache
     except OSError:
         # An unwritable cache folder costs speed, not correctness.
@@ -381,8 +490,9 @@ def _write_cache(cache_file: Path, ds: Dataset) -> None:
 
 def _read_cache(cache_file: Path, source: str) -> Dataset:
     with np.load(cache_file, allow_pickle=False) as z:
+        val = (z["x_val"], z["y_val"]) if "x_val" in z.files else (None, None)
         return Dataset(z["x_train"], z["y_train"], z["x_test"], z["y_test"],
-                       tuple(str(c) for c in z["class_names"]), source)
+                       tuple(str(c) for c in z["class_names"]), source, *val)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,6 +558,7 @@ def make_train_dataset(
     seed: int,
     num_shards: int = 1,
     shard_index: int = 0,
+    class_weights: Optional[list[float]] = None,
 ):
     """An endless, shuffled, batched training pipeline for one worker.
 
@@ -463,8 +574,19 @@ def make_train_dataset(
     ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
 
-    def prepare(a, b):  # one map per batch: augmentation and one-hot labels together
-        return (augment_batch(a) if augment else a), tf.one_hot(b, num_classes)
+    return prepare_batches(ds, num_classes=num_classes, augment=augment, class_weights=class_weights)
+
+
+def prepare_batches(ds, *, num_classes: int, augment: bool, class_weights: Optional[list[float]] = None):
+    """(uint8 images, int labels) batches -> augmented images, one-hot labels (and per-image weights
+    from ``class_weights``), prefetched: the one map shared by the in-memory and streaming pipelines."""
+    import tensorflow as tf
+
+    weights = tf.constant(class_weights, tf.float32) if class_weights is not None else None
+
+    def prepare(a, b):  # one map per batch: augmentation, one-hot labels (and sample weights) together
+        out = (augment_batch(a) if augment else a), tf.one_hot(b, num_classes)
+        return out if weights is None else (*out, tf.gather(weights, b))
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,12 +1,25 @@
-"""Model registry: pure factories ``make_model(name, ...)`` returning uncompiled tf_keras models.
+"""Models: the registry's pure factories ``make_model(name, ...)`` returning uncompiled tf_keras models,
+and the user's own (``--model``), in three forms:
 
-Every model takes raw 0-255 pixels: scaling is a layer inside the model, so a saved or exported
-model cannot be fed wrongly preprocessed images on a device.
+- a registry name (``seed_cnn``, ``edge_resnet``);
+- a saved Keras 2 model, ``path/to/model.keras`` (or ``.h5``): fine-tuned, or an architecture built elsewhere;
+- a factory, ``package.module:function``, called as ``function(input_shape, num_classes)``; it must be
+  importable where the workers run (installed, on ``PYTHONPATH``, or in the job's working dir).
+
+Every registry model takes raw 0-255 pixels: scaling is a layer inside the model, so a saved or exported
+model cannot be fed wrongly preprocessed images on a device. A user's model gets the same images.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import json
+import os
+import re
+import sys
+import tempfile
+import zipfile
+from typing import Callable, Optional
 
 from toolkit.tf import import_keras
 
@@ -70,3 +83,120 @@ def make_model(name: str, input_shape: tuple[int, int, int] = INPUT_SHAPE, num_c
     if name not in MODELS:
         raise ValueError(f"model: unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
     return MODELS[name](input_shape=input_shape, num_classes=num_classes)
+
+
+class ModelError(ValueError):
+    """A --model that cannot be trained on this data, in one line naming it."""
+
+
+def model_kind(spec: str) -> str:
+    """"registry", "file" or "factory" for a --model value."""
+    if spec in MODELS:
+        return "registry"
+    if spec.endswith((".keras", ".h5", ".hdf5")) or os.sep in spec:
+        return "file"
+    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+        return "factory"
+    raise ModelError(f"--model {spec}: not a registered model ({', '.join(sorted(MODELS))}), a saved model "
+                     "(path ending .keras or .h5) or a factory (package.module:function)")
+
+
+def _keras_major(path: str) -> Optional[int]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return int(str(json.loads(z.read("metadata.json")).get("keras_version", "")).split(".")[0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def _load_file(spec: str, content: Optional[bytes] = None):
+    keras = import_keras()
+    suffix = os.path.splitext(spec)[1] or ".keras"
+    with tempfile.TemporaryDirectory() as d:
+        path = spec
+        if content is not None:  # on a worker: the driver's copy of the file, through Ray's object store
+            path = os.path.join(d, f"model{suffix}")
+            with open(path, "wb") as f:
+                f.write(content)
+        if _keras_major(path) == 3:
+            raise ModelError(f"--model {spec}: is a Keras 3 model; training here runs tf_keras (Keras 2), which "
+                             "cannot load it: save it from tf_keras, or pass its builder as a factory "
+                             "(package.module:function) written with tf_keras")
+        try:
+            return keras.models.load_model(path, compile=False)
+        except Exception as e:
+            raise ModelError(f"--model {spec}: cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+
+
+def _factory(spec: str) -> Callable:
+    module_name, fn_name = spec.split(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # as `python -m` would: a module next to where the command runs
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelError(f"--model {spec}: cannot import {module_name} ({e}); it must be installed, on "
+                         "PYTHONPATH, or in the current folder") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"--model {spec}: {module_name} has no function {fn_name}")
+    return fn
+
+
+def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, content: Optional[bytes] = None):
+    """The model ``spec`` names, checked against the data's shape and class count and ending in class
+    probabilities (a model ending in logits gets a softmax layer). Raises ModelError in one line."""
+    keras = import_keras()
+    kind = model_kind(spec)
+    try:
+        if kind == "registry":
+            model = make_model(spec, input_shape=input_shape, num_classes=num_classes)
+        elif kind == "file":
+            if content is None and not os.path.isfile(spec):
+                raise ModelError(f"--model {spec}: no such file")
+            model = _load_file(spec, content)
+        else:
+            model = _factory(spec)(tuple(input_shape), int(num_classes))
+    except ModelError:
+        raise
+    except Exception as e:  # a model that cannot be built for this shape: say which, in one line
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if "dimension" in line.lower()), lines[0] if lines else "")[:240]
+        hint = ("; a larger --image-size may fit" if isinstance(e, ValueError)
+                else "; it is called as function(input_shape, num_classes)" if kind == "factory" else "")
+        raise ModelError(f"--model {spec}: cannot be built for {_shape(input_shape)} images with {num_classes} "
+                         f"classes ({type(e).__name__}: {detail}){hint}") from None
+    if not isinstance(model, keras.Model):
+        what = type(model).__module__.split(".")[0] + "." + type(model).__name__
+        hint = " (a Keras 3 model: build it with tf_keras)" if what.startswith("keras.") else ""
+        raise ModelError(f"--model {spec}: returned {what}, not a tf_keras model{hint}")
+    return check_model(model, spec, input_shape, num_classes)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def check_model(model, spec: str, input_shape, num_classes: int):
+    keras = import_keras()
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelError(f"--model {spec}: has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+                         "an image classifier has one of each")
+    want = tuple(model.inputs[0].shape[1:])
+    if len(want) != 3 or any(w is not None and w != d for w, d in zip(want, input_shape)):
+        raise ModelError(f"--model {spec}: takes {_shape(['?' if w is None else w for w in want])} input but the "
+                         f"data is {_shape(input_shape)} (--image-size HxW and --channels 1|3 reshape the data)")
+    units = model.outputs[0].shape[-1]
+    if units != num_classes or len(model.outputs[0].shape) != 2:
+        raise ModelError(f"--model {spec}: outputs {_shape(model.outputs[0].shape[1:])} values but the data has "
+                         f"{num_classes} classes")
+    last = model.layers[-1]
+    activation = getattr(getattr(last, "activation", None), "__name__", None)
+    if isinstance(last, keras.layers.Softmax) or activation == "softmax":
+        return model
+    if activation in (None, "linear"):  # logits: the loss and the metrics want probabilities
+        outputs = keras.layers.Softmax(name="probs_softmax")(model.outputs[0])
+        return keras.Model(model.inputs, outputs, name=model.name)
+    raise ModelError(f"--model {spec}: ends in {activation}; training uses categorical cross-entropy on class "
+                     "probabilities: end the model with softmax, or with no activation (logits get a softmax)")

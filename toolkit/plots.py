@@ -65,15 +65,21 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
 
 def plot_samples(x: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
                  n: int = 25) -> None:
-    """A grid of the first ``n`` images with their labels."""
+    """A grid of ``n`` images (a seeded random pick: trees are stored class by class) with their labels;
+    grayscale images in grey."""
     plt = pyplot()
     n = min(n, len(x))
+    pick = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
+    x, y = x[pick], y[pick]
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8))
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
         if i < n:
-            ax.imshow(x[i])
+            if x[i].shape[-1] == 1:
+                ax.imshow(x[i][:, :, 0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(x[i])
             ax.set_title(class_names[int(y[i])], fontsize=8)
     save_figure(fig, path)

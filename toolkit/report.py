@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.data import Dataset
 from toolkit.evaluate import classification_metrics
 from toolkit.outputs import copy_file, git_revision, write_json, write_text
 from toolkit.plots import plot_confusion_matrix, plot_history, plot_samples
@@ -37,13 +37,28 @@ def _step_breakdown(workers: list[dict]) -> dict | None:
     return max(profiles, key=lambda p: p["compute_ms"]) if profiles else None
 
 
-def write_training_outputs(ds: Dataset, outcome: TrainOutcome, output: str) -> dict:
-    """Evaluate the trained model on the test split and write every artifact into ``output``."""
+def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
+    """Evaluate the trained model on the test split and write every artifact into ``output``.
+    ``ds`` is a decoded Dataset, or a Stream (toolkit.ingest) whose test split is streamed through
+    the model batch by batch."""
+    from toolkit.ingest import Stream
+
     keras = import_keras()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     model = keras.models.load_model(outcome.model_path)
-    test = classification_metrics(ds.y_test, predict_probs(model, ds.x_test), ds.class_names)
+    if isinstance(ds, Stream):
+        ys, probs = [], []
+        for x, y in ds.iter_split("test"):
+            ys.append(y)
+            probs.append(predict_probs(model, x))
+        y_test, p_test = np.concatenate(ys), np.concatenate(probs)
+        x_samples, y_samples = (lambda d: (d.x_train, d.y_train))(ds.sample(64, 1, seed=outcome.config.seed))
+    else:
+        y_test, p_test = ds.y_test, predict_probs(model, ds.x_test)
+        x_samples, y_samples = ds.x_train, ds.y_train
+    counts = ds.class_counts()
+    test = classification_metrics(y_test, p_test, ds.class_names)
     metrics = {
         "test_accuracy": test["accuracy"],
         "test_precision": test["precision"],
@@ -54,6 +69,11 @@ def write_training_outputs(ds: Dataset, outcome: TrainOutcome, output: str) -> d
         "per_class_accuracy": test["per_class_accuracy"],
         "confusion_matrix": test["confusion_matrix"],
         "class_names": list(ds.class_names),
+        "class_counts": counts,
+        "image_shape": list(ds.image_shape),
+        "validation": "val/ split of the data" if "val" in counts else
+                      f"{outcome.config.val_fraction:g} of the training split (seeded)",
+        "ingest": "stream" if isinstance(ds, Stream) else "memory",
         "epochs": outcome.epochs_run,
         "best_epoch": outcome.best_epoch,
         "wall_time_s": outcome.wall_time_s,
@@ -68,10 +88,12 @@ def write_training_outputs(ds: Dataset, outcome: TrainOutcome, output: str) -> d
         "resumed_from_epoch": outcome.resumed_from_epoch,
         "step_breakdown_ms": _step_breakdown(outcome.workers),
         "time_to_70pct_val_accuracy": time_to_accuracy(outcome.history, 0.70),
-        "num_train_images": int(len(ds.x_train)),
-        "num_test_images": int(len(ds.x_test)),
+        "num_train_images": sum(counts["train"].values()),
+        "num_test_images": sum(counts["test"].values()),
         "data_source": ds.source,
         "ray_run_path": outcome.run_path,
+        # This process's peak resident memory (Linux ru_maxrss, KiB): the driver's share of the data.
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "git_revision": git_revision(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": outcome.config.to_dict(),
@@ -81,6 +103,6 @@ def write_training_outputs(ds: Dataset, outcome: TrainOutcome, output: str) -> d
     write_text(out / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
     plot_history(outcome.history, out / "curves.png")
     plot_confusion_matrix(np.asarray(test["confusion_matrix"]), ds.class_names, out / "confusion_matrix.png")
-    plot_samples(ds.x_train, ds.y_train, ds.class_names, out / "samples.png")
+    plot_samples(x_samples, y_samples, ds.class_names, out / "samples.png")
     write_json(out / "metrics.json", metrics)  # last: its presence means the folder is complete
     return metrics

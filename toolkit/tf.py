@@ -35,6 +35,12 @@ KNOWN_NOISE = (
     ("All log messages before absl::InitializeLog() is called",),
     ("grpc_server_lib.cc", "Started server with target"),
     ("PreemptionWatcher", "max_restarts > 0"),
+    # Ray Data (--ingest stream): an internal deprecation in Ray Train's own dataset manager, the
+    # progress-bar notice, and a line per epoch from the split coordinator; our epoch lines say it.
+    ("exclude_resources", "deprecated"),
+    ("self.exclude_resources = exclude_resources",),
+    ("Progress bars disabled. To enable",),
+    ("Dataset train_", "execution finished in"),
 )
 _devices_ready = False
 

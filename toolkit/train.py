@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metri
 from toolkit.tf import (
     LEGACY_KERAS_ENV, import_keras, import_tf, is_noise, quiet_tf_logs, save_model, set_threads, set_tf_env,
 )
+
+if TYPE_CHECKING:
+    from toolkit.ingest import Stream
 
 MODEL_FILE = "model.keras"
 BEST_WEIGHTS_FILE = "best_weights.npz"
@@ -96,28 +99,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     quiet_tf_logs()
     _quiet_ray_train_reports()
 
-    arrays = config["data"]
-    if isinstance(arrays, ray.ObjectRef):
-        arrays = ray.get(arrays)
-    x_train, y_train, x_val, y_val = arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
+    stream = config.get("stream")  # None: arrays through the object store; else Ray Data shards
+    if stream is None:
+        arrays = config["data"]
+        if isinstance(arrays, ray.ObjectRef):
+            arrays = ray.get(arrays)
+        x_train, y_train, x_val, y_val = arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]
+        num_train, image_shape = len(x_train), tuple(x_train.shape[1:])
+    else:
+        from toolkit.ingest import quiet_ray_data
+
+        quiet_ray_data()
+        # The validation set is small (a tenth, or the tree's val/): each worker keeps all of it.
+        x_val, y_val = _collect(ray.train.get_dataset_shard("val"))
+        x_train = y_train = None
+        num_train, image_shape = int(stream["num_train"]), tuple(stream["image_shape"])
     num_classes = int(config["num_classes"])
 
     options = communication_options(cfg.bytes_per_pack)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     per_worker_batch = cfg.batch_size // world
-    steps_per_epoch = len(x_train) // cfg.batch_size
+    # Streaming: Ray Data splits the rows equally (dropping at most world-1), each worker drops its last
+    # partial batch: every worker runs the same number of steps.
+    steps_per_epoch = num_train // cfg.batch_size if stream is None else (num_train // world) // per_worker_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(x_train)} images)")
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({num_train} images)")
     # Evaluation has no gradients to all-reduce: a large batch makes validation cheap even when
     # the training batch is small (batch 32 on 2 workers = 16 per worker).
     val_batch = max(per_worker_batch, 256)
     val_steps = math.ceil(len(x_val) / val_batch)
 
     def train_fn(input_ctx):
+        if stream is not None:
+            return _stream_dataset(ray.train.get_dataset_shard("train"), per_worker_batch, image_shape,
+                                   num_classes=num_classes, augment=cfg.augment,
+                                   class_weights=config.get("class_weights"))
         return make_train_dataset(
             x_train, y_train, input_ctx.get_per_replica_batch_size(cfg.batch_size),
             num_classes=num_classes, augment=cfg.augment, seed=cfg.seed,
             num_shards=input_ctx.num_input_pipelines, shard_index=input_ctx.input_pipeline_id,
+            class_weights=config.get("class_weights"),
         )
 
     def val_fn(input_ctx):
@@ -145,9 +166,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 _progress(f"resuming from checkpoint after epoch {state['epoch']}")
         else:
-            from toolkit.models import make_model
+            from toolkit.models import build_model
 
-            model = make_model(cfg.model, input_shape=x_train.shape[1:], num_classes=num_classes)
+            content = config.get("model_file")
+            content = ray.get(content) if isinstance(content, ray.ObjectRef) else content
+            model = build_model(cfg.model, image_shape, num_classes, content)
             compile_model(model, cfg.learning_rate, cfg.steps_per_execution)
         install_train_step(model, accumulate_steps=cfg.accumulate_steps, grad_dtype=cfg.grad_dtype, options=options,
                            deferred_metrics=False if cfg.step_metrics else None)
@@ -230,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_ds, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
             validation_data=val_ds, validation_steps=val_steps, callbacks=[ReportEpoch()], verbose=0,
         )
-    if cfg.profile_steps:
+    if cfg.profile_steps and stream is None:
         from toolkit.profile import step_breakdown
 
         hist = state["history"]
@@ -247,10 +270,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.set_weights(best_weights)
     elif state.get("diverged"):
         model = None  # diverged before any good epoch: there is no model worth saving
+    import resource
+
+    worker["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     final_metrics = {"epoch": state["epoch"], "best_epoch": state["best_epoch"],
                      "val_accuracy": state["best_val_accuracy"], "final": True,
                      "diverged": bool(state.get("diverged"))}
     _report(model, best_weights, state, cfg, rank, final=True, metrics=final_metrics, worker=worker)
+
+
+def _collect(iterator) -> tuple[np.ndarray, np.ndarray]:
+    """All rows of a Ray Data iterator as (images, labels) arrays."""
+    xs, ys = [], []
+    for batch in iterator.iter_batches(batch_size=1024, batch_format="numpy"):
+        xs.append(batch["image"])
+        ys.append(batch["label"])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _stream_dataset(shard, batch_size: int, image_shape, *, num_classes: int, augment: bool, class_weights):
+    """A worker's Ray Data shard as an endless tf.data pipeline of per-worker batches: one pass over the
+    shard per epoch (Ray Data re-reads and re-decodes the files), shuffled within a buffer of rows
+    (the file order is shuffled once on the driver, the block order every epoch)."""
+    import tensorflow as tf
+
+    from toolkit.data import prepare_batches
+
+    def batches():
+        while True:
+            for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=max(8 * batch_size, 1024)):
+                yield b["image"], b["label"]
+
+    ds = tf.data.Dataset.from_generator(batches, output_signature=(
+        tf.TensorSpec((batch_size, *image_shape), tf.uint8), tf.TensorSpec((batch_size,), tf.int64)))
+    return prepare_batches(ds, num_classes=num_classes, augment=augment, class_weights=class_weights)
 
 
 def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, final: bool,
@@ -281,6 +335,13 @@ def _report(model, best_weights, state: dict, cfg: TrainConfig, rank: int, *, fi
                     os.remove(os.path.join(d, name))
         has_files = bool(os.listdir(d))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if has_files else None)
+
+
+def balanced_class_weights(y: np.ndarray, num_classes: int) -> list[float]:
+    """total / (classes x count) per class, as scikit-learn's compute_class_weight("balanced"); a class
+    with no training images gets weight 0 (there is nothing to weigh)."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    return [float(len(y) / (num_classes * c)) if c else 0.0 for c in counts]
 
 
 class TrainingDiverged(RuntimeError):
@@ -404,14 +465,14 @@ def init_ray() -> Optional[str]:
     return (url if "://" in url else f"http://{url}") if url else None
 
 
-def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
+def fit_distributed(cfg: TrainConfig, ds: "Dataset | Stream", workdir: str,
                     log: Callable[[str], None] = lambda line: print(line, flush=True)) -> TrainOutcome:
     """Train ``cfg.model`` on ``ds`` with Ray Train; copy the final model into ``workdir``.
     ``num_workers``/``cpus_per_worker`` left as None are resolved from the cluster (toolkit.cluster);
     the outcome's ``config`` is the resolved one."""
     set_tf_env()  # ray.train.tensorflow imports TensorFlow
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
     dashboard = init_ray()
     layout, _ = wait_until_placeable(cfg, cfg.resource_timeout, log=log)
@@ -420,10 +481,39 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     except ValueError as e:  # e.g. the global batch does not split over the workers found
         raise LayoutError(f"{e} ({layout.how})") from None
     log(layout.describe(cfg))
-    x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, cfg.val_fraction, cfg.seed)
-    # One copy in the object store, read zero-copy by workers on the same node and shipped to
-    # others: no worker needs the data path, so this works unchanged on a multi-node cluster.
-    data_ref = ray.put({"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val})
+    from toolkit.ingest import Stream
+
+    datasets, stream, data_ref = None, None, None
+    if isinstance(ds, Stream):  # Ray Data reads and decodes; each worker streams its shard
+        from toolkit.ingest import ray_dataset, split_files
+
+        train_paths, val_paths = split_files(ds.tree, cfg.val_fraction, cfg.seed)
+        # One seeded shuffle of the file order (trees list class by class); Ray Data then shuffles
+        # the block order every epoch and each worker shuffles rows within a buffer.
+        train_paths = [train_paths[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_paths))]
+        y_tr = ds.labels_of(train_paths)
+        datasets = {"train": ray_dataset(ds.tree, train_paths, ds.spec).randomize_block_order(),
+                    "val": ray_dataset(ds.tree, val_paths, ds.spec)}
+        stream = {"num_train": len(train_paths), "image_shape": list(ds.image_shape)}
+        log(f"ingest: stream ({len(train_paths):,} train, {len(val_paths):,} val files read and decoded by "
+            "Ray Data, sharded over the workers)")
+    else:
+        if ds.x_val is not None:  # the data's own val/ split
+            x_tr, y_tr, x_val, y_val = ds.x_train, ds.y_train, ds.x_val, ds.y_val
+        else:
+            x_tr, y_tr, x_val, y_val = split_validation(ds.x_train, ds.y_train, cfg.val_fraction, cfg.seed)
+        # One copy in the object store, read zero-copy by workers on the same node and shipped to
+        # others: no worker needs the data path, so this works unchanged on a multi-node cluster.
+        data_ref = ray.put({"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val})
+    class_weights = balanced_class_weights(y_tr, ds.num_classes) if cfg.class_weights == "balanced" else None
+    if class_weights is not None:
+        log("class weights (balanced): " + ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.class_names, class_weights)))
+    from toolkit.models import model_kind
+
+    model_file = None
+    if model_kind(cfg.model) == "file":  # workers on other machines get the driver's copy of the file
+        with open(cfg.model, "rb") as f:
+            model_file = ray.put(f.read())
     name = cfg.name or time.strftime(f"{cfg.model}-%Y%m%d-%H%M%S")
     storage_fs, storage_path = None, cfg.storage_path
     if is_uri(cfg.storage_path):  # an object store: one filesystem object, endpoint and keys included
@@ -449,7 +539,10 @@ def fit_distributed(cfg: TrainConfig, ds: Dataset, workdir: str,
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict(), "data": data_ref, "num_classes": ds.num_classes,
-                           "tracker": tracker},
+                           "tracker": tracker, "model_file": model_file, "class_weights": class_weights,
+                           "stream": stream},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]) if datasets else None,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": layout.cpus_per_worker,
