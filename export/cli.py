@@ -53,8 +53,22 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
                    help="show tracebacks and the converters' own output")
     p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per variant")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="cache of decoded datasets")
+    p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
+                   help="resize the data's images on load, as the model was trained (jobs/train.py --image-size)")
+    p.add_argument("--resize", choices=("crop", "stretch"), default="crop", help="how --image-size resizes")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="convert the data's images to 1 or 3 channels, as the model was trained")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _image_size(value: str):
+    from toolkit.data import parse_image_size
+
+    try:
+        return parse_image_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> ExportConfig:
@@ -72,7 +86,8 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
         model=args.model, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
         calibration_size=args.calibration_size, calibration_data=args.calibration_data,
         qat_epochs=args.qat_epochs, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
-        stall_timeout=args.stall_timeout, qat_build_timeout=args.qat_build_timeout, cache_dir=args.cache_dir, seed=args.seed, debug=args.debug,
+        stall_timeout=args.stall_timeout, qat_build_timeout=args.qat_build_timeout, cache_dir=args.cache_dir,
+        image_size=args.image_size, resize=args.resize, channels=args.channels, seed=args.seed, debug=args.debug,
         explicit_variants=explicit,
     )
 

@@ -84,6 +84,10 @@ class ExportConfig:
     stall_timeout: float = 900.0
     qat_build_timeout: float = 120.0
     cache_dir: str = field(default_factory=default_cache_dir)
+    # The data as the model was trained on it (jobs/train.py's --image-size, --resize, --channels).
+    image_size: Optional[tuple[int, int]] = None
+    resize: str = "crop"
+    channels: Optional[int] = None
     seed: int = 0
     # Tracebacks of failed variants, and the worker's raw output, on stderr.
     debug: bool = False
@@ -134,14 +138,17 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     t_start = time.perf_counter()
     # --- validate every input before doing any work or writing anything ---------------------
     source = load_source_model(cfg.model)  # ExportInputError names the file
-    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir)  # DataError names the source
+    from toolkit.data import ImageSpec
+
+    spec = ImageSpec(cfg.image_size, cfg.resize, cfg.channels)
+    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir, spec)  # DataError names the source
     info = inspect_model(source, ds.x_test[:256], ds.num_classes, f"data {ds.source}")
     # Held-out images for QAT's divergence check and int8_selective's search: the same seeded split as
     # training's validation set (so, after a training run, images it never trained on), at most holdout_size.
     x_fit, y_fit, x_val, y_val = split_validation(
         ds.x_train, ds.y_train, min(0.1, cfg.holdout_size / len(ds.x_train)), cfg.seed)
     if cfg.calibration_data is not None:
-        cal_source = load_dataset(cfg.calibration_data, cfg.cache_dir)
+        cal_source = load_dataset(cfg.calibration_data, cfg.cache_dir, spec)
         if tuple(cal_source.x_train.shape[1:]) != info.input_shape:
             raise ExportInputError(f"{cfg.model}: model input shape {info.input_shape} does not fit the images "
                                    f"of calibration data {cal_source.source} {tuple(cal_source.x_train.shape[1:])}")

@@ -181,13 +181,14 @@ def _build_qat(ctx: Context, attempt: int):
             failures.append(f"{scheme}: {one_line(e)}")
             ctx.log(f"  qat scheme {scheme} cannot rebuild this model ({one_line(e)[:160]})")
             continue
-        what = (f"quantisation-aware fine-tuning ({cfg['qat_epochs']} epochs on {len(ctx.x_fit):,} images, "
-                f"scheme {scheme})")
+        epochs = qat.qat_epochs_for(len(ctx.x_fit), cfg["qat_epochs"])
+        more = f", raised from {cfg['qat_epochs']} to reach {qat.QAT_MIN_STEPS} steps" if epochs > cfg["qat_epochs"] else ""
+        what = f"quantisation-aware fine-tuning ({epochs} epochs on {len(ctx.x_fit):,} images{more}, scheme {scheme})"
         ctx.phase(what)
         ctx.log(f"  {what}")
         res = qat.train_qat(ctx.source.keras2, np.asarray(ctx.x_fit), np.asarray(ctx.y_fit), ctx.x_val, ctx.y_val,
                             output_kind=ctx.info.output_kind, num_classes=ctx.job["num_classes"],
-                            float_val_accuracy=ctx.job["float_val_accuracy"], epochs=cfg["qat_epochs"],
+                            float_val_accuracy=ctx.job["float_val_accuracy"], epochs=epochs,
                             scheme=scheme, learning_rate=cfg["qat_learning_rate"], seed=cfg["seed"],
                             qat_model=qat_model, log=ctx.log, heartbeat=ctx.beat)
         ctx.phase("converting qat_int8")

@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             report = run_export(
                 ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data,
                              out=os.path.join(local_out, "export"), max_drop=cfg.max_drop,
-                             qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed),
+                             qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                             image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels),
                 log=lambda line: print(line, flush=True), dataset=export_ds,
             )
             status = exit_status(report)

@@ -94,7 +94,7 @@ def test_digits_train_and_export_end_to_end(digits_tree, tmp_path, cache_dir):
     out = tmp_path / "out"
     proc = train(["--data", str(digits_tree), "--image-size", "32", "--epochs", "12", "--batch-size", "64",
                   "--learning-rate", "3e-3", "--no-augment", "--cache-dir", cache_dir, "--output", str(out),
-                  "--storage-path", str(tmp_path / "ray"), "--qat-epochs", "1", "--max-drop", "3"])
+                  "--storage-path", str(tmp_path / "ray"), "--max-drop", "2"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "images of 32x32x1" in proc.stdout
     m = json.loads((out / "metrics.json").read_text())
