@@ -102,9 +102,9 @@ def test_digits_train_and_export_end_to_end(digits_tree, tmp_path, cache_dir):
     assert sum(m["class_counts"]["train"].values()) == m["num_train_images"]
     assert m["test_accuracy"] > 0.85, m["test_accuracy"]
     report = json.loads((out / "export" / "report.json").read_text())
-    rows = {r["variant"]: r for r in report["variants"]}
+    rows = {r["name"]: r for r in report["variants"]}
     assert rows["int8"]["status"] == "ok" and rows["onnx_float32"]["status"] == "ok"
-    assert abs(rows["float32"]["accuracy"] - m["test_accuracy"]) < 0.01
+    assert abs(rows["float32"]["accuracy"] - m["test_accuracy"]) < 0.01 and report["passed"]
 
 
 def test_digits_at_their_own_8x8_are_refused_with_a_hint(digits_tree, cache_dir, tmp_path):
@@ -125,7 +125,7 @@ def defects_run(defects_tree, tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("defects_run")
     out = tmp / "out"
     proc = train(["--data", str(defects_tree), "--image-size", "64", "--channels", "3", "--class-weights", "balanced",
-                  "--model", "edge_resnet", "--epochs", "8", "--batch-size", "32", "--cache-dir", cache_dir,
+                  "--epochs", "8", "--batch-size", "32", "--cache-dir", cache_dir,
                   "--output", str(out), "--storage-path", str(tmp / "ray"), "--qat-epochs", "1",
                   "--max-drop", "100"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
