@@ -15,12 +15,12 @@ import pytest
 from conftest import BUCKET, ROOT, require_shared_cifar
 
 TRAIN = str(ROOT / "jobs" / "train.py")
-PER_CLASS = {"train": 300, "test": 100}
+PER_CLASS = {"train": 200, "test": 100}
 
 
 @pytest.fixture(scope="module")
 def cifar_tree(tmp_path_factory) -> Path:
-    """The first 300 train and 100 test JPEGs of each class of the shared CIFAR-10 copy, as a folder tree."""
+    """The first 200 train and 100 test JPEGs of each class of the shared CIFAR-10 copy, as a folder tree."""
     src = require_shared_cifar()
     root = tmp_path_factory.mktemp("cifar_subset")
     taken: dict[tuple[str, str], int] = {}
@@ -55,7 +55,7 @@ def train(args, env=None, timeout=900):
                           cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-COMMON = ["--num-workers", "2", "--epochs", "6", "--batch-size", "64", "--no-export"]
+COMMON = ["--num-workers", "2", "--epochs", "5", "--batch-size", "64", "--no-export"]
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,16 @@ def test_streaming_from_a_bucket_matches_in_memory_training(memory_run, cifar_bu
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     mem, _ = memory_run
     assert m["ingest"] == "stream" and mem["ingest"] == "memory"
-    assert m["num_train_images"] == mem["num_train_images"] == 3000
+    assert m["num_train_images"] == mem["num_train_images"] == 2000
     assert m["class_counts"] == mem["class_counts"]
     assert len(m["workers"]) == 2 and all(w["batches"] > 0 for w in m["workers"])
-    # The same images, another order: the same accuracy within noise (6 epochs on 3,000 images).
-    assert m["test_accuracy"] > 0.3 and abs(m["test_accuracy"] - mem["test_accuracy"]) < 0.06, \
+    # The same images, another order: the same accuracy within noise (5 epochs on 2,000 images).
+    assert m["test_accuracy"] > 0.28 and abs(m["test_accuracy"] - mem["test_accuracy"]) < 0.06, \
         (m["test_accuracy"], mem["test_accuracy"])
 
 
 def test_memory_ingest_from_a_bucket_downloads_once(cifar_bucket, s3, tmp_path, cache_dir):
-    args = ["--data", cifar_bucket, "--ingest", "memory", "--smoke-test", "--epochs", "1", "--cache-dir",
+    args = ["--data", cifar_bucket, "--ingest", "memory", "--smoke-test", "--epochs", "1", "--limit", "500", "--cache-dir",
             str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
             "--no-export"]
     proc = train(args, env=s3["env"])
@@ -94,11 +94,11 @@ def test_memory_ingest_from_a_bucket_downloads_once(cifar_bucket, s3, tmp_path, 
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["data_source"] == cifar_bucket and m["ingest"] == "memory"
     trees = list((tmp_path / "cache" / "trees").iterdir())
-    assert len(trees) == 1 and len(list(trees[0].rglob("*.jpg"))) == 2048 + 1000
+    assert len(trees) == 1 and len(list(trees[0].rglob("*.jpg"))) == 500 + 500, "only the --limit sample"
 
 
 def test_auto_streams_when_the_arrays_exceed_the_budget(cifar_tree, tmp_path, cache_dir):
-    proc = train(["--data", str(cifar_tree), "--memory-budget", "1e-7", "--smoke-test", "--epochs", "1",
+    proc = train(["--data", str(cifar_tree), "--memory-budget", "1e-7", "--smoke-test", "--epochs", "1", "--limit", "500",
                   "--cache-dir", cache_dir, "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
                   "--no-export"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
