@@ -290,8 +290,10 @@ def _collect(iterator) -> tuple[np.ndarray, np.ndarray]:
 
 def _stream_dataset(shard, batch_size: int, image_shape, *, num_classes: int, augment: bool, class_weights):
     """A worker's Ray Data shard as an endless tf.data pipeline of per-worker batches: one pass over the
-    shard per epoch (Ray Data re-reads and re-decodes the files), shuffled within a buffer of rows
-    (the file order is shuffled once on the driver, the block order every epoch)."""
+    shard per epoch (Ray Data re-reads and re-decodes the files). The file order is shuffled once on
+    the driver, so every block mixes the classes, and the block order every epoch. No row-level
+    shuffle buffer: it cost more than it mixed (1,401 against 1,627 images/s without it, on the earlier
+    read path; the classes are already mixed by the file shuffle)."""
     import tensorflow as tf
 
     from toolkit.data import prepare_batches
@@ -299,7 +301,7 @@ def _stream_dataset(shard, batch_size: int, image_shape, *, num_classes: int, au
     def batches():
         while True:
             for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=max(8 * batch_size, 1024)):
+                                        prefetch_batches=4):
                 yield b["image"], b["label"]
 
     ds = tf.data.Dataset.from_generator(batches, output_signature=(
