@@ -84,26 +84,39 @@ def test_streaming_from_a_bucket_matches_in_memory_training(memory_run, cifar_bu
         (m["test_accuracy"], mem["test_accuracy"])
 
 
-def test_memory_ingest_from_a_bucket_downloads_once(cifar_bucket, s3, tmp_path, cache_dir):
-    args = ["--data", cifar_bucket, "--ingest", "memory", "--smoke-test", "--epochs", "1", "--limit", "500", "--cache-dir",
-            str(tmp_path / "cache"), "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
-            "--no-export"]
-    proc = train(args, env=s3["env"])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "ingest: memory" in proc.stdout
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["data_source"] == cifar_bucket and m["ingest"] == "memory"
+def _open(data, tmp_path, monkeypatch, env=None, **options):
+    """toolkit.ingest.open_data as jobs/train.py calls it (no training: what it decides and loads)."""
+    from toolkit.config import TrainConfig
+    from toolkit.ingest import open_data
+
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    return open_data(TrainConfig(data=data, cache_dir=str(tmp_path / "cache"), **options))
+
+
+def test_memory_ingest_from_a_bucket_downloads_once(cifar_bucket, cifar_tree, s3, tmp_path, monkeypatch, capsys):
+    from toolkit.data import Dataset, load_dataset
+
+    ds = _open(cifar_bucket, tmp_path, monkeypatch, s3["env"], ingest="memory", limit=500)
+    assert isinstance(ds, Dataset) and ds.source == cifar_bucket and len(ds.x_train) == 500
+    assert "ingest: memory" in capsys.readouterr().out
     trees = list((tmp_path / "cache" / "trees").iterdir())
     assert len(trees) == 1 and len(list(trees[0].rglob("*.jpg"))) == 500 + 500, "only the --limit sample"
+    local = load_dataset(str(cifar_tree), str(tmp_path / "local-cache")).limited(500)
+    assert local.class_names == ds.class_names
+    again = _open(cifar_bucket, tmp_path, monkeypatch, s3["env"], ingest="memory", limit=500)
+    assert list((tmp_path / "cache" / "trees").iterdir()) == trees and (again.x_train == ds.x_train).all()
 
 
-def test_auto_streams_when_the_arrays_exceed_the_budget(cifar_tree, tmp_path, cache_dir):
-    proc = train(["--data", str(cifar_tree), "--memory-budget", "1e-7", "--smoke-test", "--epochs", "1", "--limit", "500",
-                  "--cache-dir", cache_dir, "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
-                  "--no-export"])
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "ingest: stream (decoded arrays" in proc.stdout and "--ingest auto" in proc.stdout
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["ingest"] == "stream"
+def test_auto_streams_when_the_arrays_exceed_the_budget(cifar_tree, tmp_path, monkeypatch, capsys):
+    from toolkit.data import Dataset
+    from toolkit.ingest import Stream
+
+    stream = _open(str(cifar_tree), tmp_path, monkeypatch, memory_budget=1e-7)
+    assert isinstance(stream, Stream) and stream.image_shape == (32, 32, 3)
+    assert stream.class_counts()["train"]["cat"] == PER_CLASS["train"]
+    assert "ingest: stream (decoded arrays 0.01 GiB" in capsys.readouterr().out
+    assert isinstance(_open(str(cifar_tree), tmp_path, monkeypatch), Dataset), "the default budget holds it"
 
 
 def test_stream_needs_a_tree_and_a_readable_bucket(s3, tmp_path):

@@ -92,7 +92,7 @@ def defects_tree(tmp_path_factory) -> Path:
 
 def test_digits_train_and_export_end_to_end(digits_tree, tmp_path, cache_dir):
     out = tmp_path / "out"
-    proc = train(["--data", str(digits_tree), "--image-size", "32", "--epochs", "12", "--batch-size", "64",
+    proc = train(["--data", str(digits_tree), "--image-size", "32", "--epochs", "8", "--batch-size", "64",
                   "--learning-rate", "3e-3", "--no-augment", "--cache-dir", cache_dir, "--output", str(out),
                   "--storage-path", str(tmp_path / "ray"), "--max-drop", "2"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -125,7 +125,7 @@ def defects_run(defects_tree, tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("defects_run")
     out = tmp / "out"
     proc = train(["--data", str(defects_tree), "--image-size", "64", "--channels", "3", "--class-weights", "balanced",
-                  "--epochs", "8", "--batch-size", "32", "--cache-dir", cache_dir,
+                  "--epochs", "6", "--batch-size", "32", "--cache-dir", cache_dir,
                   "--output", str(out), "--storage-path", str(tmp / "ray"), "--qat-epochs", "1",
                   "--max-drop", "100"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
