@@ -131,9 +131,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def train_fn(input_ctx):
         if stream is not None:
+            # Exactly the batches this fit will take: a generator that read on would start another Ray Data
+            # epoch, which blocks until every worker starts it, and a worker that has finished never does.
             return _stream_dataset(ray.train.get_dataset_shard("train"), per_worker_batch, image_shape,
                                    num_classes=num_classes, augment=cfg.augment,
-                                   class_weights=config.get("class_weights"))
+                                   class_weights=config.get("class_weights"),
+                                   total_batches=lambda: steps_per_epoch * max(cfg.epochs - int(state["epoch"]), 0))
         return make_train_dataset(
             x_train, y_train, input_ctx.get_per_replica_batch_size(cfg.batch_size),
             num_classes=num_classes, augment=cfg.augment, seed=cfg.seed,
@@ -288,7 +291,8 @@ def _collect(iterator) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _stream_dataset(shard, batch_size: int, image_shape, *, num_classes: int, augment: bool, class_weights):
+def _stream_dataset(shard, batch_size: int, image_shape, *, num_classes: int, augment: bool, class_weights,
+                    total_batches: Callable[[], int]):
     """A worker's Ray Data shard as an endless tf.data pipeline of per-worker batches: one pass over the
     shard per epoch (Ray Data re-reads and re-decodes the files). The file order is shuffled once on
     the driver, so every block mixes the classes, and the block order every epoch. No row-level
@@ -299,10 +303,14 @@ def _stream_dataset(shard, batch_size: int, image_shape, *, num_classes: int, au
     from toolkit.data import prepare_batches
 
     def batches():
-        while True:
+        left = total_batches()  # read when fit starts iterating: after a checkpoint's epoch is known
+        while left > 0:
             for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                         prefetch_batches=4):
                 yield b["image"], b["label"]
+                left -= 1
+                if left == 0:
+                    return
 
     ds = tf.data.Dataset.from_generator(batches, output_signature=(
         tf.TensorSpec((batch_size, *image_shape), tf.uint8), tf.TensorSpec((batch_size,), tf.int64)))
