@@ -338,11 +338,9 @@ def _order_classes(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _assemble_tree(
-    files: dict[str, dict[str, list[str]]], read: "callable", where: str, spec: ImageSpec = ImageSpec()
-) -> Dataset:
-    """``files[split][class]`` lists file keys (splits train, test and optionally val); ``read(key)``
-    returns bytes."""
+def tree_classes(files: dict[str, dict[str, list]], where: str) -> tuple[str, ...]:
+    """The class names of a listed tree (``files[split][class]``), after checking it has train/ and test/
+    and that test/ and val/ hold the same classes as train/ (DataError otherwise)."""
     for split in ("train", "test"):
         if split not in files or not files[split]:
             raise DataError(f"{where}: missing split '{split}/' (expected {split}/<class>/*.jpg|png)")
@@ -350,7 +348,15 @@ def _assemble_tree(
         if split in files and set(files[split]) != set(files["train"]):
             only = sorted(set(files["train"]) ^ set(files[split]))
             raise DataError(f"{where}: train/ and {split}/ have different classes ({', '.join(only)})")
-    class_names = _order_classes(files["train"])
+    return _order_classes(files["train"])
+
+
+def _assemble_tree(
+    files: dict[str, dict[str, list[str]]], read: "callable", where: str, spec: ImageSpec = ImageSpec()
+) -> Dataset:
+    """``files[split][class]`` lists file keys (splits train, test and optionally val); ``read(key)``
+    returns bytes."""
+    class_names = tree_classes(files, where)
     out = {}
     first: dict = {}  # the first image's shape and name: every image must share it
     for split in [s for s in ("train", "val", "test") if s in files]:

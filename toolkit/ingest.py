@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 
-from toolkit.data import IMAGE_SUFFIXES, DataError, ImageSpec, _order_classes
+from toolkit.data import IMAGE_SUFFIXES, DataError, ImageSpec, tree_classes
 from toolkit.storage import filesystem, gist, is_uri
 
 if TYPE_CHECKING:
@@ -88,16 +88,9 @@ def list_tree(source: str, endpoint: Optional[str] = None) -> FileTree:
         tops.add(m["top"])
         by_split.setdefault(m["split"], {}).setdefault(m["cls"], []).append(info.path)
         sizes[m["split"]] = sizes.get(m["split"], 0) + (info.size or 0)
-    for split in ("train", "test"):
-        if not by_split.get(split):
-            raise DataError(f"{source}: missing split '{split}/' (expected {split}/<class>/*.jpg|png)")
     if len(tops) > 1:
         raise DataError(f"{source}: train/ and test/ found under several top-level folders")
-    for split in ("test", "val"):
-        if split in by_split and set(by_split[split]) != set(by_split["train"]):
-            only = sorted(set(by_split["train"]) ^ set(by_split[split]))
-            raise DataError(f"{source}: train/ and {split}/ have different classes ({', '.join(only)})")
-    class_names = _order_classes(by_split["train"])
+    class_names = tree_classes(by_split, source)
     files, labels = {}, {}
     for split, classes in by_split.items():
         paths, ys = [], []
