@@ -52,7 +52,7 @@ def plain_keras(data: str, cache_dir: str, batch_size: int, limit: int, epochs: 
 
     keras = import_keras()
     from toolkit.models import make_model
-    from toolkit.train import compile_model
+    from toolkit.models import compile_model
 
     ds = load_dataset(data, cache_dir).limited(limit)
     x, y, _, _ = split_validation(ds.x_train, ds.y_train, 0.1, 0)

@@ -8,16 +8,22 @@ line and no files written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
+from export.config import ExportConfig
 from export.errors import ExportInputError
-from export.pipeline import ALL_VARIANTS, FORMAT_OF, ExportConfig
-from toolkit.config import default_cache_dir
+from export.report import gate_failures
+from export.variants import FORMAT_OF, variants_of
+from toolkit.data import image_size_arg
+from toolkit.errors import one_line
 
 
 def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
-    variants = [v for v in ALL_VARIANTS if FORMAT_OF[v] in formats]
+    variants = variants_of(formats)
+    d = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+         for f in dataclasses.fields(ExportConfig)}  # the defaults are the config's, never repeated here
     p = argparse.ArgumentParser(
         prog=prog,
         description=f"Export a Keras model to {' and '.join(f.upper() if f == 'onnx' else 'TFLite' for f in formats)} "
@@ -36,44 +42,35 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help=f"comma list from: {', '.join(variants)} (default: all that apply to the model; named "
                         "variants must all be built)")
-    p.add_argument("--max-drop", type=float, default=1.0,
+    p.add_argument("--max-drop", type=float, default=d["max_drop"],
                    help="largest allowed accuracy drop of any variant vs the float model, in percentage points")
-    p.add_argument("--calibration-size", type=int, default=500, help="representative images for int8 calibration")
+    p.add_argument("--calibration-size", type=int, default=d["calibration_size"], help="representative images for int8 calibration")
     p.add_argument("--calibration-data", default=None,
                    help="take calibration images from this source's training split instead of --data's")
-    p.add_argument("--qat-epochs", type=int, default=2, help="quantisation-aware fine-tuning epochs")
-    p.add_argument("--selective-steps", type=int, default=8,
+    p.add_argument("--qat-epochs", type=int, default=d["qat_epochs"], help="quantisation-aware fine-tuning epochs")
+    p.add_argument("--selective-steps", type=int, default=d["selective_steps"],
                    help="int8_selective: most tensors kept in float before it gives up")
-    p.add_argument("--stall-timeout", type=float, default=900.0,
+    p.add_argument("--stall-timeout", type=float, default=d["stall_timeout"],
                    help="seconds without progress after which a variant's build is killed and reported failed")
-    p.add_argument("--qat-build-timeout", type=float, default=120.0,
+    p.add_argument("--qat-build-timeout", type=float, default=d["qat_build_timeout"],
                    help="seconds tfmot may take to rebuild the model for QAT before the next scheme is tried "
                         "(it can loop forever on some graphs)")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks and the converters' own output")
-    p.add_argument("--latency-runs", type=int, default=200, help="timed batch-1 runs per variant")
-    p.add_argument("--cache-dir", default=default_cache_dir(), help="cache of decoded datasets")
-    p.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
+    p.add_argument("--latency-runs", type=int, default=d["latency_runs"], help="timed batch-1 runs per variant")
+    p.add_argument("--cache-dir", default=d["cache_dir"], help="cache of decoded datasets")
+    p.add_argument("--image-size", type=image_size_arg, default=None, metavar="H[xW]",
                    help="resize the data's images on load, as the model was trained (jobs/train.py --image-size)")
-    p.add_argument("--resize", choices=("crop", "stretch"), default="crop", help="how --image-size resizes")
+    p.add_argument("--resize", choices=("crop", "stretch"), default=d["resize"], help="how --image-size resizes")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="convert the data's images to 1 or 3 channels, as the model was trained")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d["seed"])
     return p
-
-
-def _image_size(value: str):
-    from toolkit.data import parse_image_size
-
-    try:
-        return parse_image_size(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> ExportConfig:
     if args.variants is None:  # all of this command's formats
-        variants = None if len(formats) == 2 else tuple(v for v in ALL_VARIANTS if FORMAT_OF[v] in formats)
+        variants = None if len(formats) == 2 else variants_of(formats)
         explicit = False
     else:
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -94,22 +91,18 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
 
 def exit_status(report: dict) -> int:
     """0 when every requested variant was built and passed the drift gate; else name each offender
-    on stderr (one line each) and return 1."""
+    on stderr (one line each, from report.gate_failures) and return 1."""
     built = [r for r in report["variants"] if r["status"] == "ok"]
     for r in report["variants"]:
-        if r["status"] == "skipped":
-            print(f"{'FAIL' if not r['passed'] else 'skipped'} {r['name']}: {r['reason']}",
-                  file=sys.stderr if not r["passed"] else sys.stdout, flush=True)
-    if report["passed"]:
+        if r["status"] == "skipped" and r["passed"]:
+            print(f"skipped {r['name']}: {r['reason']}", flush=True)
+    failures = gate_failures(report)
+    for line in failures:
+        print(line, file=sys.stderr, flush=True)
+    if not failures:
         print(f"export: {len(built)} variants within {report['max_drop_pp']} pp "
               f"of the float model ({report['float_accuracy']:.4f})", flush=True)
         return 0
-    for r in report["variants"]:
-        if r["status"] == "failed":
-            print(f"FAIL {r['name']}: {r['reason']}", file=sys.stderr, flush=True)
-        elif r["status"] == "ok" and not r["passed"]:
-            print(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, drop {r['drop_pp']:.2f} pp > "
-                  f"max {report['max_drop_pp']} pp", file=sys.stderr, flush=True)
     return 1
 
 
@@ -129,7 +122,7 @@ def main(argv: Optional[list[str]] = None, formats: Sequence[str] = ("tflite", "
     except Exception as e:  # a bug of ours, not bad input: one line unless --debug
         if args.debug:
             raise
-        print(f"error: export failed: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
-              "(run again with --debug for the traceback)", file=sys.stderr, flush=True)
+        print(f"error: export failed: {one_line(e)} (run again with --debug for the traceback)",
+              file=sys.stderr, flush=True)
         return 1
     return exit_status(report)

@@ -14,18 +14,17 @@ documented (sidecar ``output_kind``) with that meaning.
 from __future__ import annotations
 
 import atexit
-import json
 import shutil
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from export.errors import ExportInputError, one_line
-from toolkit.tf import import_keras, import_tf
+from export.errors import ExportInputError
+from toolkit.errors import one_line
+from toolkit.tf import import_keras, import_tf, saved_keras_major
 
 # What a classifier's output tensor holds.
 OUTPUT_KINDS = ("probabilities", "logits", "sigmoid", "sigmoid_logit")
@@ -108,16 +107,6 @@ def _sig_input(sig) -> str:
 # Loading
 
 
-def keras_version_of(path: Path) -> Optional[int]:
-    """2 or 3 for a ``.keras`` zip (its metadata.json), None when it does not say."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            meta = json.loads(z.read("metadata.json"))
-        return int(str(meta.get("keras_version", "")).split(".")[0])
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
-        return None
-
-
 def load_source_model(path: str) -> SourceModel:
     """Load ``path`` (.keras, .h5 or a SavedModel folder); ExportInputError names the file."""
     p = Path(path)
@@ -143,7 +132,7 @@ def load_source_model(path: str) -> SourceModel:
         raise ExportInputError(f"{path}: unknown model format {suffix or '(no suffix)'}; expected .keras, .h5 "
                               "or a SavedModel folder")
     fmt = "keras" if suffix == ".keras" else "h5"
-    version = keras_version_of(p) if fmt == "keras" else None
+    version = saved_keras_major(p) if fmt == "keras" else None
     if version == 3:
         return _load_keras3(p, path)
     try:

@@ -1,9 +1,12 @@
-"""The export report a person reads: a Markdown table for pull requests, and an accuracy-vs-size plot."""
+"""The export report: report.json's content and the drift gate's verdict, a Markdown table for pull
+requests, and an accuracy-vs-size plot."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from toolkit.outputs import git_revision, write_json, write_text
 from toolkit.plots import pyplot, save_figure
 
 
@@ -84,3 +87,68 @@ def plot_accuracy_vs_size(report: dict, path: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def gate_failures(report: dict) -> list[str]:
+    """One line per variant that fails the gate (not built, skipped though named, or over --max-drop);
+    empty when the export passed. Pure: the CLIs and jobs/train.py print and decide from it."""
+    lines = []
+    for r in report["variants"]:
+        if r["status"] == "failed":
+            lines.append(f"FAIL {r['name']}: {r['reason']}")
+        elif r["status"] == "skipped" and not r["passed"]:
+            lines.append(f"FAIL {r['name']}: {r['reason']}")
+        elif r["status"] == "ok" and not r["passed"]:
+            lines.append(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, drop {r['drop_pp']:.2f} pp > "
+                         f"max {report['max_drop_pp']} pp")
+    return lines
+
+
+def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float) -> dict:
+    """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
+    into ``stage`` and drops intermediate files that were not asked for."""
+    requested = set(cfg.requested)
+    # Intermediate files (int8 built for onnx_int8 or int8_selective, float ONNX for onnx_int8) only
+    # ship when they were asked for.
+    for f in list(stage.iterdir()):
+        if f.is_file() and f.suffix in (".tflite", ".onnx") and (f.stem not in requested or ".part" in f.name):
+            f.unlink()
+    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+    float32_size = ok["float32"]["size_bytes"] if "float32" in ok else None
+    for r in rows:
+        if r["status"] == "ok":
+            r["drop_pp"] = (float_acc - r["accuracy"]) * 100
+            r["passed"] = r["drop_pp"] <= cfg.max_drop
+            r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
+            # What an app needs to feed and read the model.
+            write_json(stage / f"{Path(r['path']).name}.json",
+                       {"variant": r["name"], "file": Path(r["path"]).name, "input": r["input"],
+                        "output": r["output"], "output_kind": info.output_kind,
+                        "apply_softmax": info.output_kind == "logits",
+                        "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt"})
+        elif r["status"] == "skipped":
+            r["passed"] = r["name"] not in cfg.explicit  # a named variant must be built
+        else:
+            r["passed"] = False
+    failed = [r["name"] for r in rows if not r["passed"]]
+    report = {
+        "model": str(Path(cfg.model).resolve()),
+        "model_info": info.to_dict(),
+        "output_kind": info.output_kind,
+        "data_source": ds.source,
+        "class_names": list(ds.class_names),
+        "num_test_images": int(len(ds.x_test)),
+        "float_accuracy": float_acc,
+        "float_holdout_accuracy": float_val_acc,
+        "max_drop_pp": cfg.max_drop,
+        "passed": not failed,
+        "failed": failed,
+        "built": [r["name"] for r in rows if r["status"] == "ok"],
+        "skipped": {r["name"]: r["reason"] for r in rows if r["status"] == "skipped"},
+        "variants": rows,
+        "git_revision": git_revision(),
+        "config": cfg.to_dict(),
+    }
+    write_text(stage / "report.md", render_markdown(report))
+    plot_accuracy_vs_size(report, stage / "accuracy_vs_size.png")
+    return report

@@ -6,9 +6,8 @@ integer, and return float class probabilities (dequantised when the output is in
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -145,15 +144,3 @@ def open_model(path: str, num_threads: int = 1, **kw):
     if str(path).endswith(".onnx"):
         return OnnxModel(path, num_threads, **kw)
     raise ValueError(f"path: {path} is neither .tflite nor .onnx")
-
-
-def time_calls(fn: Callable[[], object], runs: int, warmup: int) -> np.ndarray:
-    """Wall time of ``runs`` calls of ``fn`` after ``warmup`` calls, in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = np.empty(runs)
-    for k in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times[k] = (time.perf_counter() - t0) * 1e3
-    return times

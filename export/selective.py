@@ -69,13 +69,13 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
                          heartbeat: Callable[[], None] = lambda: None) -> SelectiveResult:
     """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
     ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images."""
-    from export.tflite import _representative, quiet_converter
+    from export.tflite import quiet_converter, representative_dataset
     from toolkit.tf import import_tf
 
     tf = import_tf()
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative(calibration)
-    debug_set = _representative(calibration[:debug_images])
+    converter.representative_dataset = representative_dataset(calibration)
+    debug_set = representative_dataset(calibration[:debug_images])
     with quiet_converter():
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=debug_set,

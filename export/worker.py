@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from export.errors import one_line
+from toolkit.errors import one_line
 
 
 class Skip(Exception):
@@ -92,7 +92,8 @@ class Context:
     def measure(self, path: Path, **open_kw) -> dict:
         """Accuracy and agreement on the full test split, latency at batch 1, throughput at a batch."""
         from export.model_io import class_predictions
-        from export.runtime import open_model, time_calls
+        from export.runtime import open_model
+        from toolkit.timing import time_calls
 
         cfg = self.job["config"]
         kind = self.info.output_kind
@@ -120,19 +121,18 @@ class Context:
 # Builders: each returns (path of the built file, measurement, extra report fields)
 
 
-def _plain_tflite(variant: str):
-    def build(ctx: Context, attempt: int):
-        from export import tflite
+def build_plain_tflite(ctx: Context, attempt: int):
+    """float32, dynamic, float16 and int8: one converter call each."""
+    from export import tflite
 
-        ctx.phase(f"converting {variant}")
-        path = ctx.tflite_file(variant, lambda: tflite.convert_variant(variant, ctx.source,
-                                                                       calibration=ctx.calibration))
-        return path, ctx.measure(path), {}
-    return build
+    variant = ctx.variant
+    ctx.phase(f"converting {variant}")
+    path = ctx.tflite_file(variant, lambda: tflite.convert_variant(variant, ctx.source, calibration=ctx.calibration))
+    return path, ctx.measure(path), {}
 
 
-def _build_int8_selective(ctx: Context, attempt: int):
-    from export.selective import build_int8_selective
+def build_int8_selective(ctx: Context, attempt: int):
+    from export.selective import build_int8_selective as search
 
     cfg = ctx.job["config"]
     int8_row = ctx.rows.get("int8")
@@ -141,7 +141,7 @@ def _build_int8_selective(ctx: Context, attempt: int):
             and not explicit:
         raise Skip(f"int8 is within --max-drop ({int8_row['drop_pp']:+.2f} pp): int8.tflite is the model to ship")
     ctx.phase("ranking quantised tensors and keeping the worst in float")
-    res = build_int8_selective(ctx.source.tflite_converter(), ctx.calibration, ctx.x_val, ctx.y_val,
+    res = search(ctx.source.tflite_converter(), ctx.calibration, ctx.x_val, ctx.y_val,
                                output_kind=ctx.info.output_kind,
                                float_val_accuracy=ctx.job["float_val_accuracy"],
                                max_drop_pp=cfg["max_drop"], max_steps=cfg["selective_steps"],
@@ -162,7 +162,7 @@ def _build_int8_selective(ctx: Context, attempt: int):
     return path, ctx.measure(path), extra
 
 
-def _build_qat(ctx: Context, attempt: int):
+def build_qat(ctx: Context, attempt: int):
     from export import qat, tflite
 
     cfg = ctx.job["config"]
@@ -200,7 +200,7 @@ def _build_qat(ctx: Context, attempt: int):
     raise RuntimeError("no QAT scheme could rebuild this model: " + "; ".join(failures))
 
 
-def _build_onnx_float32(ctx: Context, attempt: int):
+def build_onnx_float32(ctx: Context, attempt: int):
     path = _onnx_float(ctx)
     return path, ctx.measure(path), {}
 
@@ -217,7 +217,7 @@ def _onnx_float(ctx: Context) -> Path:
     return path
 
 
-def _build_onnx_int8(ctx: Context, attempt: int):
+def build_onnx_int8(ctx: Context, attempt: int):
     """Both int8 ONNX candidates, measured; the more accurate (then the faster) kept. One route
     failing leaves the other."""
     from export import onnx as onnx_export
@@ -275,26 +275,15 @@ def _build_onnx_int8(ctx: Context, attempt: int):
     return final, measured[best], {"route": best, "candidates": summary}
 
 
-BUILDERS: dict[str, Callable] = {
-    "float32": _plain_tflite("float32"),
-    "dynamic": _plain_tflite("dynamic"),
-    "float16": _plain_tflite("float16"),
-    "int8": _plain_tflite("int8"),
-    "int8_selective": _build_int8_selective,
-    "qat_int8": _build_qat,
-    "onnx_float32": _build_onnx_float32,
-    "onnx_int8": _build_onnx_int8,
-}
-
-
 def build_row(ctx: Context, variant: str, attempt: int) -> dict:
     """The report row for ``variant``: built and measured, skipped, or failed with a reason."""
-    from export.pipeline import FORMAT_OF
+    from export.variants import BY_NAME
 
-    base = {"name": variant, "format": FORMAT_OF[variant]}
+    spec = BY_NAME[variant]
+    base = {"name": variant, "format": spec.format}
     t0 = time.perf_counter()
     try:
-        path, measured, extra = BUILDERS[variant](ctx, attempt)
+        path, measured, extra = globals()[spec.builder](ctx, attempt)
     except Skip as e:
         return {**base, "status": "skipped", "reason": str(e)}
     except Exception as e:  # the point of this process: any error fails this variant only

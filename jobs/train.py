@@ -16,10 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# Runnable as a plain script (and from a Ray job's working dir) without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:
+    import toolkit  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a plain checkout, say a Ray job's working dir without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import GRAD_DTYPES, TrainConfig  # noqa: E402
+from toolkit.data import image_size_arg  # noqa: E402
 
 # What --smoke-test changes: a seconds-long run through every stage, for tests and first tries.
 # The gate is opened wide: a two-epoch model's quantisation drift is noise; smoke runs test that
@@ -44,15 +47,6 @@ def _auto_int(value: str) -> int | None:
     return n
 
 
-def _image_size(value: str) -> tuple[int, int]:
-    from toolkit.data import parse_image_size
-
-    try:
-        return parse_image_size(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__
     p = argparse.ArgumentParser(
@@ -67,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cifar-10-python.tar.gz, or a train/<class>/ [val/<class>/] test/<class>/ image tree (folder, "
                         ".tar, .tar.gz, or s3://bucket/prefix/ with the AWS_* variables or --s3-endpoint)")
     g.add_argument("--cache-dir", default=d["cache_dir"].default_factory(), help="cache of decoded arrays")
-    g.add_argument("--image-size", type=_image_size, default=None, metavar="H[xW]",
+    g.add_argument("--image-size", type=image_size_arg, default=None, metavar="H[xW]",
                    help="resize every image to H x W on load (default: as stored; all images must then share one "
                         "size); the model is built for the data's shape")
     g.add_argument("--resize", choices=("crop", "stretch"), default=d["resize"].default,
@@ -186,28 +180,25 @@ def check_destinations(cfg: TrainConfig) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+class Refused(Exception):
+    """Bad input or a run that cannot go on: the message is the one line to print, ``status`` the exit code."""
 
-    problem = check_destinations(cfg)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+    def __init__(self, message: str, status: int = 2, prefix: str = "error") -> None:
+        super().__init__(message)
+        self.status, self.prefix = status, prefix
 
-    from toolkit.data import DataError
-    from toolkit.ingest import open_data
+
+def open_checked(cfg: TrainConfig):
+    """The run's data (toolkit.data: decoded or streamed), described in two lines, and checked to fit the
+    model before any worker starts."""
+    from toolkit.data import DataError, open_data
+    from toolkit.models import ModelError, build_model
 
     t0 = time.perf_counter()
     try:
         ds = open_data(cfg)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise Refused(str(e)) from None
     counts = ds.class_counts()
     h, w, c = ds.image_shape
     n = {split: sum(v.values()) for split, v in counts.items()}
@@ -217,33 +208,66 @@ def main(argv: list[str] | None = None) -> int:
     print("classes (train): " + ", ".join(f"{k} {v:,}" for k, v in list(counts["train"].items())[:12])
           + (f", ... ({len(counts['train'])} classes)" if len(counts["train"]) > 12 else ""), flush=True)
     print(f"outputs: {cfg.output if '://' in cfg.output else os.path.abspath(cfg.output)}", flush=True)
-
-    from toolkit.models import ModelError, build_model
-
     try:  # the model must fit the data before any worker starts
         build_model(cfg.model, ds.image_shape, ds.num_classes)
     except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise Refused(str(e)) from None
+    return ds
 
-    from toolkit.report import write_training_outputs
+
+def train(cfg: TrainConfig, ds, work: str):
+    """Ray Train's outcome, or Refused for a layout the cluster cannot give, a diverged run or a Ctrl-C."""
     from toolkit.cluster import LayoutError
     from toolkit.train import TrainingDiverged, TrainingInterrupted, fit_distributed
 
+    try:
+        return fit_distributed(cfg, ds, work)
+    except LayoutError as e:  # resolved before any worker starts
+        raise Refused(str(e)) from None
+    except TrainingDiverged as e:
+        raise Refused(str(e), status=1) from None
+    except TrainingInterrupted as e:
+        raise Refused(str(e), status=130, prefix="stopped") from None  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def export(cfg: TrainConfig, ds, local_out: str) -> int:
+    """The edge export of the trained model, gated on --max-drop: 0 passed, 1 not (each failure named)."""
+    from export.config import ExportConfig
+    from export.pipeline import run_export
+    from export.report import gate_failures
+
+    export_ds = ds.decoded(EXPORT_SAMPLE, seed=cfg.seed)  # the export works on arrays
+    if export_ds is not ds:
+        print(f"export: on a sample of {len(export_ds.x_train):,} train and {len(export_ds.x_test):,} "
+              "test images of the streamed data", flush=True)
+    report = run_export(
+        ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data, out=os.path.join(local_out, "export"),
+                     max_drop=cfg.max_drop, qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                     image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels),
+        log=lambda line: print(line, flush=True), dataset=export_ds)
+    for r in report["variants"]:
+        if r["status"] == "skipped" and r["passed"]:
+            print(f"skipped {r['name']}: {r['reason']}", flush=True)
+    failures = gate_failures(report)
+    for line in failures:
+        print(line, file=sys.stderr, flush=True)
+    if not failures:
+        print(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
+              f"({report['float_accuracy']:.4f})", flush=True)
+    return 1 if failures else 0
+
+
+def run(cfg: TrainConfig) -> int:
+    from toolkit.errors import one_line
+    from toolkit.report import write_training_outputs
     from toolkit.storage import is_uri, upload_folder
 
+    problem = check_destinations(cfg)
+    if problem:
+        raise Refused(problem)
+    ds = open_checked(cfg)
     with tempfile.TemporaryDirectory() as work:
-        try:
-            outcome = fit_distributed(cfg, ds, work)
-        except LayoutError as e:  # a layout the cluster cannot give (resolved before any worker starts)
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except TrainingInterrupted as e:
-            print(f"stopped: {e}", file=sys.stderr)
-            return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+        outcome = train(cfg, ds, work)
         # An object-store output is written here first and uploaded once complete.
         local_out = os.path.join(work, "output") if is_uri(cfg.output) else cfg.output
         metrics = write_training_outputs(ds, outcome, local_out)
@@ -251,36 +275,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"test accuracy {metrics['test_accuracy']:.4f}  precision {metrics['test_precision']:.4f}  "
               f"recall {metrics['test_recall']:.4f}  ({metrics['epochs']} epochs, {metrics['wall_time_s']:.0f}s, "
               f"{metrics['train_images_per_s']:,.0f} img/s) -> {where}", flush=True)
-        status = 0
-        if cfg.export:
-            from export.cli import exit_status
-            from export.pipeline import ExportConfig, run_export
-
-            from toolkit.ingest import Stream
-
-            export_ds = ds
-            if isinstance(ds, Stream):  # the export works on arrays: a decoded sample of the stream
-                export_ds = ds.sample(EXPORT_SAMPLE, EXPORT_SAMPLE, seed=cfg.seed)
-                print(f"export: on a sample of {len(export_ds.x_train):,} train and {len(export_ds.x_test):,} "
-                      "test images of the streamed data", flush=True)
-            report = run_export(
-                ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data,
-                             out=os.path.join(local_out, "export"), max_drop=cfg.max_drop,
-                             qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                             image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels),
-                log=lambda line: print(line, flush=True), dataset=export_ds,
-            )
-            status = exit_status(report)
+        status = export(cfg, ds, local_out) if cfg.export else 0
         if is_uri(cfg.output):
             try:
                 keys = upload_folder(local_out, cfg.output, cfg.s3_endpoint, last=("metrics.json",))
             except Exception as e:  # the bucket went away during the run: say so, keep the exit code meaningful
-                from toolkit.storage import gist
-
-                print(f"error: --output {cfg.output}: upload failed: {gist(e)}", file=sys.stderr)
-                return 1
+                raise Refused(f"--output {cfg.output}: upload failed: {one_line(e, typed=False)}", status=1) from None
             print(f"uploaded {len(keys)} files to {cfg.output}", flush=True)
     return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # a bad option value, from TrainConfig
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(cfg)
+    except Refused as e:
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.status
 
 
 if __name__ == "__main__":

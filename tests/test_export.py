@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_arrays, require_shared_cifar, write_image_tree
-from export.pipeline import ALL_VARIANTS
+from export.variants import ALL_VARIANTS
 from export.runtime import open_model
 
 REPORT_KEYS = {"name", "format", "path", "size_bytes", "accuracy", "drop_pp", "agreement", "latency_ms_p50",

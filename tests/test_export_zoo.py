@@ -17,7 +17,7 @@ from conftest import ROOT, require_shared_cifar
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import export_zoo  # noqa: E402
 
-from export.pipeline import ALL_VARIANTS  # noqa: E402
+from export.variants import ALL_VARIANTS  # noqa: E402
 
 EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size", "200",
                # tfmot's default scheme loops forever on some graphs: do not wait the default 120 s for it

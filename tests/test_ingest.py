@@ -85,9 +85,9 @@ def test_streaming_from_a_bucket_matches_in_memory_training(memory_run, cifar_bu
 
 
 def _open(data, tmp_path, monkeypatch, env=None, **options):
-    """toolkit.ingest.open_data as jobs/train.py calls it (no training: what it decides and loads)."""
+    """toolkit.data.open_data as jobs/train.py calls it (no training: what it decides and loads)."""
     from toolkit.config import TrainConfig
-    from toolkit.ingest import open_data
+    from toolkit.data import open_data
 
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
@@ -110,7 +110,7 @@ def test_memory_ingest_from_a_bucket_downloads_once(cifar_bucket, cifar_tree, s3
 
 def test_auto_streams_when_the_arrays_exceed_the_budget(cifar_tree, tmp_path, monkeypatch, capsys):
     from toolkit.data import Dataset
-    from toolkit.ingest import Stream
+    from toolkit.data import Stream
 
     stream = _open(str(cifar_tree), tmp_path, monkeypatch, memory_budget=1e-7)
     assert isinstance(stream, Stream) and stream.image_shape == (32, 32, 3)

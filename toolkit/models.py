@@ -12,16 +12,16 @@ model cannot be fed wrongly preprocessed images on a device. A user's model gets
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
 import os
 import re
 import sys
 import tempfile
-import zipfile
 from typing import Callable, Optional
 
-from toolkit.tf import import_keras
+from toolkit.errors import one_line
+from toolkit.tf import import_keras, saved_keras_major
 
 INPUT_SHAPE = (32, 32, 3)
 
@@ -101,14 +101,6 @@ def model_kind(spec: str) -> str:
                      "(path ending .keras or .h5) or a factory (package.module:function)")
 
 
-def _keras_major(path: str) -> Optional[int]:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return int(str(json.loads(z.read("metadata.json")).get("keras_version", "")).split(".")[0])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
 def _load_file(spec: str, content: Optional[bytes] = None):
     keras = import_keras()
     suffix = os.path.splitext(spec)[1] or ".keras"
@@ -118,21 +110,33 @@ def _load_file(spec: str, content: Optional[bytes] = None):
             path = os.path.join(d, f"model{suffix}")
             with open(path, "wb") as f:
                 f.write(content)
-        if _keras_major(path) == 3:
+        if saved_keras_major(path) == 3:
             raise ModelError(f"--model {spec}: is a Keras 3 model; training here runs tf_keras (Keras 2), which "
                              "cannot load it: save it from tf_keras, or pass its builder as a factory "
                              "(package.module:function) written with tf_keras")
         try:
             return keras.models.load_model(path, compile=False)
         except Exception as e:
-            raise ModelError(f"--model {spec}: cannot be loaded ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+            raise ModelError(f"--model {spec}: cannot be loaded ({one_line(e, limit=200)})") from None
+
+
+@contextlib.contextmanager
+def _current_folder_importable():
+    """The current folder on ``sys.path`` while a factory is imported and called, as ``python -m`` would
+    have it (a module next to where the command runs); taken off again after."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.append(here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
 
 
 def _factory(spec: str) -> Callable:
     module_name, fn_name = spec.split(":")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # as `python -m` would: a module next to where the command runs
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -157,7 +161,8 @@ def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, 
                 raise ModelError(f"--model {spec}: no such file")
             model = _load_file(spec, content)
         else:
-            model = _factory(spec)(tuple(input_shape), int(num_classes))
+            with _current_folder_importable():
+                model = _factory(spec)(tuple(input_shape), int(num_classes))
     except ModelError:
         raise
     except Exception as e:  # a model that cannot be built for this shape: say which, in one line
@@ -200,3 +205,14 @@ def check_model(model, spec: str, input_shape, num_classes: int):
         return keras.Model(model.inputs, outputs, name=model.name)
     raise ModelError(f"--model {spec}: ends in {activation}; training uses categorical cross-entropy on class "
                      "probabilities: end the model with softmax, or with no activation (logits get a softmax)")
+
+
+def compile_model(model, learning_rate: float, steps_per_execution: int = 1) -> None:
+    """Adam, categorical cross-entropy, and the tutorial's metrics (accuracy, precision, recall)."""
+    keras = import_keras()
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="categorical_crossentropy",
+        metrics=["accuracy", keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
+        steps_per_execution=steps_per_execution,
+    )

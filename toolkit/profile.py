@@ -11,21 +11,16 @@ scheduling, waiting for the slowest worker, threads fighting over cores.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import numpy as np
 
 from toolkit.tf import import_keras, import_tf
+from toolkit.timing import time_calls
 
 
-def _time_ms(fn: Callable[[], Any], steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps * 1000.0
+def mean_ms(fn: Callable[[], Any], steps: int, warmup: int = 2) -> float:
+    return float(np.mean(time_calls(fn, steps, warmup)))
 
 
 def step_breakdown(model, strategy, dataset_fn: Callable[[], Any], *, steps: int, accumulate_steps: int = 1,
@@ -38,7 +33,7 @@ def step_breakdown(model, strategy, dataset_fn: Callable[[], Any], *, steps: int
 
     # input: the worker's own pipeline, pulled as fast as it goes
     it = iter(dataset_fn())
-    input_ms = _time_ms(lambda: next(it), steps)
+    input_ms = mean_ms(lambda: next(it), steps)
     x, y = next(it)
 
     # compute: a local copy of the model (built outside any strategy scope), the same batch, the
@@ -60,7 +55,7 @@ def step_breakdown(model, strategy, dataset_fn: Callable[[], Any], *, steps: int
         optimizer.apply_gradients(zip(grads, local.trainable_variables))
         return loss
 
-    compute_ms = _time_ms(lambda: compute().numpy(), steps)
+    compute_ms = mean_ms(lambda: compute().numpy(), steps)
 
     # all-reduce: the gradients' shapes, sent the way training sends them
     with strategy.scope():
@@ -75,7 +70,7 @@ def step_breakdown(model, strategy, dataset_fn: Callable[[], Any], *, steps: int
                 return tf.add_n([tf.reduce_sum(o) for o in out])
             return strategy.run(replica_fn)
 
-        reduce_ms = _time_ms(lambda: strategy.experimental_local_results(reduce())[0].numpy(), steps)
+        reduce_ms = mean_ms(lambda: strategy.experimental_local_results(reduce())[0].numpy(), steps)
     grad_bytes = int(sum(np.prod(s) for s in shapes)) * tf.as_dtype(grad_dtype).size
     return {"compute_ms": compute_ms, "all_reduce_ms": reduce_ms, "input_ms": input_ms,
             "gradient_bytes": grad_bytes, "profile_steps": steps}

@@ -31,35 +31,26 @@ def time_to_accuracy(history: dict[str, list[float]], target: float, key: str = 
     return None
 
 
-def _step_breakdown(workers: list[dict]) -> dict | None:
+def slowest_step_breakdown(workers: list[dict]) -> dict | None:
     """The profile of the worker with the slowest compute (it sets the pace of every synchronous step)."""
     profiles = [w["step_breakdown"] for w in workers if w.get("step_breakdown")]
     return max(profiles, key=lambda p: p["compute_ms"]) if profiles else None
 
 
-def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
-    """Evaluate the trained model on the test split and write every artifact into ``output``.
-    ``ds`` is a decoded Dataset, or a Stream (toolkit.ingest) whose test split is streamed through
-    the model batch by batch."""
-    from toolkit.ingest import Stream
+def evaluate_test_split(model, ds) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) of the whole test split, batch by batch (a streamed split is read
+    and decoded by Ray Data as it goes)."""
+    ys, probs = [], []
+    for x, y in ds.iter_test():
+        ys.append(y)
+        probs.append(predict_probs(model, x))
+    return np.concatenate(ys), np.concatenate(probs)
 
-    keras = import_keras()
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    model = keras.models.load_model(outcome.model_path)
-    if isinstance(ds, Stream):
-        ys, probs = [], []
-        for x, y in ds.iter_split("test"):
-            ys.append(y)
-            probs.append(predict_probs(model, x))
-        y_test, p_test = np.concatenate(ys), np.concatenate(probs)
-        x_samples, y_samples = (lambda d: (d.x_train, d.y_train))(ds.sample(64, 1, seed=outcome.config.seed))
-    else:
-        y_test, p_test = ds.y_test, predict_probs(model, ds.x_test)
-        x_samples, y_samples = ds.x_train, ds.y_train
+
+def training_metrics(ds, outcome: TrainOutcome, test: dict) -> dict:
+    """metrics.json: the test split's metrics, the run's figures, and where they came from."""
     counts = ds.class_counts()
-    test = classification_metrics(y_test, p_test, ds.class_names)
-    metrics = {
+    return {
         "test_accuracy": test["accuracy"],
         "test_precision": test["precision"],
         "test_recall": test["recall"],
@@ -73,7 +64,7 @@ def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
         "image_shape": list(ds.image_shape),
         "validation": "val/ split of the data" if "val" in counts else
                       f"{outcome.config.val_fraction:g} of the training split (seeded)",
-        "ingest": "stream" if isinstance(ds, Stream) else "memory",
+        "ingest": ds.ingest,
         "epochs": outcome.epochs_run,
         "best_epoch": outcome.best_epoch,
         "wall_time_s": outcome.wall_time_s,
@@ -86,7 +77,7 @@ def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
         "restarts": outcome.restarts,
         "starts": outcome.starts,
         "resumed_from_epoch": outcome.resumed_from_epoch,
-        "step_breakdown_ms": _step_breakdown(outcome.workers),
+        "step_breakdown_ms": slowest_step_breakdown(outcome.workers),
         "time_to_70pct_val_accuracy": time_to_accuracy(outcome.history, 0.70),
         "num_train_images": sum(counts["train"].values()),
         "num_test_images": sum(counts["test"].values()),
@@ -98,11 +89,23 @@ def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": outcome.config.to_dict(),
     }
+
+
+def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
+    """Evaluate the trained model on the test split of ``ds`` (a toolkit.data Dataset or Stream) and write
+    every artifact into ``output``; metrics.json last, so its presence means the folder is complete."""
+    keras = import_keras()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model = keras.models.load_model(outcome.model_path)
+    y_test, p_test = evaluate_test_split(model, ds)
+    test = classification_metrics(y_test, p_test, ds.class_names)
+    metrics = training_metrics(ds, outcome, test)
     copy_file(outcome.model_path, out / MODEL_FILE)
     write_json(out / "history.json", outcome.history)
     write_text(out / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
     plot_history(outcome.history, out / "curves.png")
     plot_confusion_matrix(np.asarray(test["confusion_matrix"]), ds.class_names, out / "confusion_matrix.png")
-    plot_samples(x_samples, y_samples, ds.class_names, out / "samples.png")
-    write_json(out / "metrics.json", metrics)  # last: its presence means the folder is complete
+    plot_samples(*ds.plot_sample(outcome.config.seed), ds.class_names, out / "samples.png")
+    write_json(out / "metrics.json", metrics)
     return metrics

@@ -48,54 +48,10 @@ def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "f
     deferred = model.distribute_strategy.num_replicas_in_sync > 1 if deferred_metrics is None else deferred_metrics
     if accumulate_steps == 1 and grad_dtype == "float32" and not deferred:
         return False
-    tf = import_tf()
-    keras = import_keras()
-
-    def gradients(x, y, sw, scale):
-        with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            loss = model.compute_loss(x, y, y_pred, sw)
-            loss = loss * scale if scale != 1 else loss
-        grads = tape.gradient(loss, model.trainable_variables)
-        return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                for g, v in zip(grads, model.trainable_variables)], y_pred
-
-    def finish(x, y, y_pred, sw):
-        if deferred:
-            model.compiled_metrics.update_state(y, y_pred, sw)
-            # A placeholder output: Keras's multi-step loop (steps_per_execution) needs one, and with
-            # reduction "first" (below) it is returned as it is, without a collective.
-            return {DEFERRED_KEY: tf.zeros([])}
-        return model.compute_metrics(x, y, y_pred, sw)
-
-    def train_step(data):
-        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
-        if accumulate_steps == 1:
-            grads, y_pred = gradients(x, y, sw, 1)
-        else:
-            split = lambda t: None if t is None else tf.split(t, accumulate_steps)  # noqa: E731
-            xs, ys, sws = split(x), split(y), split(sw)
-            grads, preds = None, []
-            for i in range(accumulate_steps):  # unrolled: K is small and fixed
-                g, p = gradients(xs[i], ys[i], None if sws is None else sws[i], 1.0 / accumulate_steps)
-                grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-                preds.append(p)
-            y_pred = tf.concat(preds, axis=0)
-        variables = model.trainable_variables
-        grads = all_reduce_gradients(grads, variables, grad_dtype, options)
-        model.optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
-        return finish(x, y, y_pred, sw)
-
-    def test_step(data):
-        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = model(x, training=False)
-        model.compute_loss(x, y, y_pred, sw)  # updates the loss metric
-        return finish(x, y, y_pred, sw)
-
-    model.train_step = train_step
+    model.train_step = make_train_step(model, accumulate_steps, grad_dtype, options, deferred)
     model.train_function = None  # rebuilt around the new step on the next fit
     if deferred:
-        model.test_step = test_step
+        model.test_step = make_test_step(model)
         model.test_function = None
         # Keras's "auto" sums every step output across workers (a collective per value per step).
         model.distribute_reduction_method = "first"
@@ -104,6 +60,67 @@ def install_train_step(model, *, accumulate_steps: int = 1, grad_dtype: str = "f
 
 
 DEFERRED_KEY = "_metrics_deferred"
+
+
+def _gradients(model, x, y, sw, scale):
+    """One (micro-)batch's gradients (zeros for variables the loss does not reach) and predictions."""
+    tf = import_tf()
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = model.compute_loss(x, y, y_pred, sw)
+        loss = loss * scale if scale != 1 else loss
+    grads = tape.gradient(loss, model.trainable_variables)
+    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+            for g, v in zip(grads, model.trainable_variables)], y_pred
+
+
+def _step_outputs(model, x, y, y_pred, sw, deferred: bool):
+    tf = import_tf()
+    if deferred:
+        model.compiled_metrics.update_state(y, y_pred, sw)
+        # A placeholder output: Keras's multi-step loop (steps_per_execution) needs one, and with
+        # reduction "first" (below) it is returned as it is, without a collective.
+        return {DEFERRED_KEY: tf.zeros([])}
+    return model.compute_metrics(x, y, y_pred, sw)
+
+
+def make_train_step(model, accumulate_steps: int, grad_dtype: str, options: Any, deferred: bool):
+    """``model``'s train step: K micro-batches, one all-reduce of their summed gradients."""
+    tf = import_tf()
+    keras = import_keras()
+
+    def train_step(data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        if accumulate_steps == 1:
+            grads, y_pred = _gradients(model, x, y, sw, 1)
+        else:
+            split = lambda t: None if t is None else tf.split(t, accumulate_steps)  # noqa: E731
+            xs, ys, sws = split(x), split(y), split(sw)
+            grads, preds = None, []
+            for i in range(accumulate_steps):  # unrolled: K is small and fixed
+                g, p = _gradients(model, xs[i], ys[i], None if sws is None else sws[i], 1.0 / accumulate_steps)
+                grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+                preds.append(p)
+            y_pred = tf.concat(preds, axis=0)
+        variables = model.trainable_variables
+        grads = all_reduce_gradients(grads, variables, grad_dtype, options)
+        model.optimizer.apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
+        return _step_outputs(model, x, y, y_pred, sw, deferred)
+
+    return train_step
+
+
+def make_test_step(model):
+    """``model``'s test step with deferred metrics (states only; read once per epoch)."""
+    keras = import_keras()
+
+    def test_step(data):
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = model(x, training=False)
+        model.compute_loss(x, y, y_pred, sw)  # updates the loss metric
+        return _step_outputs(model, x, y, y_pred, sw, True)
+
+    return test_step
 
 
 def has_deferred_metrics(model) -> bool:

@@ -11,10 +11,11 @@ on other machines reach the same endpoint without their own configuration.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from pathlib import Path
 from typing import Optional
+
+from toolkit.errors import one_line
 
 
 class StorageError(Exception):
@@ -54,20 +55,16 @@ def filesystem(uri: str, endpoint: Optional[str] = None):
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:
-        raise StorageError(f"{uri}: {gist(e)}") from None
+        raise StorageError(f"{uri}: {one_line(e, typed=False)}") from None
 
 
-def gist(e: BaseException) -> str:
-    """One readable line from a pyarrow/AWS error (which carry request ids and curl codes)."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    aws = re.search(r"AWS Error (\w+) during \w+ operation: (.*?)(?: \(Request ID:.*)?$", text)
-    if aws:
-        code, message = aws.groups()
-        if code == "NETWORK_CONNECTION":
-            return "cannot connect to the endpoint" + (f" ({m.group(1)})" if (m := re.search(
-                r"Failed to connect to (\S+)", message)) else "")
-        return f"{message.rstrip('.')} ({code})"
-    return text
+def open_location(location: str, endpoint: Optional[str] = None):
+    """``(pyarrow filesystem, path inside it)`` for a local folder or a URI: the one opener of both."""
+    import pyarrow.fs as pafs
+
+    if is_uri(location):
+        return filesystem(location, endpoint)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
 
 
 def check_local_folder(path: str) -> Optional[str]:
@@ -105,7 +102,7 @@ def check_writable(location: str, endpoint: Optional[str] = None) -> Optional[st
     except StorageError as e:
         return str(e).split(": ", 1)[-1]
     except Exception as e:  # pyarrow raises OSError, ValueError, or its own ArrowException
-        return gist(e)
+        return one_line(e, typed=False)
     return None
 
 
@@ -130,10 +127,7 @@ def has_checkpoint(storage: str, name: str, endpoint: Optional[str] = None) -> b
     import pyarrow.fs as pafs
 
     try:
-        if is_uri(storage):
-            fs, base = filesystem(storage, endpoint)
-        else:
-            fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage))
+        fs, base = open_location(storage, endpoint)
         infos = fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/{name}", allow_not_found=True))
     except Exception:
         return False

@@ -7,9 +7,12 @@ TensorFlow is first imported, in every process (driver and each Ray worker).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import zipfile
 from types import ModuleType
+from typing import Optional
 
 LEGACY_KERAS_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -119,3 +122,13 @@ def quiet_tf_logs() -> None:
     import logging
 
     import_tf().get_logger().setLevel(logging.ERROR)
+
+
+def saved_keras_major(path) -> Optional[int]:
+    """2 or 3 for a ``.keras`` zip (the ``keras_version`` of its metadata.json); None when it does not say
+    (an .h5 file, a folder, a damaged file). The one check of which Keras saved a model."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return int(str(json.loads(z.read("metadata.json")).get("keras_version", "")).split(".")[0])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None

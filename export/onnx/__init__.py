@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import warnings
 from typing import Optional
@@ -22,8 +21,6 @@ import numpy as np
 
 from toolkit.tf import import_tf
 
-VARIANTS = ("onnx_float32", "onnx_int8")
-INT8_ROUTES = ("ort_static", "from_tflite")
 # Opset 17: supported by every ONNX Runtime of the last years, mobile included.
 OPSET = 17
 
@@ -103,13 +100,3 @@ def quantize_static(float_path: str, calibration: np.ndarray, path: str,
             nodes_to_exclude=exclude,
         )
     onnx.checker.check_model(onnx.load(path), full_check=True)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from export.cli import main as cli_main
-
-    return cli_main(argv, formats=("onnx",), prog="python -m export.onnx")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

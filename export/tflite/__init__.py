@@ -8,7 +8,6 @@ Each ``convert_*`` takes a tf_keras model or a SourceModel (any saved model) and
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from typing import Iterator, Optional
 
@@ -16,10 +15,7 @@ import numpy as np
 
 from toolkit.tf import import_tf
 
-VARIANTS = ("float32", "dynamic", "float16", "int8", "int8_selective", "qat_int8")
-
-
-def _representative(calibration: np.ndarray):
+def representative_dataset(calibration: np.ndarray):
     """The converter's representative dataset: raw 0-255 pixels, one image at a time, exactly
     what the model is fed on a device."""
     def gen() -> Iterator[list]:
@@ -76,7 +72,7 @@ def convert_int8(model, calibration: np.ndarray, io_type: str = "uint8") -> byte
         raise ValueError("calibration: no calibration images")
     c = _converter(model)
     c.optimizations = [tf.lite.Optimize.DEFAULT]
-    c.representative_dataset = _representative(calibration)
+    c.representative_dataset = representative_dataset(calibration)
     c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     c.inference_input_type = getattr(tf, io_type)
     c.inference_output_type = getattr(tf, io_type)
@@ -98,13 +94,3 @@ def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = 
     if variant == "int8":
         return convert_int8(model, calibration)
     raise ValueError(f"variant: {variant!r} is not a plain conversion; choose from float32, dynamic, float16, int8")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from export.cli import main as cli_main
-
-    return cli_main(argv, formats=("tflite",), prog="python -m export.tflite")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

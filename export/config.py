@@ -1,0 +1,96 @@
+"""What an export is asked to do: ``ExportConfig``, every field with why it has its default. The command
+lines read their defaults from here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from export.errors import ExportInputError
+from export.variants import ALL_VARIANTS
+from toolkit.config import default_cache_dir
+
+
+@dataclass
+class ExportConfig:
+    model: str  # the float model: .keras (Keras 2 or 3), .h5, or a SavedModel folder
+    # Same sources as training; calibration images come from its training split, evaluation
+    # uses its full test split. None = the Keras download.
+    data: Optional[str] = None
+    # Output folder; None = "export/" next to the model.
+    out: Optional[str] = None
+    # None = every variant that applies (a variant that does not apply, such as QAT of a Keras 3
+    # model, is skipped with its reason). Named variants must all be built, or the export fails.
+    variants: Optional[tuple[str, ...]] = None
+    # Whether ``variants`` was named by the user (None: named when given). ``python -m export.tflite``
+    # passes its own format's variants as a default, not as a demand.
+    explicit_variants: Optional[bool] = None
+    # Largest allowed top-1 accuracy drop of any variant against the float model, in points.
+    max_drop: float = 1.0
+    # Representative images for int8 calibration: 500 covers CIFAR-10's classes many times over;
+    # more adds conversion time, not accuracy (see README).
+    calibration_size: int = 500
+    # A different source for calibration images (its training split), e.g. device-domain images.
+    calibration_data: Optional[str] = None
+    # Quantisation-aware fine-tuning epochs over the training split, at a small step: the float
+    # weights are already good, QAT only adapts them to 8-bit rounding.
+    qat_epochs: int = 2
+    qat_learning_rate: float = 1e-4
+    # int8_selective: at most this many tensors kept in float before giving up.
+    selective_steps: int = 8
+    # Held-out images from the training split (never the test split) that QAT's divergence check
+    # and int8_selective's search measure on: 2,000 resolve a 1-point drop to +-0.5 points.
+    holdout_size: int = 2000
+    # Latency: batch-1 runs after warm-up, on one thread, as on a phone's single big core.
+    latency_runs: int = 200
+    latency_threads: int = 1
+    throughput_batch: int = 64
+    # A variant whose worker shows no sign of life this long is killed (converters can hang);
+    # tfmot's graph rebuild gets its own, shorter limit (it takes seconds, or loops forever).
+    stall_timeout: float = 900.0
+    qat_build_timeout: float = 120.0
+    cache_dir: str = field(default_factory=default_cache_dir)
+    # The data as the model was trained on it (jobs/train.py's --image-size, --resize, --channels).
+    image_size: Optional[tuple[int, int]] = None
+    resize: str = "crop"
+    channels: Optional[int] = None
+    seed: int = 0
+    # Tracebacks of failed variants, and the worker's raw output, on stderr.
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.variants is not None:
+            self.variants = tuple(self.variants)
+            unknown = [v for v in self.variants if v not in ALL_VARIANTS]
+            if unknown:
+                raise ExportInputError(f"variants: unknown variant(s) {', '.join(unknown)}; "
+                                       f"choose from {', '.join(ALL_VARIANTS)}")
+            if not self.variants:
+                raise ExportInputError("variants: no variants selected")
+        if self.max_drop < 0:
+            raise ExportInputError(f"max_drop: must be >= 0, got {self.max_drop}")
+        for name in ("calibration_size", "latency_runs", "selective_steps", "holdout_size"):
+            if getattr(self, name) < 1:
+                raise ExportInputError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if "qat_int8" in self.requested and self.qat_epochs < 1:
+            raise ExportInputError(f"qat_epochs: must be >= 1, got {self.qat_epochs}")
+
+    @property
+    def requested(self) -> tuple[str, ...]:
+        """The variants to build, in report order."""
+        return tuple(v for v in ALL_VARIANTS if self.variants is None or v in self.variants)
+
+    @property
+    def explicit(self) -> tuple[str, ...]:
+        """The variants the user named (these must be built)."""
+        named = self.variants is not None if self.explicit_variants is None else self.explicit_variants
+        return self.requested if named else ()
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.model).resolve().parent / "export"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
