@@ -120,6 +120,8 @@ def row(section: str, name: str, result: dict, *, baseline: Optional[float], ref
     b = result.get("breakdown") or {}
     step = b.get("step_ms", result.get("step_ms"))
     out = {"section": section, "setup": name, "global_batch": batch, "images_per_s": rate,
+           # the plain-Keras run this row is compared with, so every ratio can be recomputed from this file
+           "plain_keras_images_per_s": baseline, "reference_images_per_s": reference,
            "vs_plain_keras": rate / baseline if baseline else None,
            "efficiency": rate / (scale * reference) if reference else None,
            "step_ms": step, "compute_ms": b.get("compute_ms"), "all_reduce_ms": b.get("all_reduce_ms"),

@@ -26,8 +26,6 @@ from export.errors import ExportInputError
 from toolkit.errors import one_line
 from toolkit.tf import import_keras, import_tf, saved_keras_major
 
-# What a classifier's output tensor holds.
-OUTPUT_KINDS = ("probabilities", "logits", "sigmoid", "sigmoid_logit")
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,7 @@ from export.errors import ExportInputError
 from export.model_io import class_predictions, inspect_model, load_source_model
 from export.report import build_report
 from export.supervisor import supervise
-from export.variants import ALL_VARIANTS, FORMAT_OF  # noqa: F401  (the registry, for callers of the pipeline)
-from toolkit.data import ImageSpec, load_dataset, split_validation
+from toolkit.data import ImageSpec, load_dataset, seeded_subset, split_validation
 from toolkit.outputs import write_json, write_text
 
 
@@ -52,7 +51,7 @@ def prepare_inputs(cfg: ExportConfig, source, ds) -> dict:
         pool = cal_source.x_train
     else:
         pool = x_fit  # calibration never uses the held-out images
-    calibration = pool[np.sort(np.random.default_rng(cfg.seed).permutation(len(pool))[:cfg.calibration_size])]
+    calibration = pool[seeded_subset(len(pool), cfg.calibration_size, np.random.default_rng(cfg.seed))]
     ref_pred = class_predictions(source.predict(ds.x_test), info.output_kind)
     return {"info": info, "arrays": {"x_test": ds.x_test, "y_test": ds.y_test, "ref_pred": ref_pred,
                                      "x_fit": x_fit, "y_fit": y_fit, "x_val": x_val, "y_val": y_val,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -96,20 +95,22 @@ def test_image_tree_of_another_size_and_grayscale(tmp_path):
     assert {tuple(x[i].ravel()[:5]) for i in range(8)} == got
 
 
-def test_cache_is_written_reused_and_keyed_by_source(tmp_path, arrays):
+def test_cache_is_written_reused_and_keyed_by_source(tmp_path, arrays, monkeypatch):
+    import toolkit.data.memory as memory
+
     tree = write_image_tree(tmp_path / "tree", make_arrays(n_train=400, n_test=100))
     cache = tmp_path / "cache"
-    t0 = time.perf_counter()
     first = load_dataset(str(tree), str(cache))
-    t_first = time.perf_counter() - t0
     files = list(cache.glob("*.npz"))
     assert len(files) == 1
-    assert not list(cache.glob("*.tmp")), "no temporary files left behind"
-    t0 = time.perf_counter()
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob(".*")), "no temporary files left behind"
+    # The hit itself: a second load reads the cache and never lists or decodes the tree.
+    decoded = []
+    real = memory.decode_tree
+    monkeypatch.setattr(memory, "decode_tree", lambda *a, **k: decoded.append(a) or real(*a, **k))
     second = load_dataset(str(tree), str(cache))
-    t_second = time.perf_counter() - t0
+    assert decoded == [], "the second load decoded the images again: no cache hit"
     np.testing.assert_array_equal(first.x_train, second.x_train)
-    assert t_second < t_first  # decoding 500 PNGs vs reading one .npz
     # A changed source gets a new cache entry rather than stale arrays.
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tree / "train" / "cat" / "extra.png")
     third = load_dataset(str(tree), str(cache))

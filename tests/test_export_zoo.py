@@ -108,20 +108,3 @@ def test_zoo_models_are_understood(zoo, exported):
     _, _, report = exported("logits_cnn")
     q = next(r for r in report["variants"] if r["name"] == "qat_int8")["qat"]
     assert q["retried_after_divergence"] is False and q["final_loss"] < 3
-
-
-def test_qat_falls_back_when_tfmot_cannot_rebuild(zoo, exported):
-    """mobile_block: tfmot's default scheme cannot rebuild it (it raises or loops forever, depending on
-    the graph); QAT falls back to a scheme that leaves the layers it cannot handle in float, and the
-    report states the coverage and why the default failed."""
-    _, proc, report = exported("mobile_block")
-    q = next(r for r in report["variants"] if r["name"] == "qat_int8")["qat"]
-    if q["scheme"] == "default" and not q["schemes_failed"]:
-        # Whether tfmot's default scheme fails on this graph depends on state we do not control (it failed in
-        # every run but one: the session's other models); no fallback to check then.
-        pytest.skip("tfmot's default scheme rebuilt mobile_block this time; the fallback was not needed")
-    assert q["scheme"] != "default" and q["schemes_failed"], q
-    assert q["schemes_failed"][0].startswith("default:") or "tfmot default scheme" in q["schemes_failed"][0]
-    assert 0 < q["quantized_layers"] < q["weighted_layers"]
-    assert f"{q['quantized_layers']} of {q['weighted_layers']} convolution/dense layers quantised" in (
-        Path(report["variants"][0]["path"]).parent / "report.md").read_text()

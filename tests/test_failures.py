@@ -102,3 +102,47 @@ def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, tiny
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resuming from checkpoint after epoch" in again.stdout
     assert (tmp_path / "out" / "model.keras").exists()
+
+
+BAD_DATA = ("missing split", "empty class folder", "undecodable image", "label out of range")
+
+
+def _bad_data(tmp_path, case):
+    """One bad source as a user would hand it over, and the words its one line must hold."""
+    import shutil
+
+    from conftest import make_arrays, write_image_tree, write_python_batches
+
+    arrays = make_arrays(n_train=40, n_test=20)
+    if case == "label out of range":
+        x_train, y_train, x_test, y_test = arrays
+        y_train = y_train.copy()
+        y_train[7] = 10  # ten class names, labels 0..9
+        return write_python_batches(tmp_path / "batches", (x_train, y_train, x_test, y_test)), \
+            "train label 10 at index 7 is out of range 0..9"
+    tree = write_image_tree(tmp_path / "tree", arrays)
+    if case == "missing split":
+        shutil.rmtree(tree / "test")
+        return tree, "missing split 'test/'"
+    if case == "empty class folder":
+        for f in (tree / "train" / "dog").iterdir():
+            f.unlink()
+        return tree, "class folder train/dog/ has no images"
+    (tree / "train" / "cat" / "9999.png").write_bytes(b"not a png")
+    return tree, "train/cat/9999.png: cannot decode image"
+
+
+def test_bad_data_is_one_line_and_exit_2(tmp_path, cache_dir):
+    """Each bad source through the command a user runs: exit 2, one line naming the problem, nothing started
+    or written. (The same sources are checked at library level in test_data.py.)"""
+
+    for case in BAD_DATA:
+        path, expected = _bad_data(tmp_path / case.replace(" ", "_"), case)
+        out = tmp_path / f"out-{case.replace(' ', '_')}"
+        proc, _ = run(["--data", str(path), "--cache-dir", str(tmp_path / "cache"), "--output", str(out),
+                       "--no-export"])
+        assert proc.returncode == 2, (case, proc.stdout[-2000:], proc.stderr[-2000:])
+        (line,) = error_lines(proc)
+        assert expected in line, (case, line)
+        assert "Traceback" not in proc.stderr and "layout:" not in proc.stdout, case
+        assert not out.exists(), f"{case}: nothing written"

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import BUCKET, ROOT, require_shared_cifar
@@ -79,9 +80,10 @@ def test_streaming_from_a_bucket_matches_in_memory_training(memory_run, cifar_bu
     assert m["num_train_images"] == mem["num_train_images"] == 2000
     assert m["class_counts"] == mem["class_counts"]
     assert len(m["workers"]) == 2 and all(w["batches"] > 0 for w in m["workers"])
-    # The same images, another order: the same accuracy within noise (4 epochs on 2,000 images).
-    assert m["test_accuracy"] > 0.28 and abs(m["test_accuracy"] - mem["test_accuracy"]) < 0.06, \
-        (m["test_accuracy"], mem["test_accuracy"])
+    # Both learn (chance is 0.10). Their accuracies are not compared: the same images in another order give
+    # 0.33 against 0.39 after 4 epochs on 2,000 images (measured), so a window wide enough for that noise
+    # proves nothing. That the stream delivers the in-memory images, pixel for pixel, is checked below.
+    assert m["test_accuracy"] > 0.25 and mem["test_accuracy"] > 0.25, (m["test_accuracy"], mem["test_accuracy"])
 
 
 def _open(data, tmp_path, monkeypatch, env=None, **options):
@@ -104,6 +106,10 @@ def test_memory_ingest_from_a_bucket_downloads_once(cifar_bucket, cifar_tree, s3
     assert len(trees) == 1 and len(list(trees[0].rglob("*.jpg"))) == 500 + 500, "only the --limit sample"
     local = load_dataset(str(cifar_tree), str(tmp_path / "local-cache")).limited(500)
     assert local.class_names == ds.class_names
+    # The same seeded 500 images of each split, pixel for pixel, as from the local copy of the tree.
+    np.testing.assert_array_equal(ds.x_train, local.x_train)
+    np.testing.assert_array_equal(ds.y_train, local.y_train)
+    np.testing.assert_array_equal(ds.x_test, local.x_test)
     again = _open(cifar_bucket, tmp_path, monkeypatch, s3["env"], ingest="memory", limit=500)
     assert list((tmp_path / "cache" / "trees").iterdir()) == trees and (again.x_train == ds.x_train).all()
 
@@ -130,3 +136,34 @@ def test_stream_needs_a_tree_and_a_readable_bucket(s3, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: s3://no-such-bucket/cifar/: ") and "bucket" in line.lower(), line
+
+
+def _as_set(x, y) -> list:
+    """Images with their labels, order aside (Ray Data may deliver blocks in any order)."""
+    return sorted((int(label), img.tobytes()) for img, label in zip(x, y))
+
+
+def test_streamed_images_are_the_in_memory_images_pixel_for_pixel(cifar_tree, tmp_path, monkeypatch):
+    """What Ray Data delivers when streaming is what the in-memory path decodes: the test split through Ray
+    Data's tasks, image for image and label for label, and the same seeded validation split."""
+    import ray
+
+    from toolkit.data import Dataset, Stream
+    from toolkit.data.decode import decode_image
+
+    mem = _open(str(cifar_tree), tmp_path, monkeypatch, ingest="memory")
+    stream = _open(str(cifar_tree), tmp_path, monkeypatch, ingest="stream")
+    assert isinstance(mem, Dataset) and isinstance(stream, Stream)
+    # The validation split: the same seeded files, in the same order, as the arrays' split.
+    _, _, val_paths, val_labels = stream.train_val(0.1, 0)
+    _, _, x_val, y_val = mem.train_val(0.1, 0)
+    np.testing.assert_array_equal(val_labels, y_val)
+    np.testing.assert_array_equal(np.stack([decode_image(stream.tree.read(p), p) for p in val_paths]), x_val)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        batches = list(stream.iter_test(batch_size=256))
+    finally:
+        ray.shutdown()
+    x, y = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    assert x.shape == mem.x_test.shape and x.dtype == np.uint8
+    assert _as_set(x, y) == _as_set(mem.x_test, mem.y_test)

@@ -96,7 +96,8 @@ def test_smoke_test_runs_every_stage_through_the_export(smoke_run):
     assert len(report["variants"]) == 8 and report["num_test_images"] == 2048
     assert len(report["built"]) == 7 and list(report["skipped"]) == ["int8_selective"]  # int8 within budget
     assert (tmp / "out" / "export" / "int8.tflite").exists()
-    assert "export: 7 variants within" in proc.stdout
+    assert "export: 7 variants within 1.0 pp" in proc.stdout and report["max_drop_pp"] == 1.0, "the real gate"
+    assert report["passed"] and all(v["drop_pp"] <= 1.0 for v in report["variants"] if v["status"] == "ok")
     # What a user sees: the toolkit's lines, not the frameworks' noise that reads like failures.
     for noise in ("failed call to cuInit", "grpc_server_lib.cc", "PreemptionWatcher",
                   "All log messages before absl::InitializeLog()"):

@@ -78,8 +78,8 @@ class TrainConfig:
 
     # --- Ray: layout ----------------------------------------------------------------------
     # None = auto: one worker per Ray node, owning all of that node's CPUs (or GPUs). Measured
-    # (benchmarks/scaling.py, README): on one 2-core machine, 1 worker x 2 CPUs trains at about
-    # plain Keras's speed while 2 workers x 1 CPU reach ~0.75x of it; inside a node, threads share
+    # (benchmarks/scaling.py, benchmarks/results/scaling.md): on one 2-core machine, 1 worker x 2 CPUs
+    # trains at about plain Keras's speed while 2 workers x 1 CPU reach 0.93x of it; inside a node, threads share
     # memory for free, while workers pay an all-reduce every step. An int overrides.
     num_workers: Optional[int] = None
     use_gpu: bool = False

@@ -27,6 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# An environment variable every process of a LocalCluster inherits (its value: the cluster's token).
+MARKER = "KET_LOCAL_CLUSTER"
+
+
+def marked_pids(entry: bytes) -> set[int]:
+    """Pids of this machine's processes whose environment holds ``entry`` (``NAME=value``), this one aside."""
+    pids = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if entry in f.read().split(b"\0"):
+                        pids.add(int(name))
+            except OSError:
+                continue
+    return pids
+
+
 def raylet_pids() -> set[int]:
     """Pids of the raylet processes running on this machine (one per Ray node)."""
     pids = set()
@@ -73,9 +91,11 @@ class LocalCluster:
     @property
     def env(self) -> dict[str, str]:
         """The environment every node and every client of this cluster needs (token auth on, as
-        Ray 2.60 asks of clusters; RAY_ADDRESS so that ray.init() connects here)."""
+        Ray 2.60 asks of clusters; RAY_ADDRESS so that ray.init() connects here), and a marker that every
+        process of this cluster inherits, so that :meth:`stop` stops those and no other Ray."""
         return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token,
-                "RAY_ADDRESS": self.address, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+                "RAY_ADDRESS": self.address, MARKER: self.auth_token,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def cores(self, index: int) -> list[int]:
         total = os.cpu_count() or 1
@@ -152,8 +172,28 @@ class LocalCluster:
         proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    def stop(self) -> None:
-        subprocess.run([ray_executable(), "stop", "--force"], env=self.env, capture_output=True, timeout=300)
+    def pids(self) -> set[int]:
+        """The processes this cluster started (its nodes' daemons and workers, and clients given its env)."""
+        return marked_pids(f"{MARKER}={self.auth_token}".encode())
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop this cluster's processes, and only those: SIGTERM, then SIGKILL after ``grace_s``. (``ray stop``
+        would stop every Ray on the machine, a user's own included.)"""
+        import signal
+
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            left = self.pids()
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + wait
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = self.pids()
+            if not left:
+                return
 
     def __enter__(self) -> "LocalCluster":
         try:

@@ -22,8 +22,8 @@ from toolkit.data.open import open_data
 from toolkit.data.pipeline import crop_flip, make_eval_dataset, make_train_dataset
 from toolkit.data.streaming import Stream
 from toolkit.data.types import (CIFAR10_CLASSES, DataError, ImageSpec, balanced_class_weights, image_size_arg,
-                                parse_image_size, split_validation)
+                                parse_image_size, seeded_subset, split_validation)
 
 __all__ = ["CIFAR10_CLASSES", "DataError", "Dataset", "ImageSpec", "Stream", "TrainerInputs", "balanced_class_weights",
            "crop_flip", "image_size_arg", "load_dataset", "make_eval_dataset", "make_train_dataset", "open_data",
-           "parse_image_size", "split_validation"]
+           "parse_image_size", "seeded_subset", "split_validation"]

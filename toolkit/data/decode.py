@@ -8,6 +8,7 @@ import io
 import numpy as np
 
 from toolkit.data.types import DataError, ImageSpec
+from toolkit.errors import one_line
 
 
 def decode_image(raw: bytes, where: str, spec: ImageSpec = ImageSpec()) -> np.ndarray:
@@ -21,7 +22,7 @@ def decode_image(raw: bytes, where: str, spec: ImageSpec = ImageSpec()) -> np.nd
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, DataError):
             raise
-        raise DataError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise DataError(f"{where}: cannot decode image ({one_line(e)})") from e
 
 
 def convert_arrays(x, spec: ImageSpec, where: str):

@@ -20,6 +20,7 @@ from toolkit.data.sources import (ARCHIVE, BATCHES, KERAS, batches_dir, is_batch
                                   load_batches_tar, load_keras_download, source_kind)
 from toolkit.data.tree import FileTree, list_archive, list_tree
 from toolkit.data.types import DataError, ImageSpec, describe_shape
+from toolkit.errors import one_line
 from toolkit.outputs import atomic_path
 
 # Bump when the decoded layout changes, so stale caches are not read.
@@ -62,7 +63,7 @@ def _load_archive(path: Path, spec: ImageSpec) -> Dataset:
     except DataError:
         raise
     except Exception as e:  # tarfile, EOF, OSError, zlib.error (a truncated .gz)
-        raise DataError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: truncated or corrupt archive ({one_line(e)})") from e
     return decode_tree(list_archive(str(path)), spec)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from toolkit.data.arrays import Dataset
 from toolkit.data.types import CIFAR10_CLASSES, DataError
+from toolkit.errors import one_line
 from toolkit.storage import is_uri
 
 # What a source is, decided once, here:
@@ -56,7 +57,7 @@ def load_keras_download() -> Dataset:
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as e:  # network errors come in many types; re-raise as one clear line
-        raise DataError(f"Keras CIFAR-10 download failed ({type(e).__name__}: {e}); "
+        raise DataError(f"Keras CIFAR-10 download failed ({one_line(e)}); "
                         "pass --data with a local copy instead") from e
     return Dataset(x_train, y_train.reshape(-1).astype(np.int64), x_test,
                    y_test.reshape(-1).astype(np.int64), CIFAR10_CLASSES, KERAS)

@@ -186,7 +186,7 @@ def list_archive(path: str) -> FileTree:
     except DataError:
         raise
     except Exception as e:  # tarfile, EOF, OSError, zlib.error (a truncated .gz)
-        raise DataError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: truncated or corrupt archive ({one_line(e)})") from e
     class_names = tree_classes(by_split, path)
     files, labels = labelled(by_split, class_names, path)
     return FileTree(path, None, files, labels, class_names, sizes, blobs=blobs, prefix=f"{path}/")
