@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -19,30 +18,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # as benchmarks/scaling.py: runnable from a checkout
+
+from toolkit.outputs import git_revision, machine  # noqa: E402
 TRAIN = str(ROOT / "jobs" / "train.py")
 # The tutorial's own figures (its notebook's output), quoted beside ours, never measured here.
 TUTORIAL = {"test_accuracy": 0.6709, "test_precision": 0.7655}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}"
-
-
-def git_revision() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return proc.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def run(data: str, extra: list[str]) -> dict:
@@ -56,9 +37,10 @@ def run(data: str, extra: list[str]) -> dict:
         if not (out / "metrics.json").exists():
             raise SystemExit(f"the run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         metrics = json.loads((out / "metrics.json").read_text())
+        history = json.loads((out / "history.json").read_text())
         report_path = out / "export" / "report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else None
-    return {"exit_status": proc.returncode, "job_s": job_s, "metrics": metrics, "export": report}
+    return {"exit_status": proc.returncode, "job_s": job_s, "metrics": metrics, "history": history, "export": report}
 
 
 def summary(result: dict) -> dict:
@@ -136,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "job": " ".join(["python jobs/train.py --data", args.data, *args.extra])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "default_run.json").write_text(json.dumps({"meta": meta, "summary": s, "metrics": result["metrics"]},
-                                                     indent=1, default=str) + "\n")
+    (out / "default_run.json").write_text(json.dumps({"meta": meta, "summary": s, "metrics": result["metrics"],
+                                                      "history": result["history"]}, indent=1, default=str) + "\n")
     (out / "default_run.md").write_text(markdown(s, meta))
     print(markdown(s, meta))
     print(f"wrote {out / 'default_run.json'} and {out / 'default_run.md'}")

@@ -1,6 +1,6 @@
 """Ingest benchmark: --ingest memory against --ingest stream (Ray Data), side by side, in one run.
 
-    python benchmarks/ingest.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz     # the README's table
+    python benchmarks/ingest.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz     # the table in docs/data.md
 
 The archive is unpacked once into a class-folder tree (streaming reads files); "4x" is the same tree
 with every training image present four times (symbolic links: four times the files to list, read

@@ -1,6 +1,6 @@
 """Scaling benchmark: plain single-process Keras against Ray Train layouts, side by side, in one run.
 
-    python benchmarks/scaling.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz            # the README's tables
+    python benchmarks/scaling.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz            # the tables in docs/results.md
     python benchmarks/scaling.py --data ... --nodes 1,2,4,8 --cores-per-node 2                # on a 16-core machine
 
 Sections (each row: training images/s, ratio to plain Keras on the same cores and global batch,
@@ -162,18 +162,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}"
-
-
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -204,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toolkit.outputs import git_revision
+    from toolkit.outputs import git_revision, machine
 
     if args._plain:
         print(json.dumps(plain_keras(args.data, args.cache_dir, args._batch, args.limit, args.epochs, args._augment)))

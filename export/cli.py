@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from export.config import ExportConfig
 from export.errors import ExportInputError
-from export.report import gate_failures
+from export.report import print_gate
 from export.variants import FORMAT_OF, variants_of
 from toolkit.data import image_size_arg
 from toolkit.errors import one_line
@@ -89,23 +89,6 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
     )
 
 
-def exit_status(report: dict) -> int:
-    """0 when every requested variant was built and passed the drift gate; else name each offender
-    on stderr (one line each, from report.gate_failures) and return 1."""
-    built = [r for r in report["variants"] if r["status"] == "ok"]
-    for r in report["variants"]:
-        if r["status"] == "skipped" and r["passed"]:
-            print(f"skipped {r['name']}: {r['reason']}", flush=True)
-    failures = gate_failures(report)
-    for line in failures:
-        print(line, file=sys.stderr, flush=True)
-    if not failures:
-        print(f"export: {len(built)} variants within {report['max_drop_pp']} pp "
-              f"of the float model ({report['float_accuracy']:.4f})", flush=True)
-        return 0
-    return 1
-
-
 def main(argv: Optional[list[str]] = None, formats: Sequence[str] = ("tflite", "onnx"),
          prog: str = "python -m export") -> int:
     args = build_parser(formats, prog).parse_args(argv)
@@ -125,4 +108,4 @@ def main(argv: Optional[list[str]] = None, formats: Sequence[str] = ("tflite", "
         print(f"error: export failed: {one_line(e)} (run again with --debug for the traceback)",
               file=sys.stderr, flush=True)
         return 1
-    return exit_status(report)
+    return print_gate(report)

@@ -30,7 +30,7 @@ class ExportConfig:
     # Largest allowed top-1 accuracy drop of any variant against the float model, in points.
     max_drop: float = 1.0
     # Representative images for int8 calibration: 500 covers CIFAR-10's classes many times over;
-    # more adds conversion time, not accuracy (see README).
+    # more adds conversion time, not accuracy (see docs/export.md).
     calibration_size: int = 500
     # A different source for calibration images (its training split), e.g. device-domain images.
     calibration_data: Optional[str] = None

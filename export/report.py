@@ -104,6 +104,30 @@ def gate_failures(report: dict) -> list[str]:
     return lines
 
 
+def gate_summary(report: dict) -> tuple[list[str], list[str]]:
+    """What a command prints about the gate: (stdout lines: skipped variants that do not count against it, and
+    the verdict when it passed; stderr lines: gate_failures)."""
+    out = [f"skipped {r['name']}: {r['reason']}" for r in report["variants"] if r["status"] == "skipped" and r["passed"]]
+    failures = gate_failures(report)
+    if not failures:
+        out.append(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
+                   f"({report['float_accuracy']:.4f})")
+    return out, failures
+
+
+def print_gate(report: dict) -> int:
+    """Print gate_summary (stdout, then the failures on stderr) and return the exit status: 0 passed, 1 not.
+    What ``python -m export`` and ``jobs/train.py`` both end with."""
+    import sys
+
+    out, failures = gate_summary(report)
+    for line in out:
+        print(line, flush=True)
+    for line in failures:
+        print(line, file=sys.stderr, flush=True)
+    return 1 if failures else 0
+
+
 def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float) -> dict:
     """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
     into ``stage`` and drops intermediate files that were not asked for."""

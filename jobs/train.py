@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Ray")
     g.add_argument("--num-workers", type=_auto_int, default="auto",
                    help="Ray Train workers; auto = one per node (per GPU node with --use-gpu): on one machine, "
-                        "one worker with every core (0.96x plain Keras in the README's scaling table)")
+                        "one worker with every core (0.96x plain Keras in benchmarks/results/scaling.md)")
     g.add_argument("--use-gpu", action="store_true",
                    help="train on GPUs: each worker gets its node's GPUs (MultiWorkerMirroredStrategy mirrors "
                         "over them) unless --num-workers asks for more workers per node")
@@ -236,7 +236,7 @@ def export(cfg: TrainConfig, ds, local_out: str) -> int:
     """The edge export of the trained model, gated on --max-drop: 0 passed, 1 not (each failure named)."""
     from export.config import ExportConfig
     from export.pipeline import run_export
-    from export.report import gate_failures
+    from export.report import print_gate
 
     export_ds = ds.decoded(EXPORT_SAMPLE, seed=cfg.seed)  # the export works on arrays
     if export_ds is not ds:
@@ -247,16 +247,7 @@ def export(cfg: TrainConfig, ds, local_out: str) -> int:
                      max_drop=cfg.max_drop, qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed,
                      image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels),
         log=lambda line: print(line, flush=True), dataset=export_ds)
-    for r in report["variants"]:
-        if r["status"] == "skipped" and r["passed"]:
-            print(f"skipped {r['name']}: {r['reason']}", flush=True)
-    failures = gate_failures(report)
-    for line in failures:
-        print(line, file=sys.stderr, flush=True)
-    if not failures:
-        print(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
-              f"({report['float_accuracy']:.4f})", flush=True)
-    return 1 if failures else 0
+    return print_gate(report)
 
 
 def run(cfg: TrainConfig) -> int:

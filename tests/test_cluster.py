@@ -195,8 +195,41 @@ def test_job_submit_with_a_wrong_token_is_refused(cluster, tmp_path):
         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    # The dashboard's own refusal (HTTP 403), not any failure that happens to mention a token.
-    refusals = ("Forbidden: Invalid authentication token",
-                "Token authentication is enabled but the authentication token is invalid or incorrect")
-    assert any(r in text for r in refusals), text[-2000:]
+    # Ray's own refusal of the token (the job client's first call, to the cluster's GCS), not any failure
+    # that happens to mention a token.
+    assert "AuthenticationError" in text and "InvalidAuthToken: Authentication token is missing or incorrect" in text, \
+        text[-2000:]
     assert not marker.exists(), "the job must not have run"
+
+
+def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
+    """LocalCluster.stop ends the processes it started and no others (``ray stop --force`` would end every Ray
+    on the machine, a user's own included): a second cluster is stopped while this module's keeps running."""
+    from toolkit.localcluster import raylet_pids
+
+    ours = cluster.pids()
+    assert ours and any(pid in raylet_pids() for pid in ours), "the module's cluster is up"
+    other = LocalCluster(nodes=1, cpus_per_node=1, pin=False).start()
+    theirs = other.pids()
+    assert theirs and not theirs & ours
+    other.stop()
+    assert not other.pids(), "every process of the stopped cluster is gone"
+    # Its daemons (idle Ray workers may come and go on their own): every raylet and the GCS server still run.
+    daemons = {pid for pid in ours if _exe(pid) in ("raylet", "gcs_server")}
+    assert len(daemons) >= 3, daemons
+    assert all(os.path.exists(f"/proc/{pid}") for pid in daemons), "this module's cluster lost a daemon"
+    assert len(cluster.ray_nodes()) >= 3, "and still answers: head and two worker nodes"
+    # ray.init() with no address joins the machine's latest `ray start` cluster: that is this module's again,
+    # not the stopped one's.
+    from toolkit.localcluster import ADDRESS_FILE
+
+    with open(ADDRESS_FILE) as f:
+        assert f.read().strip().rsplit(":", 1)[-1] == str(cluster.port)
+
+
+def _exe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0", 1)[0].decode(errors="replace"))
+    except OSError:
+        return ""

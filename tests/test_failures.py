@@ -104,7 +104,8 @@ def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, tiny
     assert (tmp_path / "out" / "model.keras").exists()
 
 
-BAD_DATA = ("missing split", "empty class folder", "undecodable image", "label out of range")
+BAD_DATA = ("missing split", "empty class folder", "undecodable image", "label out of range", "mixed sizes",
+            "truncated archive")
 
 
 def _bad_data(tmp_path, case):
@@ -128,6 +129,17 @@ def _bad_data(tmp_path, case):
         for f in (tree / "train" / "dog").iterdir():
             f.unlink()
         return tree, "class folder train/dog/ has no images"
+    if case == "mixed sizes":
+        from PIL import Image
+
+        Image.new("RGB", (40, 28)).save(tree / "train" / "cat" / "9999.png")
+        return tree, "train/cat/9999.png: image is 40x28 RGB but"
+    if case == "truncated archive":
+        from conftest import tar_folder
+
+        archive = tar_folder(tree, tmp_path / "tree.tar.gz")
+        archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+        return archive, "truncated or corrupt archive"
     (tree / "train" / "cat" / "9999.png").write_bytes(b"not a png")
     return tree, "train/cat/9999.png: cannot decode image"
 

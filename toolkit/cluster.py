@@ -2,7 +2,7 @@
 
 The default layout is one Ray Train worker per node, owning all of that node's CPUs (or GPUs):
 inside a node, TensorFlow's threads share memory for free, while every extra worker adds a
-gradient all-reduce to every step. benchmarks/scaling.py measures both (README, "Scaling").
+gradient all-reduce to every step. benchmarks/scaling.py measures both (docs/results.md, "Scaling").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one typed configuration object for a training run.
 
-Every value has a default chosen by measurement (see README, "Why these defaults") and a
+Every value has a default chosen by measurement (see docs/training.md, "Why the defaults are what they are") and a
 comment saying why. The config travels with every artifact: it is written into each Ray
 Train checkpoint and into ``metrics.json`` so a model always says how it was made.
 """
@@ -69,7 +69,7 @@ class TrainConfig:
     # once split (about 1,200 images/s on 2 workers vs about 6,500 at 256).
     batch_size: int = 256
     # Adam's default 1e-3 is tuned for batch 32; at batch 256 a larger step reaches the same
-    # accuracy in fewer epochs (measured, README).
+    # accuracy in fewer epochs (measured, docs/training.md).
     learning_rate: float = 2e-3
     # Stop when validation accuracy has not improved for this many epochs (0 = never).
     # The best-validation weights are restored either way.
@@ -94,7 +94,7 @@ class TrainConfig:
     accumulate_steps: int = 1
     # Gradients on the wire: float16/bfloat16 halve the all-reduce's bytes (summed in that
     # dtype, applied in float32). float32 by default: on the machines measured the all-reduce
-    # is latency-, not bandwidth-bound for models this size (README, scaling table).
+    # is latency-, not bandwidth-bound for models this size (docs/results.md, scaling table).
     grad_dtype: str = "float32"
     # All-reduce packing (tf.distribute CommunicationOptions.bytes_per_pack): 0 = all gradients
     # in one message, which is what a small model wants; larger models may overlap packs.

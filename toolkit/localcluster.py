@@ -29,6 +29,29 @@ def free_port() -> int:
 
 # An environment variable every process of a LocalCluster inherits (its value: the cluster's token).
 MARKER = "KET_LOCAL_CLUSTER"
+# Where `ray start --head` records the machine's latest cluster (ray.init() with no address joins it).
+ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
+
+
+def _gcs_running(port: str) -> bool:
+    """Whether a Ray GCS server on this machine listens on ``port`` (a cluster that is still up)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if args[0].endswith(b"gcs_server") and any(a.endswith(f"={port}".encode()) for a in args):
+                return True
+    return False
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def marked_pids(entry: bytes) -> set[int]:
@@ -111,6 +134,9 @@ class LocalCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
     def start(self) -> "LocalCluster":
+        # `ray start --head` records itself as the machine's latest cluster, which a plain ray.init() then joins;
+        # stop() puts back what was there before.
+        self.previous_address = _read(ADDRESS_FILE)
         dash = ([f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
                 if self.dashboard else ["--include-dashboard=false"])
         self._run(["start", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0", *dash,
@@ -193,7 +219,17 @@ class LocalCluster:
                 time.sleep(0.2)
                 left = self.pids()
             if not left:
-                return
+                break
+        recorded = _read(ADDRESS_FILE)
+        if recorded and recorded.rsplit(":", 1)[-1] == str(self.port):  # still names this (now stopped) cluster
+            previous = getattr(self, "previous_address", None)
+            try:
+                if previous and _gcs_running(previous.rsplit(":", 1)[-1]):  # never restore a dead cluster's
+                    Path(ADDRESS_FILE).write_text(previous)
+                else:
+                    os.remove(ADDRESS_FILE)
+            except OSError:
+                pass
 
     def __enter__(self) -> "LocalCluster":
         try:
