@@ -250,10 +250,13 @@ def main(argv=None) -> int:
             with LocalCluster(nodes=n, cpus_per_node=c) as cluster:
                 env = cluster.env
                 if "nodes" in sections:
+                    runs: dict[int, dict] = {}  # weak and strong share a run when their global batches are equal
                     for kind, batch in (("weak", n * P), ("strong", G)):
                         if batch % n:
                             continue
-                        r = run_ray(args, ["--batch-size", str(batch), "--no-augment"], env=env)
+                        if batch not in runs:
+                            runs[batch] = run_ray(args, ["--batch-size", str(batch), "--no-augment"], env=env)
+                        r = runs[batch]
                         refs.setdefault(kind, r["images_per_s"])  # the smallest node count is the reference
                         rows.append(row(sec, f"{n} node(s), {kind}: {batch // n} per worker", r,
                                         baseline=plain_on(n * c, batch), reference=refs[kind],

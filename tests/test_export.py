@@ -280,10 +280,27 @@ def _bad_model_case(tmp_path, case, regression_model):
     raise AssertionError(case)
 
 
+FORMATS = {"export": ("tflite", "onnx"), "export.tflite": ("tflite",), "export.onnx": ("onnx",)}
+
+
+def run_main(module: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """The command's own main() in this process (what ``python -m MODULE`` runs, without a new interpreter and
+    TensorFlow import per case): exit status, stdout, stderr."""
+    from export.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main(args, formats=FORMATS[module], prog=f"python -m {module}")
+    except SystemExit as e:  # argparse: --help, or a bad option
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "input shape mismatch", "NaN weights",
                                   "two inputs", "wrong class count", "unknown variant",
                                   "variant of the other format", "bad data source"])
-def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir):
+def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir, capsys):
     # A small stand-in model file for the cases that need a valid one (the fast path: no training).
     from toolkit.models import make_model
     from toolkit.tf import save_model
@@ -293,19 +310,28 @@ def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cac
     (module, *args), expected = _bad_model_case(tmp_path, case, model_path)
     out = tmp_path / "out"
     data = [] if "--data" in args else ["--data", str(tiny_tree_tgz)]
-    proc = run_cli(module, [*args, *data, "--out", str(out), "--cache-dir", cache_dir], timeout=300)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    err = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    status, stdout, stderr = run_main(module, [*args, *data, "--out", str(out), "--cache-dir", cache_dir], capsys)
+    assert status == 2, stdout[-2000:] + stderr[-2000:]
+    err = [l for l in stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not out.exists()
     assert not list(tmp_path.glob(".export-*"))
 
 
+def test_bad_input_through_the_real_command(tmp_path, tiny_tree_tgz, cache_dir):
+    """The same refusal from a real ``python -m export`` process (the cases above call its main in-process)."""
+    proc = run_cli("export", [str(tmp_path / "nope.keras"), "--data", str(tiny_tree_tgz), "--out", str(tmp_path / "out"),
+                              "--cache-dir", cache_dir], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [l for l in proc.stderr.splitlines() if l.strip()] == [
+        f"error: {tmp_path / 'nope.keras'}: model file does not exist"]
+
+
 @pytest.mark.parametrize("module", ["export", "export.tflite", "export.onnx"])
-def test_help(module):
-    proc = run_cli(module, ["--help"], timeout=120)
-    assert proc.returncode == 0 and "--max-drop" in proc.stdout and "--variants" in proc.stdout
+def test_help(module, capsys):
+    status, out, _ = run_main(module, ["--help"], capsys)
+    assert status == 0 and "--max-drop" in out and "--variants" in out and f"python -m {module}" in out
 
 
 def test_a_model_used_as_a_layer_is_inlined_for_qat():

