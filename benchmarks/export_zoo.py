@@ -259,6 +259,7 @@ def report_line(name: str, rc: int, report: dict) -> dict:
         "over gate": ", ".join(f for f in report.get("failed", []) if by.get(f, {}).get("status") == "ok") or "-",
         "qat scheme": (by.get("qat_int8", {}).get("qat") or {}).get("scheme", "-"),
         "float layers (selective)": ", ".join(by.get("int8_selective", {}).get("float_layers", [])) or "-",
+        "onnx_int8 %": acc("onnx_int8"), "onnx_int8 route": by.get("onnx_int8", {}).get("route") or "-",
     }
 
 
@@ -300,9 +301,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "export_zoo.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    (out / "export_zoo.md").write_text(f"`python benchmarks/export_zoo.py {' '.join(argv or sys.argv[1:])}`\n\n"
-                                       + table + "\n")
+    from toolkit.outputs import git_revision, machine
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "git_revision": git_revision(),
+            "command": f"python benchmarks/export_zoo.py {' '.join(argv if argv is not None else sys.argv[1:])}"}
+    (out / "export_zoo.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+    (out / "export_zoo.md").write_text(f"`{meta['command']}` ({meta['date']}, git {meta['git_revision']}, "
+                                       f"{meta['machine']})\n\n" + table + "\n")
     return 0
 
 

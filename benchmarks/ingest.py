@@ -88,12 +88,17 @@ def main() -> None:
     for row in rows:
         base = next(r for r in rows if r["size"] == row["size"] and r["ingest"] == "memory")
         row["ratio_to_memory"] = row["images_per_s"] / base["images_per_s"]
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "epochs": args.epochs, "rows": rows, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    from toolkit.outputs import git_revision, machine
+
+    command = "python benchmarks/ingest.py " + " ".join(sys.argv[1:])
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "description": machine()},
+              "git_revision": git_revision(), "command": command, "epochs": args.epochs, "rows": rows,
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| data | ingest | train images | images/s | vs memory | driver peak MB | worker peak MB | "
+    lines = [f"`{command}` ({result['finished_at'][:10]}, git {result['git_revision']}, {machine()})", "",
+             "| data | ingest | train images | images/s | vs memory | driver peak MB | worker peak MB | "
              "test acc | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['ingest']} | {r['train_images']:,} | {r['images_per_s']:,.0f} | "
