@@ -178,3 +178,24 @@ def regression_run(tmp_path_factory, cache_dir) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (tmp / "stdout.txt").write_text(proc.stdout)  # for the tests that read the progress lines
     return out
+
+
+EXPORT_FORMATS = {"export": ("tflite", "onnx"), "export.tflite": ("tflite",), "export.onnx": ("onnx",)}
+
+
+def export_in_process(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` as its main() in this process (TensorFlow is imported already; the export's
+    own worker process still builds the variants): exit status, stdout and stderr as a process would give
+    them. tests/test_export.py keeps one case through a real process."""
+    import contextlib
+    import io
+
+    from export.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(args, formats=EXPORT_FORMATS[module], prog=f"python -m {module}")
+        except SystemExit as e:  # argparse: --help, or a bad option
+            status = e.code
+    return subprocess.CompletedProcess([module, *args], status, out.getvalue(), err.getvalue())

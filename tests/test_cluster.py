@@ -83,9 +83,9 @@ def test_job_submit_runs_on_two_nodes_with_checkpoints_and_outputs_in_s3(cluster
 
 
 def test_a_killed_driver_is_resumed_from_s3_by_the_same_command(cluster, s3, tiny_tree_tgz, cache_dir, tmp_path):
-    args = run_args(tiny_tree_tgz, cache_dir, "driverkill", str(tmp_path / "out"), 9)
+    args = run_args(tiny_tree_tgz, cache_dir, "driverkill", str(tmp_path / "out"), 6)
     first = driver(cluster, s3, args, tmp_path / "first.txt")
-    wait_for_line(tmp_path / "first.txt", "epoch   3/9", first)
+    wait_for_line(tmp_path / "first.txt", "epoch   3/6", first)
     time.sleep(1.5)  # Ray Train's controller registers a reported checkpoint on its next poll (every 0.5 s)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
@@ -102,13 +102,13 @@ def test_a_killed_driver_is_resumed_from_s3_by_the_same_command(cluster, s3, tin
     assert resumed is not None and resumed >= 3, m["starts"]
     assert f"resuming from checkpoint after epoch {resumed}" in text
     history = json.loads((tmp_path / "out" / "history.json").read_text())
-    assert m["epochs"] == 9 and all(len(v) == 9 for v in history.values()), "every epoch once, none lost"
+    assert m["epochs"] == 6 and all(len(v) == 6 for v in history.values()), "every epoch once, none lost"
 
 
 def test_a_dead_node_is_replaced_and_the_run_recovers(cluster, s3, tiny_tree_tgz, cache_dir, tmp_path):
-    args = run_args(tiny_tree_tgz, cache_dir, "nodekill", str(tmp_path / "out"), 9) + ["--max-failures", "2"]
+    args = run_args(tiny_tree_tgz, cache_dir, "nodekill", str(tmp_path / "out"), 6) + ["--max-failures", "2"]
     proc = driver(cluster, s3, args, tmp_path / "run.txt")
-    wait_for_line(tmp_path / "run.txt", "epoch   3/9", proc)
+    wait_for_line(tmp_path / "run.txt", "epoch   3/6", proc)
     time.sleep(1.5)  # a poll of Ray Train's controller (every 0.5 s)
     alive_before = {n["node_id"] for n in cluster.ray_nodes() if n["alive"] and not n["head"]}
     cluster.kill_node(0)  # its raylet, by pid: the node and its training worker are gone
@@ -124,7 +124,7 @@ def test_a_dead_node_is_replaced_and_the_run_recovers(cluster, s3, tiny_tree_tgz
     assert f"resuming from checkpoint after epoch {restart['from_epoch']}" in text
     assert not dead & {w["node_id"] for w in m["workers"]}, "the finished run ran on the replacement node"
     history = json.loads((tmp_path / "out" / "history.json").read_text())
-    assert m["epochs"] == 9 and len(history["loss"]) == 9
+    assert m["epochs"] == 6 and len(history["loss"]) == 6
 
 
 # --- destinations that cannot be written: refused before any data is read or worker started ------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_arrays, require_shared_cifar, write_image_tree
+from conftest import ROOT, export_in_process, make_arrays, require_shared_cifar, write_image_tree
 from export.variants import ALL_VARIANTS
 from export.runtime import open_model
 
@@ -28,8 +28,8 @@ def run_cli(module: str, args: list[str], timeout: int = 1200) -> subprocess.Com
 def full_export(regression_run, tmp_path_factory, cache_dir):
     """`python -m export` with every default variant on the regression model and the real test split."""
     out = tmp_path_factory.mktemp("export") / "out"
-    proc = run_cli("export", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
-                              "--out", str(out), "--cache-dir", cache_dir, "--qat-epochs", "1"])
+    proc = export_in_process("export", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
+                                        "--out", str(out), "--cache-dir", cache_dir, "--qat-epochs", "1"])
     return out, proc
 
 
@@ -142,7 +142,7 @@ def test_broken_calibration_fails_the_gate(regression_run, tmp_path, cache_dir):
     wrong = (real.x_train[idx].astype(np.float32) / 255).round().astype(np.uint8)  # 0/1 "pixels"
     tree = write_image_tree(tmp_path / "cal", (wrong, real.y_train[idx], ds_arrays[2], ds_arrays[3]))
     out = tmp_path / "out"
-    proc = run_cli("export.tflite", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
+    proc = export_in_process("export.tflite", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
                                      "--calibration-data", str(tree), "--variants", "int8", "--out", str(out),
                                      "--cache-dir", cache_dir, "--calibration-size", "200"])
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -171,9 +171,9 @@ def test_a_variant_that_cannot_convert_fails_alone(tmp_path, tiny_tree_tgz, cach
     path = tmp_path / "bicubic.keras"
     save_model(m, str(path))
     out = tmp_path / "out"
-    proc = run_cli("export", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out), "--cache-dir", cache_dir,
-                              "--qat-epochs", "1", "--latency-runs", "5", "--calibration-size", "50",
-                              "--max-drop", "100"], timeout=900)
+    proc = export_in_process("export", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out), "--cache-dir",
+                                        cache_dir, "--qat-epochs", "1", "--latency-runs", "5", "--calibration-size",
+                                        "50", "--max-drop", "100"])
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -214,8 +214,9 @@ def test_qat_falls_back_when_tfmot_cannot_rebuild(tmp_path, tiny_tree_tgz, cache
     path = tmp_path / "layernorm.keras"
     save_model(m, str(path))
     out = tmp_path / "out"
-    proc = run_cli("export.tflite", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out), "--cache-dir",
-                                     cache_dir, "--variants", "qat_int8", "--latency-runs", "5", "--max-drop", "100"])
+    proc = export_in_process("export.tflite", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out),
+                                               "--cache-dir", cache_dir, "--variants", "qat_int8", "--latency-runs", "5",
+                                               "--max-drop", "100"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     q = report["variants"][0]["qat"]
@@ -280,27 +281,10 @@ def _bad_model_case(tmp_path, case, regression_model):
     raise AssertionError(case)
 
 
-FORMATS = {"export": ("tflite", "onnx"), "export.tflite": ("tflite",), "export.onnx": ("onnx",)}
-
-
-def run_main(module: str, args: list[str], capsys) -> tuple[int, str, str]:
-    """The command's own main() in this process (what ``python -m MODULE`` runs, without a new interpreter and
-    TensorFlow import per case): exit status, stdout, stderr."""
-    from export.cli import main
-
-    capsys.readouterr()
-    try:
-        status = main(args, formats=FORMATS[module], prog=f"python -m {module}")
-    except SystemExit as e:  # argparse: --help, or a bad option
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "input shape mismatch", "NaN weights",
                                   "two inputs", "wrong class count", "unknown variant",
                                   "variant of the other format", "bad data source"])
-def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir, capsys):
+def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir):
     # A small stand-in model file for the cases that need a valid one (the fast path: no training).
     from toolkit.models import make_model
     from toolkit.tf import save_model
@@ -310,7 +294,8 @@ def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cac
     (module, *args), expected = _bad_model_case(tmp_path, case, model_path)
     out = tmp_path / "out"
     data = [] if "--data" in args else ["--data", str(tiny_tree_tgz)]
-    status, stdout, stderr = run_main(module, [*args, *data, "--out", str(out), "--cache-dir", cache_dir], capsys)
+    proc = export_in_process(module, [*args, *data, "--out", str(out), "--cache-dir", cache_dir])
+    status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     assert status == 2, stdout[-2000:] + stderr[-2000:]
     err = [l for l in stderr.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], stderr[-2000:]
@@ -320,7 +305,7 @@ def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cac
 
 
 def test_bad_input_through_the_real_command(tmp_path, tiny_tree_tgz, cache_dir):
-    """The same refusal from a real ``python -m export`` process (the cases above call its main in-process)."""
+    """The same refusal from a real ``python -m export`` process (the other cases call its main in-process)."""
     proc = run_cli("export", [str(tmp_path / "nope.keras"), "--data", str(tiny_tree_tgz), "--out", str(tmp_path / "out"),
                               "--cache-dir", cache_dir], timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -329,9 +314,10 @@ def test_bad_input_through_the_real_command(tmp_path, tiny_tree_tgz, cache_dir):
 
 
 @pytest.mark.parametrize("module", ["export", "export.tflite", "export.onnx"])
-def test_help(module, capsys):
-    status, out, _ = run_main(module, ["--help"], capsys)
-    assert status == 0 and "--max-drop" in out and "--variants" in out and f"python -m {module}" in out
+def test_help(module):
+    proc = export_in_process(module, ["--help"])
+    assert proc.returncode == 0 and "--max-drop" in proc.stdout and "--variants" in proc.stdout
+    assert f"python -m {module}" in proc.stdout
 
 
 def test_a_model_used_as_a_layer_is_inlined_for_qat():
