@@ -19,7 +19,7 @@ import export_zoo  # noqa: E402
 
 from export.variants import ALL_VARIANTS  # noqa: E402
 
-EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size", "200",
+EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size", "100",
                # tfmot's default scheme loops forever on some graphs: do not wait the default 120 s for it
                "--qat-build-timeout", "30"]
 
@@ -28,7 +28,7 @@ EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size"
 def zoo(tmp_path_factory, cache_dir):
     data = require_shared_cifar()
     tmp = tmp_path_factory.mktemp("zoo")
-    trees = export_zoo.make_datasets(str(data), cache_dir, tmp / "data", n_train=3000, n_test=1000)
+    trees = export_zoo.make_datasets(str(data), cache_dir, tmp / "data", n_train=3000, n_test=500)
     models = export_zoo.build_zoo(tmp, trees, cache_dir, epochs=3, log=lambda s: None)
     return {m.name: m for m in models}
 
