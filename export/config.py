@@ -89,6 +89,13 @@ class ExportConfig:
         return self.requested if named else ()
 
     @property
+    def image_spec(self):
+        """How the data is decoded, as training decoded it (as TrainConfig.image_spec)."""
+        from toolkit.data import ImageSpec
+
+        return ImageSpec(self.image_size, self.resize, self.channels)
+
+    @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.model).resolve().parent / "export"
 

@@ -31,7 +31,7 @@ from export.errors import ExportInputError
 from export.model_io import class_predictions, inspect_model, load_source_model
 from export.report import build_report
 from export.supervisor import supervise
-from toolkit.data import ImageSpec, load_dataset, seeded_subset, split_validation
+from toolkit.data import load_dataset, seeded_subset, split_validation
 from toolkit.outputs import write_json, write_text
 
 
@@ -44,7 +44,7 @@ def prepare_inputs(cfg: ExportConfig, source, ds) -> dict:
     x_fit, y_fit, x_val, y_val = split_validation(
         ds.x_train, ds.y_train, min(0.1, cfg.holdout_size / len(ds.x_train)), cfg.seed)
     if cfg.calibration_data is not None:
-        cal_source = load_dataset(cfg.calibration_data, cfg.cache_dir, ImageSpec(cfg.image_size, cfg.resize, cfg.channels))
+        cal_source = load_dataset(cfg.calibration_data, cfg.cache_dir, cfg.image_spec)
         if tuple(cal_source.x_train.shape[1:]) != info.input_shape:
             raise ExportInputError(f"{cfg.model}: model input shape {info.input_shape} does not fit the images "
                                    f"of calibration data {cal_source.source} {tuple(cal_source.x_train.shape[1:])}")
@@ -66,8 +66,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     t_start = time.perf_counter()
     # --- validate every input before doing any work or writing anything ---------------------
     source = load_source_model(cfg.model)  # ExportInputError names the file
-    spec = ImageSpec(cfg.image_size, cfg.resize, cfg.channels)
-    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir, spec)  # DataError names the source
+    ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir, cfg.image_spec)  # DataError names the source
     inputs = prepare_inputs(cfg, source, ds)
     info, arrays = inputs["info"], inputs["arrays"]
     out = cfg.out_dir
