@@ -35,16 +35,8 @@ ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
 
 def _gcs_running(port: str) -> bool:
     """Whether a Ray GCS server on this machine listens on ``port`` (a cluster that is still up)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if args[0].endswith(b"gcs_server") and any(a.endswith(f"={port}".encode()) for a in args):
-                return True
-    return False
+    return any(args[0].endswith(b"gcs_server") and any(a.endswith(f"={port}".encode()) for a in args)
+               for _, args in _processes("cmdline"))
 
 
 def _read(path: str) -> Optional[str]:
@@ -54,33 +46,26 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def marked_pids(entry: bytes) -> set[int]:
-    """Pids of this machine's processes whose environment holds ``entry`` (``NAME=value``), this one aside."""
-    pids = set()
+def _processes(what: str):
+    """(pid, contents) of this machine's processes, this one aside; ``what`` is the /proc file (cmdline,
+    environ), split at its NUL bytes. The one /proc scan the helpers below share."""
     for name in os.listdir("/proc"):
         if name.isdigit() and int(name) != os.getpid():
             try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if entry in f.read().split(b"\0"):
-                        pids.add(int(name))
+                with open(f"/proc/{name}/{what}", "rb") as f:
+                    yield int(name), f.read().split(b"\0")
             except OSError:
                 continue
-    return pids
+
+
+def marked_pids(entry: bytes) -> set[int]:
+    """Pids of this machine's processes whose environment holds ``entry`` (``NAME=value``), this one aside."""
+    return {pid for pid, env in _processes("environ") if entry in env}
 
 
 def raylet_pids() -> set[int]:
     """Pids of the raylet processes running on this machine (one per Ray node)."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    exe = f.read().split(b"\0", 1)[0]
-            except OSError:
-                continue
-            if exe.endswith(b"/raylet"):
-                pids.add(int(entry))
-    return pids
+    return {pid for pid, args in _processes("cmdline") if args[0].endswith(b"/raylet")}
 
 
 def ray_executable() -> str:
