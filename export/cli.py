@@ -35,6 +35,9 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
     p.add_argument("model", help="the float classifier: .keras (saved by Keras 2 or Keras 3), .h5, or a SavedModel "
                                  "folder; one image input (raw 0-255 pixels), one output (probabilities, logits "
                                  "or one sigmoid unit)")
+    p.add_argument("--custom-objects", default=d["custom_objects"], metavar="MODULE[,MODULE]",
+                   help="modules that define the model's own layers (registered with register_keras_serializable "
+                        "or not): imported before the model is loaded, from the current folder too")
     p.add_argument("--data", default=None,
                    help="dataset source as for training (omit for the Keras download): calibration and "
                         "fine-tuning use its training split, evaluation its full test split")
@@ -80,7 +83,7 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
             raise ExportInputError(f"variants: {', '.join(wrong_format)} not produced by this command "
                                    f"(use python -m export for all formats)")
     return ExportConfig(
-        model=args.model, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
+        model=args.model, custom_objects=args.custom_objects, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
         calibration_size=args.calibration_size, calibration_data=args.calibration_data,
         qat_epochs=args.qat_epochs, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
         stall_timeout=args.stall_timeout, qat_build_timeout=args.qat_build_timeout, cache_dir=args.cache_dir,

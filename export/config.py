@@ -16,6 +16,9 @@ from toolkit.config import default_cache_dir
 @dataclass
 class ExportConfig:
     model: str  # the float model: .keras (Keras 2 or 3), .h5, or a SavedModel folder
+    # Modules (comma list) defining the model's own layers, imported before it is loaded (toolkit.custom);
+    # the same option as training's.
+    custom_objects: str = ""
     # Same sources as training; calibration images come from its training split, evaluation
     # uses its full test split. None = the Keras download.
     data: Optional[str] = None

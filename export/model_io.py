@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from export.errors import ExportInputError
+from toolkit.custom import import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
 from toolkit.tf import import_keras, import_tf, saved_keras_major
 
@@ -38,6 +39,8 @@ class ModelInfo:
     output_kind: str = "probabilities"
     output_activation: Optional[str] = None  # the last layer's activation, when it has one
     num_layers: int = 0
+    # How the saved model was rewritten before conversion (export.rewrite), each with what was checked.
+    rewrites: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,10 +50,13 @@ class SourceModel:
     """The model to export, whatever saved it. ``keras2`` is the tf_keras model or None."""
 
     def __init__(self, info: ModelInfo, keras2=None, keras3=None, saved_model_dir: Optional[str] = None,
-                 loaded=None):
+                 loaded=None, original=None, custom_objects: Optional[dict] = None):
         self.info = info
-        self.keras2 = keras2  # what tfmot's QAT needs
-        self._keras = keras2 if keras2 is not None else keras3  # either Keras, to run and inspect
+        # What is converted and what tfmot's QAT gets: the tf_keras model, rewritten where the converters
+        # need it (export.rewrite); ``original`` is the model as saved, what the float figures measure.
+        self.keras2 = keras2
+        self._keras = original if original is not None else keras2 if keras2 is not None else keras3
+        self.custom_objects = custom_objects or {}
         # Everything that is not Keras 2 converts from a SavedModel: a Keras 3 model is exported to one
         # first (converting its objects through a concrete function gives NaN outputs in TFLite 2.20).
         self.saved_model_dir = saved_model_dir
@@ -80,6 +86,30 @@ class SourceModel:
 
     # -- converting it ---------------------------------------------------------------------
 
+    def check_rewrites(self, sample: np.ndarray) -> tuple:
+        """The rewrites, each with how closely the rewritten model follows the saved one on ``sample``;
+        ExportInputError when it does not (a rewrite that changed what the model computes)."""
+        if not self.info.rewrites:
+            return ()
+        from export.rewrite import outputs_close
+
+        ref = self.predict(sample)
+        new = np.asarray(self.keras2.predict(sample.astype(np.float32), batch_size=500, verbose=0), np.float32)
+        close, measured = outputs_close(ref, new)
+        if not close:
+            raise ExportInputError(f"{self.info.path}: the model rewritten for conversion "
+                                   f"({'; '.join(self.info.rewrites)}) does not compute what the saved one does: "
+                                   f"{measured}")
+        return tuple(f"{r} (checked: {measured})" for r in self.info.rewrites)
+
+    def onnx_keras(self):
+        """The tf_keras model tf2onnx converts: grouped convolutions split per group (export.rewrite)."""
+        from export.rewrite import grouped_convs, split_groups
+
+        if self.keras2 is None or not grouped_convs(self.keras2):
+            return self.keras2
+        return split_groups(self.keras2)
+
     def tflite_converter(self):
         tf = import_tf()
         if self.keras2 is not None:
@@ -105,9 +135,14 @@ def _sig_input(sig) -> str:
 # Loading
 
 
-def load_source_model(path: str) -> SourceModel:
-    """Load ``path`` (.keras, .h5 or a SavedModel folder); ExportInputError names the file."""
+def load_source_model(path: str, custom_objects: str = "") -> SourceModel:
+    """Load ``path`` (.keras, .h5 or a SavedModel folder), the model's own layers imported from the
+    ``custom_objects`` modules (comma list); ExportInputError names the file."""
     p = Path(path)
+    try:
+        objects = import_custom_objects(custom_objects)
+    except ValueError as e:
+        raise ExportInputError(str(e)) from None
     if not p.exists():
         raise ExportInputError(f"{path}: model file does not exist")
     keras = import_keras()
@@ -116,7 +151,8 @@ def load_source_model(path: str) -> SourceModel:
             raise ExportInputError(f"{path}: is a folder without saved_model.pb, expected a .keras or .h5 "
                                   "model file or a SavedModel folder")
         try:  # a SavedModel written by tf_keras loads back as a Keras 2 model (QAT possible)
-            return _from_keras2(keras.models.load_model(str(p), compile=False), path, "savedmodel")
+            with keras.utils.custom_object_scope(objects):
+                return _from_keras2(keras.models.load_model(str(p), compile=False), path, "savedmodel", objects)
         except Exception:  # not a Keras SavedModel: serve it through its signature below
             pass
         tf = import_tf()
@@ -132,18 +168,21 @@ def load_source_model(path: str) -> SourceModel:
     fmt = "keras" if suffix == ".keras" else "h5"
     version = saved_keras_major(p) if fmt == "keras" else None
     if version == 3:
-        return _load_keras3(p, path)
+        return _load_keras3(p, path, objects)
     try:
-        return _from_keras2(keras.models.load_model(str(p), compile=False), path, fmt)
-    except ExportInputError:
-        raise
+        with keras.utils.custom_object_scope(objects):
+            model = keras.models.load_model(str(p), compile=False)
     except Exception as e2:  # Keras raises many types for a bad file
+        unknown = unknown_layers(str(p), objects, keras)
+        if unknown:
+            raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
         if fmt == "h5":  # maybe written by Keras 3
             try:
-                return _load_keras3(p, path)
+                return _load_keras3(p, path, objects)
             except ExportInputError:
                 pass
         raise ExportInputError(f"{path}: not a loadable Keras model ({one_line(e2)})") from e2
+    return _from_keras2(model, path, fmt, objects)
 
 
 def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3) -> SourceModel:
@@ -168,15 +207,18 @@ def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3)
     return SourceModel(info, keras3=keras3, saved_model_dir=saved_model_dir, loaded=loaded)
 
 
-def _load_keras3(p: Path, path: str) -> SourceModel:
+def _load_keras3(p: Path, path: str, objects: dict) -> SourceModel:
     import_tf()
     try:
         import keras as keras3
     except ImportError as e:
         raise ExportInputError(f"{path}: saved by Keras 3, which is not installed (pip install keras)") from e
     try:
-        model = keras3.saving.load_model(str(p), compile=False)
+        model = keras3.saving.load_model(str(p), compile=False, custom_objects=objects)
     except Exception as e:  # Keras raises many types for a bad file
+        unknown = unknown_layers(str(p), objects, keras3)
+        if unknown:
+            raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
         raise ExportInputError(f"{path}: not a loadable Keras 3 model ({one_line(e)})") from e
     _check_single_io(model, path)
     export_dir = tempfile.mkdtemp(prefix="keras3-savedmodel-")
@@ -204,12 +246,34 @@ def _check_single_io(model, path: str) -> None:
                               "height, width and channels")
 
 
-def _from_keras2(model, path: str, fmt: str) -> SourceModel:
+def _from_keras2(model, path: str, fmt: str, objects: dict) -> SourceModel:
     _check_single_io(model, path)
+    converted, rewrites = rewrite_for_conversion(model)
     info = ModelInfo(str(Path(path)), fmt, 2, tuple(int(d) for d in model.input_shape[1:]),
                      int(model.output_shape[-1]), output_activation=_last_activation(model),
-                     num_layers=len(model.layers))
-    return SourceModel(info, keras2=model)
+                     num_layers=len(model.layers), rewrites=tuple(rewrites))
+    return SourceModel(info, keras2=converted, original=model, custom_objects=objects)
+
+
+def rewrite_for_conversion(model) -> tuple:
+    """(the model the converters and tfmot get, what was rewritten): a float16 compute policy rebuilt as
+    float32, GroupNormalization with static shapes (export.rewrite); the model itself when neither."""
+    from export.rewrite import as_float32, float16_policy, group_norms, static_group_norms
+
+    rewrites = []
+    try:
+        policy = float16_policy(model)
+        if policy:
+            model = as_float32(model)
+            rewrites.append(f"built under the {policy} policy: rebuilt as float32 with the same weights")
+        norms = group_norms(model)
+        if norms:
+            model = static_group_norms(model)
+            rewrites.append(f"{len(norms)} GroupNormalization layer(s) with static group shapes (LiteRT cannot "
+                            "run tf_keras's batch-sized BROADCAST_TO)")
+    except Exception as e:  # a layer that cannot be rebuilt from its config
+        raise ExportInputError(f"model could not be rewritten for conversion ({one_line(e)})") from e
+    return model, rewrites
 
 
 def _last_activation(model) -> Optional[str]:
@@ -270,8 +334,9 @@ def inspect_model(model: SourceModel, sample: np.ndarray, num_classes: int, data
         raise ExportInputError(f"{info.path}: model has {info.units} outputs but {data_desc} has {num_classes} "
                               "classes")
     check_finite_weights(model)
+    rewrites = model.check_rewrites(sample)
     out = model.predict(sample)
     if not np.all(np.isfinite(out)):
         raise ExportInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
     kind = detect_output_kind(out)
-    return ModelInfo(**{**info.to_dict(), "output_kind": kind})
+    return ModelInfo(**{**info.to_dict(), "output_kind": kind, "rewrites": rewrites})

@@ -65,7 +65,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     arrays it trained on."""
     t_start = time.perf_counter()
     # --- validate every input before doing any work or writing anything ---------------------
-    source = load_source_model(cfg.model)  # ExportInputError names the file
+    source = load_source_model(cfg.model, cfg.custom_objects)  # ExportInputError names the file
     ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir, cfg.image_spec)  # DataError names the source
     inputs = prepare_inputs(cfg, source, ds)
     info, arrays = inputs["info"], inputs["arrays"]

@@ -2,7 +2,8 @@
 
 Schemes, tried in order until one builds:
 
-- ``default``: every layer annotated, tfmot's default 8-bit scheme (batch norm folded by its transforms);
+- ``default``: every layer tfmot's 8-bit registry has a rule for annotated (batch norm folded by its
+  transforms); the others (custom layers, GroupNormalization) left in float, named in the report;
 - ``conv_dense``: only Conv2D and Dense layers annotated, everything else left in float. tfmot's
   whole-graph layout transforms (separable-convolution splitting, batch-norm folding across shared
   inputs) are what fail on mobile-style graphs; plain convolutions and dense layers always rebuild.
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from export.model_io import class_predictions
+from export.rewrite import for_qat
 from toolkit.tf import import_keras, import_tf
 
 # QAT needs a number of optimiser steps to settle the fake-quantisation ranges, not a number of epochs:
@@ -56,9 +58,12 @@ class QATResult:
     retried: bool
     val_accuracy: float
     final_loss: float
+    float_layers: dict  # layer name -> why it stayed in float
+    dropped_layers: list  # identity at inference, dropped before fine-tuning (dropout, noise, augmentation)
 
     def summary(self) -> dict:
         return {"scheme": self.scheme, "quantized_layers": self.quantized_layers,
+                "float_layers": self.float_layers, "dropped_layers": self.dropped_layers,
                 "weighted_layers": self.weighted_layers, "learning_rate": self.learning_rate,
                 "retried_after_divergence": self.retried, "val_accuracy": self.val_accuracy,
                 "final_loss": self.final_loss}
@@ -94,41 +99,58 @@ def _output_quantize_config():
     return OutputQuantizeConfig
 
 
-def flatten_nested(model):
-    """``model`` with every nested functional model (a ``keras.applications`` base, say) inlined into
-    one graph of plain layers, sharing their weights: tfmot annotates layers, and refuses a model
-    used as a layer. Models without nested models come back unchanged."""
-    keras = import_keras()
-    tf = import_tf()
-    if not any(isinstance(layer, keras.Model) for layer in model.layers):
-        return model
-
-    def inline(m, inputs):  # tf_keras's own graph walk (Functional._run_internal_graph), recursing
-        usage = m._tensor_usage_count
-        tensors = {}
-        for x, y in zip(m.inputs, tf.nest.flatten(inputs)):
-            tensors[str(id(x))] = [y] * usage[str(id(x))]
-        for depth in sorted(m._nodes_by_depth, reverse=True):
-            for node in m._nodes_by_depth[depth]:
-                if node.is_input or any(t not in tensors for t in node.flat_input_ids):
-                    continue
-                args, kwargs = node.map_arguments(tensors)
-                layer = node.layer
-                if isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
-                    outputs = inline(layer, args[0] if len(args) == 1 else args)
-                else:
-                    outputs = layer(*args, **kwargs)
-                for x_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
-                    tensors[x_id] = [y] * usage[x_id]
-        outs = [tensors[str(id(x))].pop() for x in m.outputs]
-        return outs[0] if len(outs) == 1 else outs
-
-    inputs = [keras.Input(x.shape[1:], dtype=x.dtype) for x in model.inputs]
-    return keras.Model(inputs, inline(model, inputs[0] if len(inputs) == 1 else inputs), name=model.name)
+# Preprocessing layers: computed in float inside the device model (a Resizing from a camera's size, an
+# adapted Normalization), with only their output quantised, so the first convolution's input has a range.
+PREPROCESSING = ("Rescaling", "Normalization", "Resizing", "CenterCrop")
 
 
-def quantize_aware_model(model, scheme: str = "default"):
-    """``model`` (tf_keras) wrapped for quantisation-aware training with ``scheme`` (see SCHEMES)."""
+def annotation(layer, scheme: str, registry) -> tuple[str, str]:
+    """How ``scheme`` treats ``layer``: ("quantize", ""), ("output", why) or ("float", why).
+
+    ``default`` quantises every layer tfmot's 8-bit registry has a rule for and leaves the others (a
+    custom layer, GroupNormalization, a TFOpLambda op) in float, where the converter calibrates them,
+    instead of refusing the whole model; ``conv_dense`` quantises convolutions and dense layers only."""
+    kind = type(layer).__name__
+    if kind in PREPROCESSING:
+        return "output", "preprocessing: computed in float, output quantised"
+    if kind == "InputLayer":
+        return "float", "input"
+    if scheme == "conv_dense":
+        if kind in ("Conv2D", "Dense"):
+            return "quantize", ""
+        return "float", "conv_dense scheme: only Conv2D and Dense are quantised"
+    if registry.supports(layer) or kind == "BatchNormalization":  # batch norm: folded by tfmot's transforms
+        return "quantize", ""
+    if kind == "StaticGroupNormalization":  # export.rewrite's form of GroupNormalization
+        return "float", "GroupNormalization: tfmot has no 8-bit rule for it"
+    module = type(layer).__module__.split(".")[0]
+    if module not in ("tf_keras", "keras"):
+        return "float", f"custom layer {kind} (module {type(layer).__module__}): tfmot has no 8-bit rule for it"
+    return "float", f"tfmot's 8-bit registry has no rule for {kind}"
+
+
+def _registry():
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry,
+    )
+
+    return default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+
+
+def float_layers(model, scheme: str) -> dict[str, str]:
+    """The layers ``scheme`` leaves in float (inputs and preprocessing aside), with why."""
+    registry = _registry()
+    out = {}
+    for layer in model.layers:
+        what, why = annotation(layer, scheme, registry)
+        if what == "float" and why != "input":
+            out[layer.name] = why
+    return out
+
+
+def quantize_aware_model(model, scheme: str = "default", custom_objects: Optional[dict] = None):
+    """``model`` (tf_keras) wrapped for quantisation-aware training with ``scheme`` (see SCHEMES), after
+    export.rewrite.for_qat (nested models inlined, inference-identity layers dropped)."""
     keras = import_keras()
     import tensorflow_model_optimization as tfmot
 
@@ -136,20 +158,19 @@ def quantize_aware_model(model, scheme: str = "default"):
         raise ValueError(f"scheme: unknown QAT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     qk = tfmot.quantization.keras
     OutputQuantizeConfig = _output_quantize_config()
-    model = flatten_nested(model)
+    model, _ = for_qat(model)
+    registry = _registry()
 
     def annotate(layer):
-        if isinstance(layer, keras.layers.Rescaling):
+        what, _ = annotation(layer, scheme, registry)
+        if what == "output":
             return qk.quantize_annotate_layer(layer, quantize_config=OutputQuantizeConfig())
-        if isinstance(layer, keras.layers.InputLayer):
-            return layer
-        if scheme == "conv_dense" and type(layer) not in (keras.layers.Conv2D, keras.layers.Dense):
-            return layer
-        return qk.quantize_annotate_layer(layer)
+        return qk.quantize_annotate_layer(layer) if what == "quantize" else layer
 
-    annotated = keras.models.clone_model(model, clone_function=annotate)
-    annotated.set_weights(model.get_weights())
-    with qk.quantize_scope({"OutputQuantizeConfig": OutputQuantizeConfig}):
+    scope = {"OutputQuantizeConfig": OutputQuantizeConfig, **(custom_objects or {})}
+    with qk.quantize_scope(scope):
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
         return qk.quantize_apply(annotated)
 
 
@@ -235,17 +256,20 @@ def fine_tune(qat, x, y, x_val, y_val, *, output_kind: str, epochs: int, learnin
 
 def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, float_val_accuracy: float,
               epochs: int, scheme: str, learning_rate: float = 1e-4, seed: int = 0, qat_model=None,
-              log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
+              custom_objects: Optional[dict] = None, log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
     """Fine-tune the QAT model of ``scheme`` (``qat_model`` if already built, else built here) from the
     float weights; a diverged run is retried once, on a fresh build, at a tenth of the learning rate,
     then QATDiverged is raised."""
     if epochs < 1:
         raise ValueError(f"qat_epochs: must be >= 1, got {epochs}")
     chance = 1.0 / num_classes
-    weighted = sum(1 for layer in flatten_nested(model).layers if has_kernel(layer))
+    prepared, dropped = for_qat(model)
+    weighted = sum(1 for layer in prepared.layers if has_kernel(layer))
+    left_float = float_layers(prepared, scheme)
     reasons = []
     for attempt, lr in enumerate((learning_rate, learning_rate / 10)):
-        qat = qat_model if attempt == 0 and qat_model is not None else quantize_aware_model(model, scheme)
+        qat = qat_model if attempt == 0 and qat_model is not None else \
+            quantize_aware_model(model, scheme, custom_objects)
         quantized = count_quantized(qat)
         val_acc, loss, reason = fine_tune(qat, x, y, x_val, y_val, output_kind=output_kind, epochs=epochs,
                                           learning_rate=lr, seed=seed, log=log, heartbeat=heartbeat)
@@ -255,7 +279,7 @@ def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, 
             reason = (f"held-out accuracy fell to {val_acc:.3f} (float model {float_val_accuracy:.3f}, "
                       f"chance {chance:.3f}) at lr {lr:g}")
         if reason is None:
-            return QATResult(qat, scheme, quantized, weighted, lr, attempt > 0, val_acc, loss)
+            return QATResult(qat, scheme, quantized, weighted, lr, attempt > 0, val_acc, loss, left_float, dropped)
         reasons.append(reason)
         log(f"  qat diverged: {reason}" + ("; retrying at lr /10" if attempt == 0 else ""))
     raise QATDiverged("fine-tuning diverged: " + "; then ".join(reasons))

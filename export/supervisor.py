@@ -140,7 +140,9 @@ def supervise(job: dict, variants: list[str], work: Path, *, stall_timeout: floa
               on_row: Callable[[dict], None], log: Callable[[str], None]) -> list[dict]:
     """Run export.worker until every variant has a row; returns the rows in ``variants``' order."""
     sup = Supervision(list(variants))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # The worker runs in the project's folder; the user's folder stays importable (--custom-objects modules).
+    path = [str(ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     proc, run = None, 0
     with open(work / "worker.log", "ab") as logf:
         try:

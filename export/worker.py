@@ -50,7 +50,7 @@ class Context:
         self.emit = emit
         self.stage = Path(job["stage"])
         self.info = ModelInfo(**{**job["info"], "input_shape": tuple(job["info"]["input_shape"])})
-        self.source = load_source_model(job["model"])
+        self.source = load_source_model(job["model"], job["config"]["custom_objects"])
         a = Path(job["arrays"])
         load = lambda n: np.load(a / f"{n}.npy", mmap_mode="r")  # noqa: E731
         self.x_test, self.y_test, self.ref_pred = load("x_test"), load("y_test"), load("ref_pred")
@@ -176,7 +176,7 @@ def build_qat(ctx: Context, attempt: int):
         # Rebuilding the graph takes seconds; tfmot can also loop forever on some graphs.
         ctx.phase(f"tfmot {scheme} scheme: rebuilding the model for QAT", timeout_s=cfg["qat_build_timeout"])
         try:
-            qat_model = qat.quantize_aware_model(ctx.source.keras2, scheme)
+            qat_model = qat.quantize_aware_model(ctx.source.keras2, scheme, ctx.source.custom_objects)
         except Exception as e:  # tfmot raises many types for graphs it cannot rebuild
             failures.append(f"{scheme}: {one_line(e)}")
             ctx.log(f"  qat scheme {scheme} cannot rebuild this model ({one_line(e)[:160]})")
@@ -190,14 +190,38 @@ def build_qat(ctx: Context, attempt: int):
                             output_kind=ctx.info.output_kind, num_classes=ctx.job["num_classes"],
                             float_val_accuracy=ctx.job["float_val_accuracy"], epochs=epochs,
                             scheme=scheme, learning_rate=cfg["qat_learning_rate"], seed=cfg["seed"],
-                            qat_model=qat_model, log=ctx.log, heartbeat=ctx.beat)
+                            qat_model=qat_model, custom_objects=ctx.source.custom_objects, log=ctx.log,
+                            heartbeat=ctx.beat)
         ctx.phase("converting qat_int8")
         path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(res.model, ctx.calibration))
-        extra = {"qat": {**res.summary(), "schemes_failed": failures}}
+        extra = {"qat": {**res.summary(), "schemes_failed": failures, **compare_with_int8(ctx, path)}}
         ctx.log(f"  qat_int8: scheme {scheme}, {res.quantized_layers} of {res.weighted_layers} convolution/dense "
-                "layers quantised")
+                "layers quantised" + (f"; in float: {', '.join(res.float_layers)}" if res.float_layers else "")
+                + (f"; dropped before fine-tuning: {', '.join(res.dropped_layers)}" if res.dropped_layers else ""))
+        if extra["qat"]["held_out_vs_int8_pp"] < 0:
+            path.unlink()
+            q = extra["qat"]
+            raise Skip(f"quantisation-aware fine-tuning is worse than post-training int8 on the held-out images "
+                       f"({q['held_out_accuracy'] * 100:.2f}% vs {q['int8_held_out_accuracy'] * 100:.2f}%): "
+                       "int8.tflite is the model to ship")
         return path, ctx.measure(path), extra
     raise RuntimeError("no QAT scheme could rebuild this model: " + "; ".join(failures))
+
+
+def compare_with_int8(ctx: Context, qat_path: Path) -> dict:
+    """QAT's TFLite model against post-training int8 on the held-out training images (never the test
+    split): a fine-tune that ends below post-training quantisation is not kept."""
+    from export.model_io import class_predictions
+    from export.runtime import open_model
+
+    ctx.phase("comparing qat_int8 with int8 on the held-out images")
+    acc = {}
+    for name, path in (("qat", qat_path), ("int8", ctx.int8_file())):
+        pred = class_predictions(open_model(str(path), num_threads=os.cpu_count() or 1).predict(ctx.x_val),
+                                 ctx.info.output_kind)
+        acc[name] = float(np.mean(pred == ctx.y_val))
+    return {"held_out_accuracy": acc["qat"], "int8_held_out_accuracy": acc["int8"],
+            "held_out_vs_int8_pp": (acc["qat"] - acc["int8"]) * 100}
 
 
 def build_onnx_float32(ctx: Context, attempt: int):

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a registered model ({', '.join(sorted(MODELS))}); a saved Keras 2 model to fine-tune "
                         "(path/to/model.keras or .h5); or a factory package.module:function, called as "
                         "function(input_shape, num_classes) and importable on the workers")
+    g.add_argument("--custom-objects", default=d["custom_objects"].default, metavar="MODULE[,MODULE]",
+                   help="modules that define the model's own layers (a saved --model's, and the export's): "
+                        "imported before loading, from the current folder too")
     g.add_argument("--epochs", type=int, default=d["epochs"].default)
     g.add_argument("--batch-size", type=int, default=d["batch_size"].default,
                    help="global batch size, split evenly across workers")
@@ -211,7 +214,7 @@ def open_checked(cfg: TrainConfig):
           + (f", ... ({len(counts['train'])} classes)" if len(counts["train"]) > 12 else ""), flush=True)
     print(f"outputs: {cfg.output if '://' in cfg.output else os.path.abspath(cfg.output)}", flush=True)
     try:  # the model must fit the data before any worker starts
-        build_model(cfg.model, ds.image_shape, ds.num_classes)
+        build_model(cfg.model, ds.image_shape, ds.num_classes, custom_objects=cfg.custom_objects)
     except ModelError as e:
         raise Refused(str(e)) from None
     return ds
@@ -245,7 +248,8 @@ def export(cfg: TrainConfig, ds, local_out: str) -> int:
     report = run_export(
         ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data, out=os.path.join(local_out, "export"),
                      max_drop=cfg.max_drop, qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed,
-                     image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels),
+                     image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels,
+                     custom_objects=cfg.custom_objects),
         log=lambda line: print(line, flush=True), dataset=export_ds)
     return print_gate(report)
 

@@ -323,7 +323,8 @@ def test_help(module):
 def test_a_model_used_as_a_layer_is_inlined_for_qat():
     """Transfer learning's shape (a base model under a new head, as with keras.applications): tfmot refuses a
     model used as a layer, so QAT inlines it first: same outputs, and every conv/dense layer quantised."""
-    from export.qat import count_quantized, flatten_nested, has_kernel, quantize_aware_model
+    from export.qat import count_quantized, has_kernel, quantize_aware_model
+    from export.rewrite import for_qat
     from toolkit.tf import import_keras
 
     keras = import_keras()
@@ -335,7 +336,7 @@ def test_a_model_used_as_a_layer_is_inlined_for_qat():
     inp = keras.Input((16, 16, 3))
     x = base(L.Rescaling(1 / 255)(inp))
     model = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(x)))
-    flat = flatten_nested(model)
+    flat, _ = for_qat(model)
     assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
     x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3)).astype(np.float32)
     np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)

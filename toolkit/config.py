@@ -62,6 +62,9 @@ class TrainConfig:
     # A registry name (toolkit.models.MODELS; seed_cnn is the tutorial's network), a saved Keras 2
     # model (path/to/model.keras) to fine-tune, or a factory package.module:function(input_shape, num_classes).
     model: str = "seed_cnn"
+    # Modules (comma list) that define the model's own layers, imported before a saved model is loaded
+    # (toolkit.custom): Keras finds a registered layer only once its module is imported. Empty: none.
+    custom_objects: str = ""
     # 30 epochs as in the tutorial; with augmentation the validation accuracy still rises
     # at 30, so more would help a little, at proportionally more time.
     epochs: int = 30

@@ -3,6 +3,7 @@ and the user's own (``--model``), in three forms:
 
 - a registry name (``seed_cnn``, ``edge_resnet``);
 - a saved Keras 2 model, ``path/to/model.keras`` (or ``.h5``): fine-tuned, or an architecture built elsewhere;
+  its own layers come from the modules named by ``--custom-objects`` (:mod:`toolkit.custom`);
 - a factory, ``package.module:function``, called as ``function(input_shape, num_classes)``; it must be
   importable where the workers run (installed, on ``PYTHONPATH``, or in the job's working dir).
 
@@ -12,14 +13,13 @@ model cannot be fed wrongly preprocessed images on a device. A user's model gets
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import re
-import sys
 import tempfile
 from typing import Callable, Optional
 
+from toolkit.custom import current_folder_importable, import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
 from toolkit.tf import import_keras, saved_keras_major
 
@@ -101,8 +101,12 @@ def model_kind(spec: str) -> str:
                      "(path ending .keras or .h5) or a factory (package.module:function)")
 
 
-def _load_file(spec: str, content: Optional[bytes] = None):
+def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple[str, ...] = ()):
     keras = import_keras()
+    try:
+        objects = import_custom_objects(custom_objects)
+    except ValueError as e:
+        raise ModelError(f"--model {spec}: {e}") from None
     suffix = os.path.splitext(spec)[1] or ".keras"
     with tempfile.TemporaryDirectory() as d:
         path = spec
@@ -115,24 +119,12 @@ def _load_file(spec: str, content: Optional[bytes] = None):
                              "cannot load it: save it from tf_keras, or pass its builder as a factory "
                              "(package.module:function) written with tf_keras")
         try:
-            return keras.models.load_model(path, compile=False)
+            with keras.utils.custom_object_scope(objects):
+                return keras.models.load_model(path, compile=False)
         except Exception as e:
-            raise ModelError(f"--model {spec}: cannot be loaded ({one_line(e, limit=200)})") from None
-
-
-@contextlib.contextmanager
-def _current_folder_importable():
-    """The current folder on ``sys.path`` while a factory is imported and called, as ``python -m`` would
-    have it (a module next to where the command runs); taken off again after."""
-    here = os.getcwd()
-    added = here not in sys.path
-    if added:
-        sys.path.append(here)
-    try:
-        yield
-    finally:
-        if added and here in sys.path:
-            sys.path.remove(here)
+            unknown = unknown_layers(path, objects, keras)
+            why = unknown_layers_message(unknown) if unknown else one_line(e, limit=200)
+            raise ModelError(f"--model {spec}: cannot be loaded ({why})") from None
 
 
 def _factory(spec: str) -> Callable:
@@ -148,7 +140,8 @@ def _factory(spec: str) -> Callable:
     return fn
 
 
-def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, content: Optional[bytes] = None):
+def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, content: Optional[bytes] = None,
+                custom_objects: tuple[str, ...] = ()):
     """The model ``spec`` names, checked against the data's shape and class count and ending in class
     probabilities (a model ending in logits gets a softmax layer). Raises ModelError in one line."""
     keras = import_keras()
@@ -159,9 +152,9 @@ def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, 
         elif kind == "file":
             if content is None and not os.path.isfile(spec):
                 raise ModelError(f"--model {spec}: no such file")
-            model = _load_file(spec, content)
+            model = _load_file(spec, content, custom_objects)
         else:
-            with _current_folder_importable():
+            with current_folder_importable():
                 model = _factory(spec)(tuple(input_shape), int(num_classes))
     except ModelError:
         raise

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.custom import custom_scope
 from toolkit.evaluate import classification_metrics
 from toolkit.outputs import copy_file, git_revision, write_json, write_text
 from toolkit.plots import plot_confusion_matrix, plot_history, plot_samples
@@ -97,7 +98,8 @@ def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
     keras = import_keras()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    model = keras.models.load_model(outcome.model_path)
+    with custom_scope(outcome.config.custom_objects, keras):  # the model's own layers (--custom-objects)
+        model = keras.models.load_model(outcome.model_path)
     y_test, p_test = evaluate_test_split(model, ds)
     test = classification_metrics(y_test, p_test, ds.class_names)
     metrics = training_metrics(ds, outcome, test)

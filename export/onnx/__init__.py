@@ -33,7 +33,7 @@ def convert_float32(model, path: str) -> None:
     import onnx
     import tf2onnx
 
-    keras2 = getattr(model, "keras2", model) if hasattr(model, "info") else model
+    keras2 = model.onnx_keras() if hasattr(model, "info") else model
     if keras2 is not None:
         spec = [tf.TensorSpec((None, *keras2.input_shape[1:]), tf.float32, name="image")]
         proto, _ = tf2onnx.convert.from_keras(keras2, input_signature=spec, opset=OPSET)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 from toolkit.config import TrainConfig
+from toolkit.custom import custom_scope
 from toolkit.tf import import_keras, save_model
 
 MODEL_FILE = "model.keras"
@@ -81,7 +82,7 @@ def report(model, best_weights: Optional[list], state: RunState, cfg: TrainConfi
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if has_files else None)
 
 
-def restore(checkpoint) -> tuple[RunState, Any, Optional[list]]:
+def restore(checkpoint, custom_objects: str = "") -> tuple[RunState, Any, Optional[list]]:
     """(state, model with its optimizer, best weights) from a Ray Train checkpoint; call inside the
     strategy's scope. A run that had diverged starts clean (say, at a smaller learning rate)."""
     keras = import_keras()
@@ -89,7 +90,8 @@ def restore(checkpoint) -> tuple[RunState, Any, Optional[list]]:
         with open(os.path.join(d, STATE_FILE)) as f:
             state = RunState.from_dict(json.load(f))
         state.diverged = None
-        model = keras.models.load_model(os.path.join(d, MODEL_FILE))
+        with custom_scope(custom_objects, keras):  # the model's own layers (--custom-objects)
+            model = keras.models.load_model(os.path.join(d, MODEL_FILE))
         best_weights = None
         best_path = os.path.join(d, BEST_WEIGHTS_FILE)
         if os.path.exists(best_path):

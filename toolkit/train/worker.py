@@ -114,13 +114,13 @@ def build_or_restore(run: WorkerRun, config: dict, image_shape, num_classes: int
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        run.state, model, run.best_weights = restore(checkpoint)
+        run.state, model, run.best_weights = restore(checkpoint, run.cfg.custom_objects)
         if run.rank == 0:
             progress(f"resuming from checkpoint after epoch {run.state.epoch}")
     else:
         content = config.get("model_file")
         content = ray.get(content) if isinstance(content, ray.ObjectRef) else content
-        model = build_model(run.cfg.model, image_shape, num_classes, content)
+        model = build_model(run.cfg.model, image_shape, num_classes, content, run.cfg.custom_objects)
         compile_model(model, run.cfg.learning_rate, run.cfg.steps_per_execution)
     install_train_step(model, accumulate_steps=run.cfg.accumulate_steps, grad_dtype=run.cfg.grad_dtype, options=options,
                        deferred_metrics=False if run.cfg.step_metrics else None)

@@ -1,0 +1,266 @@
+"""Rewrite a tf_keras model's graph, layer by layer, before it is converted or fine-tuned.
+
+Models as users save them hold layers that the converters and tfmot cannot take as they are; each has an
+equivalent that they can, computing the same function on the same weights:
+
+- a ``mixed_float16`` / ``mixed_bfloat16`` compute policy: the converter meets float16 ``Mul`` ops it has no
+  kernel for (``'tf.Mul' op is neither a custom op nor a flex op``) and tfmot's quantisers get float16
+  tensors. :func:`as_float32` rebuilds every layer under the float32 policy, weights copied;
+- ``GroupNormalization``: tf_keras reshapes with the dynamic batch size, which the converter lowers to a
+  ``BROADCAST_TO`` that LiteRT refuses at run time. :class:`StaticGroupNormalization` computes the same
+  with static group shapes and plain broadcasting;
+- grouped convolutions (``Conv2D(groups > 1)``, RegNet's): tf_keras runs them through an XLA-compiled
+  function, which tf2onnx leaves as a ``PartitionedCall`` node ONNX has no op for. :func:`split_groups`
+  writes each as one convolution per group and a concatenation (ONNX only; TFLite converts them whole);
+- ``x + y`` written in a functional model is a ``TFOpLambda`` layer that tfmot's clone cannot call;
+  :func:`for_qat` makes it an ``Add`` (``Multiply``, ``Subtract``) layer, and drops the layers that do
+  nothing at inference (dropout, noise, augmentation) so that fine-tuning does not train through them.
+
+:func:`rebuild` is the one graph walk under all of them (nested models are inlined on the way).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from toolkit.tf import import_keras, import_tf
+
+IDENTITY = "identity"  # what a replace function returns for a layer to drop (its input passes through)
+
+# Layers that compute the identity at inference: dropped before QAT, where fine-tuning would run them
+# in their training mode. RandomCrop is not one (it crops or resizes at inference).
+TRAINING_ONLY = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+                 "GaussianDropout", "AlphaDropout", "ActivityRegularization", "RandomFlip", "RandomRotation",
+                 "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness", "RandomHeight",
+                 "RandomWidth")
+
+# TFOpLambda symbols of two tensors that have a Keras merge layer (what tfmot can clone and annotate).
+BINARY_OPS = {"__operators__.add": "Add", "math.add": "Add", "math.multiply": "Multiply",
+              "math.subtract": "Subtract"}
+
+
+def rebuild(model, replace: Optional[Callable] = None):
+    """``model`` rebuilt as one functional graph of plain layers, nested functional models inlined.
+
+    ``replace(layer)`` returns the layer to use in its place: the same layer (weights shared), a new
+    one (built in the graph, then given the old one's weights), or ``IDENTITY`` to drop it. Each layer
+    is replaced once, so a layer shared by several nodes stays shared."""
+    keras = import_keras()
+    tf = import_tf()
+    made: dict[int, tuple] = {}
+
+    def call(layer, args, kwargs):
+        if id(layer) not in made:
+            made[id(layer)] = (layer, replace(layer) if replace is not None else layer)
+        new = made[id(layer)][1]
+        if new is IDENTITY:
+            return args[0] if args else next(iter(kwargs.values()))
+        if new is not layer and type(layer).__name__ == "TFOpLambda":  # an op made a merge layer
+            operands = list(args) + [kwargs[k] for k in ("x", "y") if k in kwargs]
+            return new(operands)
+        return new(*args, **kwargs)
+
+    def inline(m, inputs):  # tf_keras's own graph walk (Functional._run_internal_graph), recursing
+        usage = m._tensor_usage_count
+        tensors = {}
+        for x, y in zip(m.inputs, tf.nest.flatten(inputs)):
+            tensors[str(id(x))] = [y] * usage[str(id(x))]
+        for depth in sorted(m._nodes_by_depth, reverse=True):
+            for node in m._nodes_by_depth[depth]:
+                if node.is_input or any(t not in tensors for t in node.flat_input_ids):
+                    continue
+                args, kwargs = node.map_arguments(tensors)
+                layer = node.layer
+                if isinstance(layer, keras.Model) and getattr(layer, "_is_graph_network", False):
+                    outputs = inline(layer, args[0] if len(args) == 1 else args)
+                else:
+                    outputs = call(layer, args, kwargs)
+                for x_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs)):
+                    tensors[x_id] = [y] * usage[x_id]
+        outs = [tensors[str(id(x))].pop() for x in m.outputs]
+        return outs[0] if len(outs) == 1 else outs
+
+    inputs = [keras.Input(x.shape[1:], dtype="float32" if x.dtype.is_floating else x.dtype) for x in model.inputs]
+    rebuilt = keras.Model(inputs, inline(model, inputs[0] if len(inputs) == 1 else inputs), name=model.name)
+    for old, new in made.values():
+        if new is not old and new is not IDENTITY and old.weights:
+            new.set_weights(old.get_weights())
+    return rebuilt
+
+
+def has_nested(model) -> bool:
+    keras = import_keras()
+    return any(isinstance(layer, keras.Model) for layer in model.layers)
+
+
+def all_layers(model) -> list:
+    """Every layer, nested models' layers included (the nested models themselves not)."""
+    keras = import_keras()
+    out = []
+    for layer in model.layers:
+        out.extend(all_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return out
+
+
+# -- the rewrites ------------------------------------------------------------------------------
+
+
+def float16_policy(model) -> Optional[str]:
+    """The reduced-precision compute policy the model was built under (``mixed_float16``...), or None."""
+    for layer in all_layers(model):
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and policy.compute_dtype in ("float16", "bfloat16"):
+            return policy.name
+    return None
+
+
+def as_float32(model):
+    """Every layer rebuilt under the float32 policy from its config, with its weights."""
+    def replace(layer):
+        if type(layer).__name__ == "InputLayer":
+            return layer
+        return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
+    return rebuild(model, replace)
+
+
+def static_group_norm_class():
+    """:class:`StaticGroupNormalization`, made on first use (tf_keras is imported lazily)."""
+    global _STATIC_GN
+    if _STATIC_GN is not None:
+        return _STATIC_GN
+    keras = import_keras()
+    tf = import_tf()
+
+    # Registered: tfmot rebuilds the model from its config, where only registered classes resolve.
+    @keras.saving.register_keras_serializable(package="keras_edge_toolkit")
+    class StaticGroupNormalization(keras.layers.Layer):
+        """GroupNormalization (channels last) with static group shapes: reshape to (H, W, groups, C/groups),
+        moments over all but the batch and group axes, then gamma and beta by plain broadcasting. The same
+        function as tf_keras's, without the batch-sized BROADCAST_TO that LiteRT refuses."""
+
+        def __init__(self, groups: int, epsilon: float, center: bool, scale: bool, **kw):
+            super().__init__(**kw)
+            self.groups, self.epsilon, self.center, self.scale = groups, epsilon, center, scale
+
+        def build(self, input_shape):
+            c = int(input_shape[-1])
+            if self.scale:
+                self.gamma = self.add_weight(name="gamma", shape=(c,), initializer="ones")
+            if self.center:
+                self.beta = self.add_weight(name="beta", shape=(c,), initializer="zeros")
+            super().build(input_shape)
+
+        def call(self, x):
+            dims = [int(d) for d in x.shape[1:]]
+            c = dims[-1]
+            grouped = tf.reshape(x, [-1, *dims[:-1], self.groups, c // self.groups])
+            axes = list(range(1, len(dims))) + [len(dims) + 1]
+            mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
+            y = tf.reshape((grouped - mean) * tf.math.rsqrt(var + self.epsilon), [-1, *dims])
+            if self.scale:
+                y = y * self.gamma
+            if self.center:
+                y = y + self.beta
+            return y
+
+        def get_config(self):
+            return {**super().get_config(), "groups": self.groups, "epsilon": self.epsilon,
+                    "center": self.center, "scale": self.scale}
+
+    _STATIC_GN = StaticGroupNormalization
+    return _STATIC_GN
+
+
+_STATIC_GN = None
+
+
+def group_norms(model) -> list[str]:
+    """Names of the channels-last GroupNormalization layers (what LiteRT cannot run as converted)."""
+    return [layer.name for layer in all_layers(model) if type(layer).__name__ == "GroupNormalization"
+            and layer.axis in (-1, len(layer.input_shape) - 1)]
+
+
+def static_group_norms(model):
+    """Every channels-last GroupNormalization replaced by :class:`StaticGroupNormalization`."""
+    names = set(group_norms(model))
+    cls = static_group_norm_class()
+
+    def replace(layer):
+        if layer.name not in names:
+            return layer
+        return cls(layer.groups, layer.epsilon, layer.center, layer.scale, name=layer.name)
+    return rebuild(model, replace)
+
+
+def grouped_convs(model) -> list[str]:
+    return [layer.name for layer in all_layers(model)
+            if type(layer).__name__ == "Conv2D" and getattr(layer, "groups", 1) > 1]
+
+
+def split_groups(model):
+    """Every grouped Conv2D as a functional block: split the channels, one convolution per group,
+    concatenate; the same weights sliced per group. For tf2onnx, which cannot convert the XLA call
+    tf_keras makes for a grouped convolution."""
+    keras = import_keras()
+    tf = import_tf()
+
+    class SplitGroupConv2D(keras.layers.Layer):
+        def __init__(self, conv, **kw):
+            super().__init__(name=conv.name, **kw)
+            self.conv_config = conv.get_config()
+            self.groups = conv.groups
+            self.activation = conv.activation
+
+        def build(self, input_shape):
+            cfg = self.conv_config
+            k = (*cfg["kernel_size"], int(input_shape[-1]) // self.groups, cfg["filters"])
+            self.kernel = self.add_weight(name="kernel", shape=k)
+            self.bias = self.add_weight(name="bias", shape=(cfg["filters"],)) if cfg["use_bias"] else None
+            super().build(input_shape)
+
+        def call(self, x):
+            cfg = self.conv_config
+            parts = tf.split(x, self.groups, axis=-1)
+            kernels = tf.split(self.kernel, self.groups, axis=-1)
+            y = tf.concat([tf.nn.conv2d(p, k, strides=cfg["strides"], padding=cfg["padding"].upper(),
+                                        dilations=cfg["dilation_rate"]) for p, k in zip(parts, kernels)], -1)
+            if self.bias is not None:
+                y = tf.nn.bias_add(y, self.bias)
+            return self.activation(y)
+
+    names = set(grouped_convs(model))
+    return rebuild(model, lambda layer: SplitGroupConv2D(layer) if layer.name in names else layer)
+
+
+def for_qat(model):
+    """The model tfmot is given: nested models inlined, layers that are the identity at inference
+    dropped, and two-tensor ``TFOpLambda`` ops made merge layers. Returns (model, dropped layer names)."""
+    keras = import_keras()
+    dropped = []
+
+    def replace(layer):
+        kind = type(layer).__name__
+        if kind in TRAINING_ONLY:
+            dropped.append(layer.name)
+            return IDENTITY
+        if kind == "TFOpLambda" and getattr(layer, "symbol", None) in BINARY_OPS:
+            return getattr(keras.layers, BINARY_OPS[layer.symbol])(name=layer.name.replace(".", "_"))
+        return layer
+
+    needs = has_nested(model) or any(type(layer).__name__ in TRAINING_ONLY or type(layer).__name__ == "TFOpLambda"
+                                     for layer in model.layers)
+    return (rebuild(model, replace), dropped) if needs else (model, dropped)
+
+
+def outputs_close(reference: np.ndarray, rewritten: np.ndarray) -> tuple[bool, str]:
+    """Whether a rewritten model computes what the saved one does on a batch: top-1 the same on at least
+    99% of the images and every output within 1% of the outputs' range (float16 rounding is about 0.1%).
+    Returns (close, what was measured)."""
+    diff = float(np.max(np.abs(reference - rewritten))) if reference.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(reference)))) if reference.size else 1.0
+    agree = float(np.mean(reference.argmax(-1) == rewritten.argmax(-1))) if reference.shape[-1] > 1 else \
+        float(np.mean((reference > 0.5) == (rewritten > 0.5)))
+    close = agree >= 0.99 and diff <= 0.01 * scale
+    return close, f"max output difference {diff:.2g}, top-1 the same on {agree:.1%} of {len(reference)} images"
