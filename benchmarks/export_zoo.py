@@ -17,6 +17,17 @@ and int8 accuracy, and the exit status. tests/test_export_zoo.py runs the same z
   outlier_range  a CNN whose hidden Dense layer has one unit that always outputs 10,000 (and is not
                  read by the next layer): the float model is unchanged, but int8's per-tensor range for
                  that layer rounds every other unit to zero; int8_selective has to rescue it
+  mixed_float16  a CNN under the mixed_float16 policy (float32 softmax), as GPU teams train and save it; its
+                 weights are trained under float32 and copied in (float16 is ten times slower on a CPU)
+  group_norm     GroupNormalization with SiLU after each convolution, as in many recent CNNs
+  custom_layer   a team's own layer (benchmarks/zoo_layers.py, registered, not imported by the exporter);
+                 exported with --custom-objects benchmarks.zoo_layers
+  regnet         keras.applications RegNetX002 (grouped convolutions), weights=None, under a new head
+                 (2.3M parameters: 150 s of training here; the tests use grouped_conv instead)
+  grouped_conv   a ResNeXt-style block of our own: grouped Conv2D and a residual written as x + y (a
+                 TFOpLambda layer), RegNet's two traps at a twentieth of its training time
+  preprocessing  a 48x48 input Resized to 32x32 in the model, an adapted Normalization, SpatialDropout2D
+                 and GaussianNoise inside; exported with --image-size 48 --resize stretch
 """
 
 from __future__ import annotations
@@ -36,7 +47,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ZOO = ("logits_cnn", "mobile_block", "inception", "binary_sigmoid", "keras3_cnn", "gray40", "outlier_range")
+ZOO = ("logits_cnn", "mobile_block", "inception", "binary_sigmoid", "keras3_cnn", "gray40", "outlier_range",
+       "mixed_float16", "group_norm", "custom_layer", "regnet", "grouped_conv", "preprocessing")
+# The test suite's zoo: RegNet's traps are grouped_conv's, at a twentieth of the training time.
+TEST_ZOO = tuple(name for name in ZOO if name != "regnet")
+# What each model's export needs besides the model and its data (as its users would pass it).
+EXPORT_ARGS = {"custom_layer": ["--custom-objects", "benchmarks.zoo_layers"],
+               "preprocessing": ["--image-size", "48", "--resize", "stretch"]}
 
 
 @dataclass
@@ -45,6 +62,7 @@ class ZooModel:
     path: str  # the saved model (file or SavedModel folder)
     data: str  # the class-folder tree it was trained on
     trained_accuracy: float  # on its test split, in Keras
+    export_args: tuple = ()  # what its export needs (EXPORT_ARGS)
 
 
 # -- data: views of a real CIFAR-10 subset, written as class-folder trees of PNGs -------------------
@@ -159,6 +177,85 @@ def _keras3_cnn(shape, n):
                               L.Dense(64, activation="relu"), L.Dense(n, activation="softmax")])
 
 
+def mixed_float16(keras, shape, n, policy="float32"):
+    """seed_like with a float32 softmax, as Keras's mixed-precision guide writes it. Under ``policy``
+    "mixed_float16" it is the model as trained and saved on a GPU; build_zoo trains the float32 one (float16
+    is ten times slower on a CPU) and copies the weights into the mixed one."""
+    L = keras.layers
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return keras.Sequential([L.InputLayer(input_shape=shape), L.Rescaling(1 / 255),
+                                 L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(), L.Conv2D(64, 3, activation="relu"),
+                                 L.MaxPooling2D(), L.Flatten(), L.Dense(64, activation="relu"), L.Dense(n),
+                                 L.Activation("softmax", dtype="float32")])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def group_norm(keras, shape, n):
+    L = keras.layers
+    inp = keras.Input(shape)
+    x = L.Rescaling(1 / 255)(inp)
+    for filters in (32, 64, 64):
+        x = L.Conv2D(filters, 3, padding="same")(x)
+        x = L.GroupNormalization(groups=8)(x)
+        x = L.Activation("swish")(x)
+        x = L.MaxPooling2D()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, L.Dense(n, activation="softmax")(x))
+
+
+def custom_layer(keras, shape, n):
+    from benchmarks.zoo_layers import ScaledSwish
+
+    L = keras.layers
+    return keras.Sequential([L.InputLayer(input_shape=shape), L.Rescaling(1 / 255), L.Conv2D(32, 3), ScaledSwish(),
+                             L.MaxPooling2D(), L.Conv2D(64, 3), ScaledSwish(), L.MaxPooling2D(), L.Flatten(),
+                             L.Dense(64, activation="relu"), L.Dense(n, activation="softmax")])
+
+
+def grouped_conv(keras, shape, n):
+    L = keras.layers
+    inp = keras.Input(shape)
+    x = L.Conv2D(32, 3, padding="same", activation="relu")(L.Rescaling(1 / 255)(inp))
+    x = L.MaxPooling2D()(x)
+    for filters in (32, 64):
+        y = L.Conv2D(filters, 3, padding="same", groups=4, use_bias=False)(x)  # 4 groups of filters/4
+        y = L.ReLU()(L.BatchNormalization(momentum=0.9)(y))
+        y = L.Conv2D(filters, 1, use_bias=False)(y)
+        y = L.BatchNormalization(momentum=0.9)(y)
+        skip = x if x.shape[-1] == filters else L.Conv2D(filters, 1)(x)
+        x = L.MaxPooling2D()(L.ReLU()(y + skip))  # "+" is a TFOpLambda layer, as RegNet's residuals
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, L.Dense(n, activation="softmax")(x))
+
+
+def regnet(keras, shape, n):
+    """keras.applications' RegNetX002 as transfer learning takes it (include_top=False, a new head)."""
+    base = keras.applications.RegNetX002(include_top=False, weights=None, input_shape=shape)
+    inp = keras.Input(shape)
+    x = keras.layers.GlobalAveragePooling2D()(base(inp))
+    return keras.Model(inp, keras.layers.Dense(n, activation="softmax")(x))
+
+
+def preprocessing(keras, shape, n, x_train=None):
+    """48x48 camera frames resized in the model, normalised by statistics adapted on the training images,
+    with training-only layers (SpatialDropout2D, GaussianNoise) in the graph."""
+    L = keras.layers
+    norm = L.Normalization()
+    norm.adapt(keras.layers.Resizing(32, 32)(x_train[:1000].astype("float32")).numpy())
+    inp = keras.Input(shape)
+    x = norm(L.Resizing(32, 32)(inp))
+    x = L.Conv2D(32, 3, activation="relu")(x)
+    x = L.SpatialDropout2D(0.1)(x)
+    x = L.MaxPooling2D()(x)
+    x = L.GaussianNoise(0.1)(x)
+    x = L.Conv2D(64, 3, activation="relu")(x)
+    x = L.MaxPooling2D()(x)
+    x = L.Flatten()(x)
+    return keras.Model(inp, L.Dense(n, activation="softmax")(x))
+
+
 def add_outlier_unit(model) -> None:
     """Make hidden unit 0 output 10,000 for every image and cut it from the next layer: the model
     computes the same function, but the hidden layer's activation range is now [0, 10,000]."""
@@ -174,7 +271,7 @@ def add_outlier_unit(model) -> None:
 
 def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, names=ZOO, log=print) -> list[ZooModel]:
     """Train and save every zoo model; returns where each is."""
-    from toolkit.data import load_dataset
+    from toolkit.data import ImageSpec, load_dataset
     from toolkit.tf import import_keras, save_model
 
     keras = import_keras()
@@ -182,7 +279,8 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
     for name in names:
         t0 = time.perf_counter()
         tree = trees["binary" if name == "binary_sigmoid" else "gray40" if name == "gray40" else "rgb32"]
-        ds = load_dataset(tree, cache_dir)
+        spec = ImageSpec((48, 48), "stretch") if name == "preprocessing" else ImageSpec()
+        ds = load_dataset(tree, cache_dir, spec)
         shape, n = ds.x_train.shape[1:], ds.num_classes
         keras.utils.set_random_seed(0)
         if name == "keras3_cnn":
@@ -200,8 +298,10 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
             log(f"zoo: {name:<15} test accuracy {acc:.3f} ({time.perf_counter() - t0:.0f}s) -> {path}")
             continue
         factory = {"logits_cnn": logits_cnn, "mobile_block": mobile_block, "inception": inception,
-                   "binary_sigmoid": binary_sigmoid, "gray40": seed_like, "outlier_range": seed_like}[name]
-        model = factory(keras, shape, n)
+                   "binary_sigmoid": binary_sigmoid, "gray40": seed_like, "outlier_range": seed_like,
+                   "mixed_float16": mixed_float16, "group_norm": group_norm, "custom_layer": custom_layer,
+                   "regnet": regnet, "grouped_conv": grouped_conv}.get(name)
+        model = factory(keras, shape, n) if factory else preprocessing(keras, shape, n, ds.x_train)
         if name == "logits_cnn":
             loss, y = keras.losses.SparseCategoricalCrossentropy(from_logits=True), ds.y_train
         elif name == "binary_sigmoid":
@@ -214,6 +314,9 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
         model.fit(ds.x_train, y, epochs=epochs, batch_size=32, verbose=0)
         if name == "outlier_range":
             add_outlier_unit(model)
+        if name == "mixed_float16":  # the same network under the policy, the trained weights copied in
+            trained, model = model, mixed_float16(keras, shape, n, policy="mixed_float16")
+            model.set_weights(trained.get_weights())
         out_ = model.predict(ds.x_test, verbose=0)
         pred = (out_[:, 0] > 0.5).astype(int) if name == "binary_sigmoid" else out_.argmax(1)
         acc = float(np.mean(pred == ds.y_test))
@@ -226,7 +329,7 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
         else:
             path = out / f"{name}.keras"
             save_model(model, str(path))
-        zoo.append(ZooModel(name, str(path), tree, acc))
+        zoo.append(ZooModel(name, str(path), tree, acc, tuple(EXPORT_ARGS.get(name, ()))))
         log(f"zoo: {name:<15} test accuracy {acc:.3f} ({time.perf_counter() - t0:.0f}s) -> {path}")
     return zoo
 
@@ -237,7 +340,7 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
 def export_one(m: ZooModel, out: Path, cache_dir: str, extra: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
     """``python -m export`` on one zoo model; returns the process and its report (or {})."""
     proc = subprocess.run([sys.executable, "-m", "export", m.path, "--data", m.data, "--out", str(out),
-                           "--cache-dir", cache_dir, *extra], capture_output=True, text=True, cwd=ROOT,
+                           "--cache-dir", cache_dir, *m.export_args, *extra], capture_output=True, text=True, cwd=ROOT,
                           timeout=3600)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
     return proc, report
@@ -258,6 +361,9 @@ def report_line(name: str, rc: int, report: dict) -> dict:
         "failed": ", ".join(f for f in report.get("failed", []) if by.get(f, {}).get("status") == "failed") or "-",
         "over gate": ", ".join(f for f in report.get("failed", []) if by.get(f, {}).get("status") == "ok") or "-",
         "qat scheme": (by.get("qat_int8", {}).get("qat") or {}).get("scheme", "-"),
+        "qat coverage": "{quantized_layers}/{weighted_layers}".format(**by["qat_int8"]["qat"])
+        if (by.get("qat_int8") or {}).get("qat") else "-",
+        "rewrites": "; ".join(r.split(" (checked")[0] for r in report.get("model_info", {}).get("rewrites", [])) or "-",
         "float layers (selective)": ", ".join(by.get("int8_selective", {}).get("float_layers", [])) or "-",
         "onnx_int8 %": acc("onnx_int8"), "onnx_int8 route": by.get("onnx_int8", {}).get("route") or "-",
     }

@@ -99,22 +99,33 @@ def _output_quantize_config():
     return OutputQuantizeConfig
 
 
-# Preprocessing layers: computed in float inside the device model (a Resizing from a camera's size, an
-# adapted Normalization), with only their output quantised, so the first convolution's input has a range.
-PREPROCESSING = ("Rescaling", "Normalization", "Resizing", "CenterCrop")
+# Preprocessing layers that scale pixel values (to [0, 1], or to about +-3 for an adapted Normalization):
+# computed in float inside the device model, only their output quantised, so that the first convolution's
+# input has a range. Layers that move pixels without scaling them (Resizing, CenterCrop) stay in float,
+# unannotated: their 0-255 output would sit against the [-6, 6] range tfmot's output quantiser starts
+# from (measured: the zoo's preprocessing model fell to chance within one epoch), and the converter
+# calibrates them from the representative images instead.
+SCALING = ("Rescaling", "Normalization")
+SCALED = "preprocessing: computed in float, output quantised"
+GEOMETRIC = ("Resizing", "CenterCrop")
 
 
 def annotation(layer, scheme: str, registry) -> tuple[str, str]:
     """How ``scheme`` treats ``layer``: ("quantize", ""), ("output", why) or ("float", why).
 
-    ``default`` quantises every layer tfmot's 8-bit registry has a rule for and leaves the others (a
-    custom layer, GroupNormalization, a TFOpLambda op) in float, where the converter calibrates them,
-    instead of refusing the whole model; ``conv_dense`` quantises convolutions and dense layers only."""
+    ``default`` quantises every layer tfmot's 8-bit registry has a rule for; the others (a custom layer,
+    GroupNormalization) are fine-tuned in float with their output quantised, as the full-integer model
+    will quantise it, instead of refusing the whole model. A ``TFOpLambda`` op stays unannotated (tfmot
+    cannot clone one with a config). ``conv_dense`` quantises convolutions and dense layers only."""
     kind = type(layer).__name__
-    if kind in PREPROCESSING:
-        return "output", "preprocessing: computed in float, output quantised"
+    if kind in SCALING:
+        return "output", SCALED
+    if kind in GEOMETRIC:
+        return "float", "preprocessing: moves pixels, computed in float (the converter calibrates it)"
     if kind == "InputLayer":
         return "float", "input"
+    if kind == "TFOpLambda":
+        return "float", f"TensorFlow op {getattr(layer, 'symbol', layer.name)}: fine-tuned in float (the converter calibrates it)"
     if scheme == "conv_dense":
         if kind in ("Conv2D", "Dense"):
             return "quantize", ""
@@ -122,11 +133,12 @@ def annotation(layer, scheme: str, registry) -> tuple[str, str]:
     if registry.supports(layer) or kind == "BatchNormalization":  # batch norm: folded by tfmot's transforms
         return "quantize", ""
     if kind == "StaticGroupNormalization":  # export.rewrite's form of GroupNormalization
-        return "float", "GroupNormalization: tfmot has no 8-bit rule for it"
+        return "output", "GroupNormalization: tfmot has no 8-bit rule for it; fine-tuned in float, output quantised"
     module = type(layer).__module__.split(".")[0]
     if module not in ("tf_keras", "keras"):
-        return "float", f"custom layer {kind} (module {type(layer).__module__}): tfmot has no 8-bit rule for it"
-    return "float", f"tfmot's 8-bit registry has no rule for {kind}"
+        return "output", (f"custom layer {kind} (module {type(layer).__module__}): tfmot has no 8-bit rule for it; "
+                          "fine-tuned in float, output quantised")
+    return "output", f"tfmot's 8-bit registry has no rule for {kind}; fine-tuned in float, output quantised"
 
 
 def _registry():
@@ -138,12 +150,14 @@ def _registry():
 
 
 def float_layers(model, scheme: str) -> dict[str, str]:
-    """The layers ``scheme`` leaves in float (inputs and preprocessing aside), with why."""
+    """The layers ``scheme`` does not quantise as tfmot would (inputs and scaling preprocessing aside):
+    fine-tuned in float, with why. In the full-integer model the converter gives them int8 kernels and
+    calibrated ranges like any other op."""
     registry = _registry()
     out = {}
     for layer in model.layers:
         what, why = annotation(layer, scheme, registry)
-        if what == "float" and why != "input":
+        if what != "quantize" and why not in ("input", SCALED):
             out[layer.name] = why
     return out
 
@@ -171,7 +185,15 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
     with qk.quantize_scope(scope):
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
-        return qk.quantize_apply(annotated)
+        qat_model = qk.quantize_apply(annotated)
+    # An adapted Normalization computes from tensors derived from its weights when it is adapted or
+    # loaded, not when weights are set: without this it normalises with mean 0 and variance 1 (measured:
+    # the zoo's preprocessing model at chance before any fine-tuning).
+    for layer in qat_model.layers:
+        inner = getattr(layer, "layer", layer)
+        if type(inner).__name__ == "Normalization":
+            inner.finalize_state()
+    return qat_model
 
 
 def has_kernel(layer) -> bool:

@@ -39,10 +39,15 @@ class SelectiveResult:
 
 
 def layer_of(tensor_name: str) -> str:
-    """The Keras layer a TFLite tensor came from: 'model/dense_1/MatMul;model/dense_1/Relu' -> 'dense_1'."""
+    """The Keras layer a TFLite tensor came from: 'model/dense_1/MatMul;model/dense_1/Relu' -> 'dense_1';
+    inside a nested model, the innermost layer ('model/regnetx002/stem_conv/Conv2D' -> 'stem_conv'), the
+    scopes TensorFlow's ops open (CamelCase: 'Tensordot') skipped."""
     first = tensor_name.split(";")[0]
     parts = [p for p in first.split("/") if p]
-    return parts[1] if len(parts) > 2 else (parts[-2] if len(parts) > 1 else first)
+    if len(parts) <= 2:
+        return parts[-2] if len(parts) > 1 else first
+    scopes = [p for p in parts[1:-1] if not p[:1].isupper()]
+    return scopes[-1] if scopes else parts[1]
 
 
 def _nmse(float_values, quant_values, scale, zero_point) -> float:

@@ -1,5 +1,5 @@
 """The variants the export builds, in report order: the one list of names, formats and builders (the
-functions of :mod:`export.worker` that build and measure each). Imports nothing of ours."""
+functions of :mod:`export.builders` that build and measure each). Imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 class Variant:
     name: str
     format: str  # "tflite" or "onnx": the file it ships as, and the runtime that measures it
-    builder: str  # the function in export.worker that builds and measures it
+    builder: str  # the function in export.builders that builds and measures it
     what: str
 
 

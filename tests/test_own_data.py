@@ -185,12 +185,18 @@ def test_a_saved_model_that_does_not_fit_the_data_is_refused(defects_run, digits
 
 
 FACTORY = '''
+import tensorflow as tf
 import tf_keras as keras
+
+@keras.saving.register_keras_serializable(package="my_models")
+class Swishy(keras.layers.Layer):  # a team's own layer
+    def call(self, x):
+        return x * tf.sigmoid(x)
 
 def tiny(input_shape, num_classes):
     inp = keras.Input(shape=input_shape)
     x = keras.layers.Rescaling(1 / 255)(inp)
-    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = Swishy()(keras.layers.Conv2D(16, 3)(x))
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inp, keras.layers.Dense(num_classes)(x))  # logits: the toolkit adds the softmax
 
@@ -200,7 +206,9 @@ def keras3(input_shape, num_classes):
 '''
 
 
-def test_a_factory_model_trains_and_bad_factories_are_refused(digits_tree, tmp_path, cache_dir):
+def test_a_factory_model_trains_and_bad_factories_are_refused(digits_tree, tmp_path, cache_dir, monkeypatch):
+    """A factory from the current folder, with a layer of its own: trained on the workers; the saved model
+    loads again only with --custom-objects naming its module, and without it the error says so."""
     (tmp_path / "my_models.py").write_text(textwrap.dedent(FACTORY))
     common = ["--data", str(digits_tree), "--image-size", "16", "--cache-dir", cache_dir, "--no-export"]
     proc = train([*common, "--model", "my_models:tiny", "--epochs", "1", "--output", str(tmp_path / "out"),
@@ -208,6 +216,17 @@ def test_a_factory_model_trains_and_bad_factories_are_refused(digits_tree, tmp_p
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["config"]["model"] == "my_models:tiny" and m["epochs"] == 1
+    saved = str(tmp_path / "out" / "model.keras")
+    assert one_error(train([*common, "--model", saved], cwd=tmp_path)) == (
+        f"error: --model {saved}: cannot be loaded (custom layer(s) Swishy (module my_models) not known to Keras: "
+        "name the module that defines them with --custom-objects my_models)")
+    monkeypatch.chdir(tmp_path)  # where --custom-objects finds my_models, as the command does
+    from toolkit.models import build_model
+
+    tuned = build_model(saved, (16, 16, 1), 10, custom_objects="my_models")
+    assert type(tuned.layers[3]).__name__ == "Swishy"
+    assert "cannot import nope_models" in one_error(train([*common, "--model", saved, "--custom-objects", "nope_models"],
+                                                         cwd=tmp_path))
     assert one_error(train([*common, "--model", "my_models:nope"], cwd=tmp_path)) == \
         "error: --model my_models:nope: my_models has no function nope"
     assert "returned keras." in one_error(train([*common, "--model", "my_models:keras3"], cwd=tmp_path))

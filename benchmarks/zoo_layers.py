@@ -1,0 +1,20 @@
+"""A team's own layer, as it lives in the team's package: registered with ``register_keras_serializable``,
+importable, but not imported by the exporter. The export zoo's ``custom_layer`` model uses it, and is
+exported with ``--custom-objects benchmarks.zoo_layers``."""
+
+from toolkit.tf import import_keras, import_tf
+
+keras = import_keras()
+tf = import_tf()
+
+
+@keras.saving.register_keras_serializable(package="zoo_layers")
+class ScaledSwish(keras.layers.Layer):
+    """x * sigmoid(beta x), with a trainable beta per channel (a learned swish, as in some edge nets)."""
+
+    def build(self, input_shape):
+        self.beta = self.add_weight(name="beta", shape=(int(input_shape[-1]),), initializer="ones")
+        super().build(input_shape)
+
+    def call(self, x):
+        return x * tf.sigmoid(self.beta * x)

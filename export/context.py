@@ -1,0 +1,103 @@
+"""What a variant builder works with, in the export's worker process (:mod:`export.worker`): the
+loaded model and arrays (:class:`Context`), the progress events the supervisor follows (:class:`Events`),
+and :class:`Skip` for a variant that does not apply."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+
+class Skip(Exception):
+    """The variant does not apply to this model; the message says why."""
+
+
+class Events:
+    def __init__(self, path: str):
+        self._f = open(path, "a", buffering=1)
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        self._f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        self._f.flush()
+
+
+class Context:
+    """Everything a variant builder needs, loaded once per worker process."""
+
+    def __init__(self, job: dict, emit: Events):
+        from export.model_io import ModelInfo, load_source_model
+
+        self.job = job
+        self.emit = emit
+        self.stage = Path(job["stage"])
+        self.info = ModelInfo(**{**job["info"], "input_shape": tuple(job["info"]["input_shape"])})
+        self.source = load_source_model(job["model"], job["config"]["custom_objects"])
+        a = Path(job["arrays"])
+        load = lambda n: np.load(a / f"{n}.npy", mmap_mode="r")  # noqa: E731
+        self.x_test, self.y_test, self.ref_pred = load("x_test"), load("y_test"), load("ref_pred")
+        self.x_fit, self.y_fit = load("x_fit"), load("y_fit")
+        self.x_val, self.y_val = np.asarray(load("x_val")), np.asarray(load("y_val"))
+        self.calibration = np.asarray(load("calibration"))
+        self.rows: dict[str, dict] = dict(job.get("prior_rows", {}))
+        self.variant = ""
+
+    # -- progress --------------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        self.emit("log", variant=self.variant, line=line)
+
+    def phase(self, what: str, timeout_s: Optional[float] = None) -> None:
+        self.emit("phase", variant=self.variant, what=what, timeout_s=timeout_s)
+
+    def beat(self) -> None:
+        self.emit("beat", variant=self.variant)
+
+    # -- shared pieces ---------------------------------------------------------------------
+    def tflite_file(self, variant: str, build: Callable[[], bytes]) -> Path:
+        """The staged .tflite for ``variant``, built once (a later variant may reuse it)."""
+        path = self.stage / f"{variant}.tflite"
+        if not path.exists():
+            t0 = time.perf_counter()
+            blob = build()
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+            self.log(f"  converted {variant}: {len(blob) / 1024:,.0f} KB ({time.perf_counter() - t0:.1f}s)")
+        return path
+
+    def int8_file(self) -> Path:
+        from export import tflite
+
+        return self.tflite_file("int8", lambda: tflite.convert_variant("int8", self.source,
+                                                                        calibration=self.calibration))
+
+    def measure(self, path: Path, **open_kw) -> dict:
+        """Accuracy and agreement on the full test split, latency at batch 1, throughput at a batch."""
+        from export.model_io import class_predictions
+        from export.runtime import open_model
+        from toolkit.timing import time_calls
+
+        cfg = self.job["config"]
+        kind = self.info.output_kind
+        m = open_model(str(path), num_threads=os.cpu_count() or 1, **open_kw)
+        pred = class_predictions(m.predict(np.asarray(self.x_test)), kind)
+        self.beat()
+        timed = open_model(str(path), num_threads=cfg["latency_threads"], **open_kw)
+        one = timed.prepare(np.asarray(self.x_test[:1]))
+        lat = time_calls(lambda: timed.run(one), runs=cfg["latency_runs"], warmup=20)
+        batch = timed.prepare(np.asarray(self.x_test[: cfg["throughput_batch"]]))
+        t = time_calls(lambda: timed.run(batch), runs=10, warmup=2)
+        return {
+            "accuracy": float(np.mean(pred == self.y_test)),
+            "agreement": float(np.mean(pred == self.ref_pred)),
+            "latency_ms_p50": float(np.percentile(lat, 50)),
+            "latency_ms_p90": float(np.percentile(lat, 90)),
+            "throughput_images_per_s": float(len(batch) / (np.median(t) / 1e3)),
+            "throughput_batch": int(len(batch)),
+            "input": m.input.to_dict(),
+            "output": m.output.to_dict(),
+        }
