@@ -56,6 +56,7 @@ class SourceModel:
         # need it (export.rewrite); ``original`` is the model as saved, what the float figures measure.
         self.keras2 = keras2
         self._keras = original if original is not None else keras2 if keras2 is not None else keras3
+        self._converted = keras2 if keras2 is not None else keras3  # what the rewrites are checked on
         self.custom_objects = custom_objects or {}
         # Everything that is not Keras 2 converts from a SavedModel: a Keras 3 model is exported to one
         # first (converting its objects through a concrete function gives NaN outputs in TFLite 2.20).
@@ -94,7 +95,7 @@ class SourceModel:
         from export.rewrite import outputs_close
 
         ref = self.predict(sample)
-        new = np.asarray(self.keras2.predict(sample.astype(np.float32), batch_size=500, verbose=0), np.float32)
+        new = np.asarray(self._converted.predict(sample.astype(np.float32), batch_size=500, verbose=0), np.float32)
         close, measured = outputs_close(ref, new)
         if not close:
             raise ExportInputError(f"{self.info.path}: the model rewritten for conversion "
@@ -185,7 +186,8 @@ def load_source_model(path: str, custom_objects: str = "") -> SourceModel:
     return _from_keras2(model, path, fmt, objects)
 
 
-def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3) -> SourceModel:
+def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3, original=None,
+                      rewrites=()) -> SourceModel:
     """A SavedModel served through its ``serving_default`` signature (one image in, one tensor out)."""
     sigs = getattr(loaded, "signatures", {})
     if "serving_default" not in sigs:
@@ -203,8 +205,8 @@ def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3)
     info = ModelInfo(str(Path(path)), fmt, 3 if keras3 is not None else None,
                      tuple(int(d) for d in spec.shape[1:]), int(out.shape[-1]),
                      output_activation=_last_activation(keras3) if keras3 is not None else None,
-                     num_layers=len(keras3.layers) if keras3 is not None else 0)
-    return SourceModel(info, keras3=keras3, saved_model_dir=saved_model_dir, loaded=loaded)
+                     num_layers=len(keras3.layers) if keras3 is not None else 0, rewrites=tuple(rewrites))
+    return SourceModel(info, keras3=keras3, saved_model_dir=saved_model_dir, loaded=loaded, original=original)
 
 
 def _load_keras3(p: Path, path: str, objects: dict) -> SourceModel:
@@ -221,6 +223,16 @@ def _load_keras3(p: Path, path: str, objects: dict) -> SourceModel:
             raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
         raise ExportInputError(f"{path}: not a loadable Keras 3 model ({one_line(e)})") from e
     _check_single_io(model, path)
+    from export.rewrite import float16_policy, keras3_as_float32
+
+    original, rewrites = model, []
+    policy = float16_policy(model)
+    if policy:
+        try:
+            model = keras3_as_float32(model)
+        except Exception as e:  # a layer that cannot be rebuilt from its config
+            raise ExportInputError(f"{path}: model could not be rewritten for conversion ({one_line(e)})") from e
+        rewrites.append(f"built under the {policy} policy: rebuilt as float32 with the same weights")
     export_dir = tempfile.mkdtemp(prefix="keras3-savedmodel-")
     atexit.register(shutil.rmtree, export_dir, True)
     try:
@@ -229,7 +241,8 @@ def _load_keras3(p: Path, path: str, objects: dict) -> SourceModel:
     except Exception as e:  # Keras/TensorFlow raise many types for models they cannot trace
         raise ExportInputError(f"{path}: Keras 3 model could not be exported to a SavedModel "
                               f"({one_line(e)})") from e
-    return _from_saved_model(loaded, export_dir, path, "keras" if p.suffix.lower() == ".keras" else "h5", model)
+    return _from_saved_model(loaded, export_dir, path, "keras" if p.suffix.lower() == ".keras" else "h5", model,
+                             original, rewrites)
 
 
 def _check_single_io(model, path: str) -> None:
@@ -248,14 +261,14 @@ def _check_single_io(model, path: str) -> None:
 
 def _from_keras2(model, path: str, fmt: str, objects: dict) -> SourceModel:
     _check_single_io(model, path)
-    converted, rewrites = rewrite_for_conversion(model)
+    converted, rewrites = rewrite_for_conversion(model, path)
     info = ModelInfo(str(Path(path)), fmt, 2, tuple(int(d) for d in model.input_shape[1:]),
                      int(model.output_shape[-1]), output_activation=_last_activation(model),
                      num_layers=len(model.layers), rewrites=tuple(rewrites))
     return SourceModel(info, keras2=converted, original=model, custom_objects=objects)
 
 
-def rewrite_for_conversion(model) -> tuple:
+def rewrite_for_conversion(model, path: str) -> tuple:
     """(the model the converters and tfmot get, what was rewritten): a float16 compute policy rebuilt as
     float32, GroupNormalization with static shapes (export.rewrite); the model itself when neither."""
     from export.rewrite import as_float32, float16_policy, group_norms, static_group_norms
@@ -272,7 +285,7 @@ def rewrite_for_conversion(model) -> tuple:
             rewrites.append(f"{len(norms)} GroupNormalization layer(s) with static group shapes (LiteRT cannot "
                             "run tf_keras's batch-sized BROADCAST_TO)")
     except Exception as e:  # a layer that cannot be rebuilt from its config
-        raise ExportInputError(f"model could not be rewritten for conversion ({one_line(e)})") from e
+        raise ExportInputError(f"{path}: model could not be rewritten for conversion ({one_line(e)})") from e
     return model, rewrites
 
 

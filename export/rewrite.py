@@ -57,7 +57,7 @@ def rebuild(model, replace: Optional[Callable] = None):
         new = made[id(layer)][1]
         if new is IDENTITY:
             return args[0] if args else next(iter(kwargs.values()))
-        if new is not layer and type(layer).__name__ == "TFOpLambda":  # an op made a merge layer
+        if type(layer).__name__ == "TFOpLambda" and type(new).__name__ in set(BINARY_OPS.values()):  # op -> merge layer
             operands = list(args) + [kwargs[k] for k in ("x", "y") if k in kwargs]
             return new(operands)
         return new(*args, **kwargs)
@@ -96,11 +96,10 @@ def has_nested(model) -> bool:
 
 
 def all_layers(model) -> list:
-    """Every layer, nested models' layers included (the nested models themselves not)."""
-    keras = import_keras()
+    """Every layer, nested models' layers included (the nested models themselves not); tf_keras or Keras 3."""
     out = []
     for layer in model.layers:
-        out.extend(all_layers(layer) if isinstance(layer, keras.Model) else [layer])
+        out.extend(all_layers(layer) if isinstance(getattr(layer, "layers", None), list) else [layer])
     return out
 
 
@@ -119,10 +118,23 @@ def float16_policy(model) -> Optional[str]:
 def as_float32(model):
     """Every layer rebuilt under the float32 policy from its config, with its weights."""
     def replace(layer):
-        if type(layer).__name__ == "InputLayer":
+        if type(layer).__name__ in ("InputLayer", "TFOpLambda"):  # no weights, no policy of its own to change
             return layer
         return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
     return rebuild(model, replace)
+
+
+def keras3_as_float32(model):
+    """A Keras 3 model's every layer rebuilt under float32 from its config, with its weights (Keras 3's
+    own clone; its SavedModel export then traces float32 ops only)."""
+    import keras as keras3
+
+    def clone(layer):
+        return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
+
+    rebuilt = keras3.models.clone_model(model, clone_function=clone)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def static_group_norm_class():

@@ -96,7 +96,12 @@ def import_keras() -> ModuleType:
     """``tf_keras`` (Keras 2), the Keras this toolkit uses everywhere."""
     import_tf()
     import tf_keras
+    from tf_keras.src.mixed_precision import device_compatibility_check
 
+    # Loading a model saved under mixed_float16 on a machine without a GPU logs a three-line warning that
+    # it "may run slowly": the export rebuilds such a model as float32 and never runs it that way, and a
+    # refused model must get one line (device_compatibility_check logs once per process, then sets this).
+    device_compatibility_check._logged_compatibility_check = True
     return tf_keras
 
 
