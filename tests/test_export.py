@@ -343,3 +343,41 @@ def test_a_model_used_as_a_layer_is_inlined_for_qat():
     np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
     qat = quantize_aware_model(model, "default")
     assert count_quantized(qat) == sum(1 for layer in flat.layers if has_kernel(layer)) == 3
+
+
+def test_a_keras3_mixed_precision_model_converts_as_float32(tmp_path, tiny_tree_tgz, cache_dir):
+    """Keras 3 under mixed_float16 (trained as float32 here, the weights copied in: float16 is slow on a CPU):
+    its SavedModel would carry float16 ops the TFLite converter refuses ('tf.Mul' ... neither a custom op nor a
+    flex op); the export rebuilds it as float32, checks it against the saved model, and converts that."""
+    import keras as keras3
+
+    from toolkit.data import load_dataset
+
+    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
+
+    def build(policy):
+        keras3.mixed_precision.set_global_policy(policy)
+        try:
+            L = keras3.layers
+            return keras3.Sequential([keras3.Input((32, 32, 3)), L.Rescaling(1 / 255), L.Conv2D(8, 3, activation="relu"),
+                                      L.GlobalAveragePooling2D(), L.Dense(10), L.Activation("softmax", dtype="float32")])
+        finally:
+            keras3.mixed_precision.set_global_policy("float32")
+
+    keras3.utils.set_random_seed(0)
+    trained = build("float32")
+    trained.compile(optimizer=keras3.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    trained.fit(ds.x_train, ds.y_train, epochs=3, batch_size=32, verbose=0)
+    model = build("mixed_float16")
+    model.set_weights(trained.get_weights())
+    path = tmp_path / "mixed.keras"
+    model.save(path)
+    out = tmp_path / "out"
+    proc = export_in_process("export", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out), "--cache-dir",
+                                        cache_dir, "--variants", "float32,int8,onnx_float32", "--latency-runs", "5"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_info"]["keras"] == 3 and report["float_accuracy"] > 0.5
+    assert report["model_info"]["rewrites"][0].startswith("built under the mixed_float16 policy: rebuilt as float32")
+    rows = {r["name"]: r for r in report["variants"]}
+    assert all(r["status"] == "ok" and r["drop_pp"] <= 1.0 for r in rows.values()), rows
