@@ -42,8 +42,34 @@ def convert_float32(model, path: str) -> None:
         fn = model.concrete_function()
         proto, _ = tf2onnx.convert.from_function(tf.function(lambda image: fn(image)), input_signature=spec,
                                                  opset=OPSET)
+    proto = erfc_as_erf(proto)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, path)
+
+
+def erfc_as_erf(proto):
+    """Every ``Erfc(x)`` node as ``1 - Erf(x)``. TensorFlow computes exact GELU with erfc; tf2onnx writes it
+    as an ``Erfc`` node, an op ONNX does not have (``No Op registered for Erfc with domain_version of 17``);
+    ``Erf`` exists since opset 9 and ONNX Runtime runs it."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if not any(n.op_type == "Erfc" for n in graph.node):
+        return proto
+    one = "erfc_as_erf_one"
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+    nodes = []
+    for n in graph.node:
+        if n.op_type != "Erfc":
+            nodes.append(n)
+            continue
+        erf = f"{n.name}_erf"
+        nodes.append(helper.make_node("Erf", [n.input[0]], [erf], name=erf))
+        nodes.append(helper.make_node("Sub", [one, erf], list(n.output), name=f"{n.name}_one_minus"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return onnx.shape_inference.infer_shapes(proto)
 
 
 def convert_from_tflite(tflite_path: str, path: str) -> None:
