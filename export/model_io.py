@@ -261,32 +261,13 @@ def _check_single_io(model, path: str) -> None:
 
 def _from_keras2(model, path: str, fmt: str, objects: dict) -> SourceModel:
     _check_single_io(model, path)
+    from export.rewrite import rewrite_for_conversion
+
     converted, rewrites = rewrite_for_conversion(model, path)
     info = ModelInfo(str(Path(path)), fmt, 2, tuple(int(d) for d in model.input_shape[1:]),
                      int(model.output_shape[-1]), output_activation=_last_activation(model),
                      num_layers=len(model.layers), rewrites=tuple(rewrites))
     return SourceModel(info, keras2=converted, original=model, custom_objects=objects)
-
-
-def rewrite_for_conversion(model, path: str) -> tuple:
-    """(the model the converters and tfmot get, what was rewritten): a float16 compute policy rebuilt as
-    float32, GroupNormalization with static shapes (export.rewrite); the model itself when neither."""
-    from export.rewrite import as_float32, float16_policy, group_norms, static_group_norms
-
-    rewrites = []
-    try:
-        policy = float16_policy(model)
-        if policy:
-            model = as_float32(model)
-            rewrites.append(f"built under the {policy} policy: rebuilt as float32 with the same weights")
-        norms = group_norms(model)
-        if norms:
-            model = static_group_norms(model)
-            rewrites.append(f"{len(norms)} GroupNormalization layer(s) with static group shapes (LiteRT cannot "
-                            "run tf_keras's batch-sized BROADCAST_TO)")
-    except Exception as e:  # a layer that cannot be rebuilt from its config
-        raise ExportInputError(f"{path}: model could not be rewritten for conversion ({one_line(e)})") from e
-    return model, rewrites
 
 
 def _last_activation(model) -> Optional[str]:

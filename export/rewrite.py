@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from export.errors import ExportInputError
+from toolkit.errors import one_line
 from toolkit.tf import import_keras, import_tf
 
 IDENTITY = "identity"  # what a replace function returns for a layer to drop (its input passes through)
@@ -264,6 +266,25 @@ def for_qat(model):
     needs = has_nested(model) or any(type(layer).__name__ in TRAINING_ONLY or type(layer).__name__ == "TFOpLambda"
                                      for layer in model.layers)
     return (rebuild(model, replace), dropped) if needs else (model, dropped)
+
+
+def rewrite_for_conversion(model, path: str) -> tuple:
+    """(the model the converters and tfmot get, what was rewritten): a float16 compute policy rebuilt as
+    float32, GroupNormalization with static shapes (export.rewrite); the model itself when neither."""
+    rewrites = []
+    try:
+        policy = float16_policy(model)
+        if policy:
+            model = as_float32(model)
+            rewrites.append(f"built under the {policy} policy: rebuilt as float32 with the same weights")
+        norms = group_norms(model)
+        if norms:
+            model = static_group_norms(model)
+            rewrites.append(f"{len(norms)} GroupNormalization layer(s) with static group shapes (LiteRT cannot "
+                            "run tf_keras's batch-sized BROADCAST_TO)")
+    except Exception as e:  # a layer that cannot be rebuilt from its config
+        raise ExportInputError(f"{path}: model could not be rewritten for conversion ({one_line(e)})") from e
+    return model, rewrites
 
 
 def outputs_close(reference: np.ndarray, rewritten: np.ndarray) -> tuple[bool, str]:
