@@ -401,6 +401,8 @@ def report_line(name: str, rc: int, report: dict) -> dict:
         "rewrites": "; ".join(r.split(" (checked")[0] for r in report.get("model_info", {}).get("rewrites", [])) or "-",
         "float layers (selective)": ", ".join(by.get("int8_selective", {}).get("float_layers", [])) or "-",
         "onnx_int8 %": acc("onnx_int8"), "onnx_int8 route": by.get("onnx_int8", {}).get("route") or "-",
+        "why skipped or failed": "; ".join(f"{v['name']}: {v['reason']}" for v in report.get("variants", [])
+                                           if v["status"] != "ok" and v["name"] != "int8_selective") or "-",
     }
 
 
