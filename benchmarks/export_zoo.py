@@ -143,16 +143,19 @@ def mobile_block(keras, shape, n):
     return keras.Model(inp, L.Dense(n, activation="softmax")(x))
 
 
-def inception(keras, shape, n):
+def inception(keras, shape, n, width: float = 1.0):
+    """``width`` scales the filters (the test suite's zoo uses half: full-resolution 5x5 branches are the
+    zoo's slowest export)."""
     L = keras.layers
+    f = lambda k: max(4, int(k * width))  # noqa: E731
     inp = keras.Input(shape)
     x = L.Rescaling(1 / 255)(inp)
-    x = L.Conv2D(32, 3, padding="same", activation="relu")(x)
-    a = L.Conv2D(32, 3, padding="same", activation="relu")(x)
-    b = L.Conv2D(16, 5, padding="same", activation="relu")(x)
+    x = L.Conv2D(f(32), 3, padding="same", activation="relu")(x)
+    a = L.Conv2D(f(32), 3, padding="same", activation="relu")(x)
+    b = L.Conv2D(f(16), 5, padding="same", activation="relu")(x)
     x = L.Concatenate()([a, b])
     x = L.AveragePooling2D()(x)
-    x = L.Conv2D(64, 3, padding="same", activation="relu")(x)
+    x = L.Conv2D(f(64), 3, padding="same", activation="relu")(x)
     x = L.MaxPooling2D()(x)
     x = L.Flatten()(x)
     return keras.Model(inp, L.Dense(n, activation="softmax")(x))
@@ -298,7 +301,8 @@ def add_outlier_unit(model) -> None:
     nxt.set_weights([k2, b2])
 
 
-def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, names=ZOO, log=print) -> list[ZooModel]:
+def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, names=ZOO, log=print,
+              inception_width: float = 1.0) -> list[ZooModel]:
     """Train and save every zoo model; returns where each is."""
     from toolkit.data import ImageSpec, load_dataset
     from toolkit.tf import import_keras, save_model
@@ -330,6 +334,8 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
                    "binary_sigmoid": binary_sigmoid, "gray40": seed_like, "outlier_range": seed_like,
                    "mixed_float16": mixed_float16, "group_norm": group_norm, "custom_layer": custom_layer,
                    "regnet": regnet, "grouped_conv": grouped_conv}.get(name)
+        if name == "inception":
+            factory = lambda *a: inception(*a, width=inception_width)  # noqa: E731
         model = factory(keras, shape, n) if factory else \
             {"preprocessing": preprocessing, "as_saved": as_saved}[name](keras, shape, n, ds.x_train)
         if name == "logits_cnn":
