@@ -244,12 +244,19 @@ def regnet(keras, shape, n):
     return keras.Model(inp, keras.layers.Dense(n, activation="softmax")(x))
 
 
+def adapted_normalization(keras, x_train):
+    """A Normalization adapted, as keras-io's examples do, on 1,000 training images at the 32x32 the model
+    resizes to."""
+    norm = keras.layers.Normalization()
+    norm.adapt(keras.layers.Resizing(32, 32)(x_train[:1000].astype("float32")).numpy())
+    return norm
+
+
 def preprocessing(keras, shape, n, x_train=None):
     """48x48 camera frames resized in the model, normalised by statistics adapted on the training images,
     with training-only layers (SpatialDropout2D, GaussianNoise) in the graph."""
     L = keras.layers
-    norm = L.Normalization()
-    norm.adapt(keras.layers.Resizing(32, 32)(x_train[:1000].astype("float32")).numpy())
+    norm = adapted_normalization(keras, x_train)
     inp = keras.Input(shape)
     x = norm(L.Resizing(32, 32)(inp))
     x = L.Conv2D(32, 3, activation="relu")(x)
@@ -270,8 +277,7 @@ def as_saved(keras, shape, n, x_train, policy="float32"):
     from benchmarks.zoo_layers import ScaledSwish
 
     L = keras.layers
-    norm = L.Normalization()
-    norm.adapt(L.Resizing(32, 32)(x_train[:1000].astype("float32")).numpy())
+    norm = adapted_normalization(keras, x_train)
     keras.mixed_precision.set_global_policy(policy)
     try:
         inp = keras.Input(shape)

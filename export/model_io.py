@@ -87,14 +87,14 @@ class SourceModel:
 
     # -- converting it ---------------------------------------------------------------------
 
-    def check_rewrites(self, sample: np.ndarray) -> tuple:
-        """The rewrites, each with how closely the rewritten model follows the saved one on ``sample``;
-        ExportInputError when it does not (a rewrite that changed what the model computes)."""
+    def check_rewrites(self, sample: np.ndarray, ref: np.ndarray) -> tuple:
+        """The rewrites, each with how closely the rewritten model follows the saved one on ``sample`` (whose
+        outputs from the saved model are ``ref``); ExportInputError when it does not (a rewrite that changed
+        what the model computes)."""
         if not self.info.rewrites:
             return ()
         from export.rewrite import outputs_close
 
-        ref = self.predict(sample)
         new = np.asarray(self._converted.predict(sample.astype(np.float32), batch_size=500, verbose=0), np.float32)
         close, measured = outputs_close(ref, new)
         if not close:
@@ -328,9 +328,9 @@ def inspect_model(model: SourceModel, sample: np.ndarray, num_classes: int, data
         raise ExportInputError(f"{info.path}: model has {info.units} outputs but {data_desc} has {num_classes} "
                               "classes")
     check_finite_weights(model)
-    rewrites = model.check_rewrites(sample)
     out = model.predict(sample)
     if not np.all(np.isfinite(out)):
         raise ExportInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
+    rewrites = model.check_rewrites(sample, out)
     kind = detect_output_kind(out)
     return ModelInfo(**{**info.to_dict(), "output_kind": kind, "rewrites": rewrites})

@@ -288,12 +288,22 @@ def rewrite_for_conversion(model, path: str) -> tuple:
 
 
 def outputs_close(reference: np.ndarray, rewritten: np.ndarray) -> tuple[bool, str]:
-    """Whether a rewritten model computes what the saved one does on a batch: top-1 the same on at least
-    99% of the images and every output within 1% of the outputs' range (float16 rounding is about 0.1%).
-    Returns (close, what was measured)."""
-    diff = float(np.max(np.abs(reference - rewritten))) if reference.size else 0.0
-    scale = max(1.0, float(np.max(np.abs(reference)))) if reference.size else 1.0
-    agree = float(np.mean(reference.argmax(-1) == rewritten.argmax(-1))) if reference.shape[-1] > 1 else \
-        float(np.mean((reference > 0.5) == (rewritten > 0.5)))
-    close = agree >= 0.99 and diff <= 0.01 * scale
-    return close, f"max output difference {diff:.2g}, top-1 the same on {agree:.1%} of {len(reference)} images"
+    """Whether a rewritten model computes what the saved one does on a batch: every output within 1% of the
+    outputs' range (float16 rounding is about 0.1%), and the same top-1 on at least 99% of the images whose
+    top-1 the saved model decides by more than that tolerance (a near-uniform output, as an untrained
+    EfficientNet's, has a top-1 that float16 rounding alone reorders). Returns (close, what was measured)."""
+    if not reference.size:
+        return True, "no images to compare on"
+    diff = float(np.max(np.abs(reference - rewritten)))
+    tolerance = 0.01 * max(1.0, float(np.max(np.abs(reference))))
+    if reference.shape[-1] > 1:
+        top2 = np.sort(reference, axis=-1)[:, -2:]
+        margin, same = top2[:, 1] - top2[:, 0], reference.argmax(-1) == rewritten.argmax(-1)
+    else:
+        flat, new = reference.reshape(len(reference)), rewritten.reshape(len(rewritten))
+        margin, same = np.abs(flat - 0.5), (flat > 0.5) == (new > 0.5)
+    decided = margin > tolerance
+    agree = float(np.mean(same[decided])) if decided.any() else 1.0
+    close = agree >= 0.99 and diff <= tolerance
+    return close, (f"max output difference {diff:.2g}, top-1 the same on {agree:.1%} of {len(reference)} images "
+                   f"({int((~decided).sum())} with a top-1 lead under the tolerance not counted)")

@@ -152,24 +152,32 @@ def test_broken_calibration_fails_the_gate(regression_run, tmp_path, cache_dir):
     assert report["variants"][0]["drop_pp"] > 1.0
 
 
-def test_a_variant_that_cannot_convert_fails_alone(tmp_path, tiny_tree_tgz, cache_dir):
-    """Bicubic upsampling has no TFLite kernel: every TFLite variant fails with the converter's reason in
-    one line, the ONNX variants are still built, measured and written with the report, and the exit
-    status is 1 with one FAIL line per missing variant, no traceback."""
+def fit_and_save(model, tiny_tree_tgz, cache_dir, path):
+    """``model`` trained 3 epochs on the tiny learnable tree (Adam 1e-2) and saved at ``path``, as a user would."""
     from toolkit.data import load_dataset
     from toolkit.tf import import_keras, save_model
 
     keras = import_keras()
-    L = keras.layers
     ds = load_dataset(str(tiny_tree_tgz), cache_dir)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(ds.x_train, ds.y_train, epochs=3, batch_size=32, verbose=0)
+    save_model(model, str(path))
+    return path
+
+
+def test_a_variant_that_cannot_convert_fails_alone(tmp_path, tiny_tree_tgz, cache_dir):
+    """Bicubic upsampling has no TFLite kernel: every TFLite variant fails with the converter's reason in
+    one line, the ONNX variants are still built, measured and written with the report, and the exit
+    status is 1 with one FAIL line per missing variant, no traceback."""
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    L = keras.layers
     keras.utils.set_random_seed(0)
     m = keras.Sequential([L.InputLayer(input_shape=(32, 32, 3)), L.Rescaling(1 / 255), L.AveragePooling2D(4),
                           L.UpSampling2D(interpolation="bicubic"), L.Conv2D(8, 3, activation="relu"),
                           L.GlobalAveragePooling2D(), L.Dense(10, activation="softmax")])
-    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    m.fit(ds.x_train, ds.y_train, epochs=3, batch_size=32, verbose=0)
-    path = tmp_path / "bicubic.keras"
-    save_model(m, str(path))
+    path = fit_and_save(m, tiny_tree_tgz, cache_dir, tmp_path / "bicubic.keras")
     out = tmp_path / "out"
     proc = export_in_process("export", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out), "--cache-dir",
                                         cache_dir, "--qat-epochs", "1", "--latency-runs", "5", "--calibration-size",
@@ -198,21 +206,16 @@ def test_qat_keeps_a_layer_tfmot_has_no_rule_for_in_float(tmp_path, tiny_tree_tg
     """A layer tfmot's 8-bit registry has no rule for (LayerNormalization: tfmot raises "not supported" when
     it is annotated, every time) no longer costs the default scheme: it is fine-tuned in float with its
     output quantised, named in the report with why, and every convolution and dense layer is quantised."""
-    from toolkit.data import load_dataset
-    from toolkit.tf import import_keras, save_model
+    from toolkit.tf import import_keras
 
     keras = import_keras()
     L = keras.layers
-    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
     keras.utils.set_random_seed(0)
     inp = keras.Input((32, 32, 3))
     x = L.Conv2D(8, 3, activation="relu")(L.Rescaling(1 / 255)(inp))
     x = L.GlobalAveragePooling2D()(L.LayerNormalization()(L.Conv2D(16, 3, strides=2, activation="relu")(x)))
     m = keras.Model(inp, L.Dense(10, activation="softmax")(x))
-    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    m.fit(ds.x_train, ds.y_train, epochs=3, batch_size=32, verbose=0)
-    path = tmp_path / "layernorm.keras"
-    save_model(m, str(path))
+    path = fit_and_save(m, tiny_tree_tgz, cache_dir, tmp_path / "layernorm.keras")
     out = tmp_path / "out"
     proc = export_in_process("export.tflite", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out),
                                                "--cache-dir", cache_dir, "--variants", "qat_int8", "--latency-runs", "5",
@@ -387,21 +390,16 @@ def test_gelu_models_convert_to_onnx(tmp_path, tiny_tree_tgz, cache_dir):
     """Exact GELU (ConvNeXt, transformer blocks): TensorFlow computes it with erfc, which tf2onnx writes as an
     Erfc node that no ONNX opset has; the export writes it as 1 - Erf. Both ONNX variants pass onnx.checker, run
     in ONNX Runtime, and stay within a point of the float model."""
-    from toolkit.data import load_dataset
-    from toolkit.tf import import_keras, save_model
+    from toolkit.tf import import_keras
 
     keras = import_keras()
     L = keras.layers
-    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
     keras.utils.set_random_seed(0)
     inp = keras.Input((32, 32, 3))
     x = L.Conv2D(16, 3, strides=2, activation="gelu")(L.Rescaling(1 / 255)(inp))
     x = L.Dense(32, activation="gelu")(L.GlobalAveragePooling2D()(x))
     m = keras.Model(inp, L.Dense(10, activation="softmax")(x))
-    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    m.fit(ds.x_train, ds.y_train, epochs=3, batch_size=32, verbose=0)
-    path = tmp_path / "gelu.keras"
-    save_model(m, str(path))
+    path = fit_and_save(m, tiny_tree_tgz, cache_dir, tmp_path / "gelu.keras")
     out = tmp_path / "out"
     proc = export_in_process("export.onnx", [str(path), "--data", str(tiny_tree_tgz), "--out", str(out),
                                              "--cache-dir", cache_dir, "--latency-runs", "5"])

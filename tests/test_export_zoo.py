@@ -134,10 +134,8 @@ def test_models_as_users_save_them(zoo, exported):
         assert agree and float(agree.group(1)) >= 99.0, r
     assert json.loads((out / "int8.tflite.json").read_text())["input"]["shape"][1:] == [48, 48, 3]  # Resizing kept
     q = next(r for r in report["variants"] if r["name"] == "qat_int8")
-    # Kept only if not worse than post-training int8 beyond the paired noise; skipped with both figures if so.
-    if q["status"] == "skipped":
-        assert "worse than post-training int8" in q["reason"] and "int8.tflite is the model to ship" in q["reason"]
-        return
+    # Kept: not worse than post-training int8 beyond the paired noise (measured: 46.2% against int8's 39.4%).
+    assert q["status"] == "ok", q.get("reason")
     qat = q["qat"]
     assert qat["held_out_vs_int8_pp"] >= -qat["held_out_noise_pp"], qat
     # The x + y residual rebuilt as an Add layer: the default scheme takes the graph, every conv/dense quantised.
