@@ -47,12 +47,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import zoo_modern  # noqa: E402
 
 ZOO = ("logits_cnn", "mobile_block", "inception", "binary_sigmoid", "keras3_cnn", "gray40", "outlier_range",
-       "mixed_float16", "group_norm", "custom_layer", "regnet", "grouped_conv", "preprocessing")
+       "mixed_float16", "group_norm", "custom_layer", "regnet", "grouped_conv", "preprocessing",
+       *(m for m in zoo_modern.MODERN if m != "keras3_modern"))
 # The test suite's zoo: the five kinds of models as users save them in one model, as_saved (one export, a
 # fifth of the time; the benchmark exports each kind alone).
-TEST_ZOO = ZOO[:7] + ("as_saved",)
+TEST_ZOO = ZOO[:4] + ("keras3_modern",) + ZOO[5:7] + ("as_saved",)
 # What each model's export needs besides the model and its data (as its users would pass it).
 EXPORT_ARGS = {"custom_layer": ["--custom-objects", "benchmarks.zoo_layers"],
                "preprocessing": ["--image-size", "48", "--resize", "stretch"],
@@ -322,11 +324,11 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
         ds = load_dataset(tree, cache_dir, spec)
         shape, n = ds.x_train.shape[1:], ds.num_classes
         keras.utils.set_random_seed(0)
-        if name == "keras3_cnn":
+        if name == "keras3_cnn" or zoo_modern.MODERN.get(name) == 3:
             import keras as keras3
 
             keras3.utils.set_random_seed(0)
-            model = _keras3_cnn(shape, n)
+            model = _keras3_cnn(shape, n) if name == "keras3_cnn" else getattr(zoo_modern, name)(keras3, shape, n)
             model.compile(optimizer=keras3.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"])
             model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=32, verbose=0)
@@ -339,7 +341,7 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
         factory = {"logits_cnn": logits_cnn, "mobile_block": mobile_block, "inception": inception,
                    "binary_sigmoid": binary_sigmoid, "gray40": seed_like, "outlier_range": seed_like,
                    "mixed_float16": mixed_float16, "group_norm": group_norm, "custom_layer": custom_layer,
-                   "regnet": regnet, "grouped_conv": grouped_conv}.get(name)
+                   "regnet": regnet, "grouped_conv": grouped_conv}.get(name) or getattr(zoo_modern, name, None)
         if name == "inception":
             factory = lambda *a: inception(*a, width=inception_width)  # noqa: E731
         model = factory(keras, shape, n) if factory else \

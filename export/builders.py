@@ -58,9 +58,7 @@ def build_qat(ctx: Context, attempt: int):
     from export import qat, tflite
 
     cfg = ctx.job["config"]
-    if ctx.source.keras2 is None:
-        raise Skip("tfmot needs Keras 2 (tf_keras); this model was saved by "
-                   + ("Keras 3" if ctx.info.keras == 3 else "TensorFlow without Keras"))
+    model, rebuilt = (ctx.source.keras2, {}) if ctx.source.keras2 is not None else tf_keras_twin(ctx)
     failures = list(ctx.job.get("attempt_failures", {}).get("qat_int8", []))
     for i in range(attempt, len(qat.SCHEMES)):
         scheme = qat.SCHEMES[i]
@@ -68,7 +66,7 @@ def build_qat(ctx: Context, attempt: int):
         # Rebuilding the graph takes seconds; tfmot can also loop forever on some graphs.
         ctx.phase(f"tfmot {scheme} scheme: rebuilding the model for QAT", timeout_s=cfg["qat_build_timeout"])
         try:
-            qat_model = qat.quantize_aware_model(ctx.source.keras2, scheme, ctx.source.custom_objects)
+            qat_model = qat.quantize_aware_model(model, scheme, ctx.source.custom_objects)
         except Exception as e:  # tfmot raises many types for graphs it cannot rebuild
             failures.append(f"{scheme}: {one_line(e)}")
             ctx.log(f"  qat scheme {scheme} cannot rebuild this model ({one_line(e)[:160]})")
@@ -78,7 +76,7 @@ def build_qat(ctx: Context, attempt: int):
         what = f"quantisation-aware fine-tuning ({epochs} epochs on {len(ctx.x_fit):,} images{more}, scheme {scheme})"
         ctx.phase(what)
         ctx.log(f"  {what}")
-        res = qat.train_qat(ctx.source.keras2, np.asarray(ctx.x_fit), np.asarray(ctx.y_fit), ctx.x_val, ctx.y_val,
+        res = qat.train_qat(model, np.asarray(ctx.x_fit), np.asarray(ctx.y_fit), ctx.x_val, ctx.y_val,
                             output_kind=ctx.info.output_kind, num_classes=ctx.job["num_classes"],
                             float_val_accuracy=ctx.job["float_val_accuracy"], epochs=epochs,
                             scheme=scheme, learning_rate=cfg["qat_learning_rate"], seed=cfg["seed"],
@@ -86,7 +84,7 @@ def build_qat(ctx: Context, attempt: int):
                             heartbeat=ctx.beat)
         ctx.phase("converting qat_int8")
         path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(res.model, ctx.calibration))
-        extra = {"qat": {**res.summary(), "schemes_failed": failures, **compare_with_int8(ctx, path)}}
+        extra = {"qat": {**res.summary(), "schemes_failed": failures, **rebuilt, **compare_with_int8(ctx, path)}}
         ctx.log(f"  qat_int8: scheme {scheme}, {res.quantized_layers} of {res.weighted_layers} convolution/dense "
                 "layers quantised" + (f"; in float: {', '.join(res.float_layers)}" if res.float_layers else "")
                 + (f"; dropped before fine-tuning: {', '.join(res.dropped_layers)}" if res.dropped_layers else ""))
@@ -98,6 +96,31 @@ def build_qat(ctx: Context, attempt: int):
                        f"their paired noise of {q['held_out_noise_pp']:.2f} points): int8.tflite is the model to ship")
         return path, ctx.measure(path), extra
     raise RuntimeError("no QAT scheme could rebuild this model: " + "; ".join(failures))
+
+
+def tf_keras_twin(ctx: Context):
+    """(the tf_keras rebuild of a Keras 3 model, what was checked) for tfmot, which needs Keras 2; Skip
+    when a layer has no tf_keras counterpart or the rebuild's outputs differ from the model's."""
+    from export.from_keras3 import NoTfKerasCounterpart, to_tf_keras
+    from export.rewrite import outputs_close
+
+    from export.model_io import load_keras3_model
+
+    if not ctx.job.get("keras3_model"):
+        raise Skip("tfmot needs a Keras model; this is a SavedModel saved by TensorFlow without Keras")
+    ctx.phase("rebuilding the Keras 3 model in tf_keras for tfmot")
+    keras3_model = load_keras3_model(ctx.job["keras3_model"], ctx.job["config"]["custom_objects"])
+    try:
+        model = to_tf_keras(keras3_model)
+    except NoTfKerasCounterpart as e:
+        raise Skip(f"tfmot needs Keras 2 (tf_keras), and this Keras 3 model has {e}") from e
+    images = np.asarray(ctx.x_val[:256], np.float32)
+    close, measured = outputs_close(np.asarray(keras3_model.predict(images, verbose=0)),
+                                    np.asarray(model.predict(images, verbose=0)))
+    if not close:
+        raise Skip(f"the tf_keras rebuild of this Keras 3 model does not compute its outputs ({measured})")
+    ctx.log(f"  qat_int8: Keras 3 model rebuilt in tf_keras ({measured})")
+    return model, {"rebuilt_from_keras3": measured}
 
 
 def compare_with_int8(ctx: Context, qat_path: Path) -> dict:

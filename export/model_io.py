@@ -55,6 +55,7 @@ class SourceModel:
         # What is converted and what tfmot's QAT gets: the tf_keras model, rewritten where the converters
         # need it (export.rewrite); ``original`` is the model as saved, what the float figures measure.
         self.keras2 = keras2
+        self.keras3 = keras3  # a Keras 3 model (rewritten as float32 when saved under mixed precision), or None
         self._keras = original if original is not None else keras2 if keras2 is not None else keras3
         self._converted = keras2 if keras2 is not None else keras3  # what the rewrites are checked on
         self.custom_objects = custom_objects or {}
@@ -210,6 +211,27 @@ def _from_saved_model(loaded, saved_model_dir: str, path: str, fmt: str, keras3,
 
 
 def _load_keras3(p: Path, path: str, objects: dict) -> SourceModel:
+    model, original, rewrites = _keras3_model(p, path, objects)
+    export_dir = tempfile.mkdtemp(prefix="keras3-savedmodel-")
+    atexit.register(shutil.rmtree, export_dir, True)
+    try:
+        export_inference(model, export_dir)
+        loaded = import_tf().saved_model.load(export_dir)
+    except Exception as e:  # Keras/TensorFlow raise many types for models they cannot trace
+        raise ExportInputError(f"{path}: Keras 3 model could not be exported to a SavedModel "
+                              f"({one_line(e)})") from e
+    return _from_saved_model(loaded, export_dir, path, "keras" if p.suffix.lower() == ".keras" else "h5", model,
+                             original, rewrites)
+
+
+def load_keras3_model(path: str, custom_objects: str = ""):
+    """A Keras 3 model file as the converters get it (float32 if saved under a mixed policy): what the
+    export worker rebuilds in tf_keras for QAT (it converts the other variants from the SavedModel)."""
+    return _keras3_model(Path(path), path, import_custom_objects(custom_objects))[0]
+
+
+def _keras3_model(p: Path, path: str, objects: dict) -> tuple:
+    """(the model the converters get, the model as saved, the rewrites between them)."""
     import_tf()
     try:
         import keras as keras3
@@ -233,16 +255,24 @@ def _load_keras3(p: Path, path: str, objects: dict) -> SourceModel:
         except Exception as e:  # a layer that cannot be rebuilt from its config
             raise ExportInputError(f"{path}: model could not be rewritten for conversion ({one_line(e)})") from e
         rewrites.append(f"built under the {policy} policy: rebuilt as float32 with the same weights")
-    export_dir = tempfile.mkdtemp(prefix="keras3-savedmodel-")
-    atexit.register(shutil.rmtree, export_dir, True)
-    try:
-        model.export(export_dir, format="tf_saved_model", verbose=False)
-        loaded = import_tf().saved_model.load(export_dir)
-    except Exception as e:  # Keras/TensorFlow raise many types for models they cannot trace
-        raise ExportInputError(f"{path}: Keras 3 model could not be exported to a SavedModel "
-                              f"({one_line(e)})") from e
-    return _from_saved_model(loaded, export_dir, path, "keras" if p.suffix.lower() == ".keras" else "h5", model,
-                             original, rewrites)
+    return model, original, rewrites
+
+
+def export_inference(model, export_dir: str) -> None:
+    """A Keras 3 model's SavedModel, its serving function called with ``training=False``. Not
+    ``model.export()``: that calls the model without ``training``, and a layer whose call defaults to
+    training=True (RandomFlip and Keras 3's other augmentation layers) then runs every later layer in
+    training mode: batch norm on the batch's statistics, the augmentation's random ops traced (measured: a
+    RandomFlip/BatchNormalization model's SavedModel 0.75 off the model's outputs, its TFLite conversion
+    failing on StatelessRandomGetKeyCounter)."""
+    import keras as keras3
+
+    tf = import_tf()
+    archive = keras3.export.ExportArchive()
+    archive.track(model)
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
+    archive.add_endpoint(name="serve", fn=lambda x: model(x, training=False), input_signature=[spec])
+    archive.write_out(export_dir, verbose=False)
 
 
 def _check_single_io(model, path: str) -> None:

@@ -80,12 +80,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     float_acc = float(np.mean(arrays["ref_pred"] == ds.y_test))
     float_val_acc = float(np.mean(class_predictions(source.predict(arrays["x_val"]), info.output_kind) == arrays["y_val"]))
     log(f"  float model: accuracy {float_acc:.4f} (held-out training images {float_val_acc:.4f})")
-    # The worker loads its own copy; a Keras 3 model from the SavedModel exported here (the worker
-    # only converts, it never needs Keras 3 itself).
+    # The worker loads its own copy; a Keras 3 model from the SavedModel exported here (what it converts),
+    # and from its file only to rebuild it in tf_keras for QAT.
     job = {"model": source.saved_model_dir if info.keras == 3 else str(Path(cfg.model).resolve()),
            "info": info.to_dict(), "config": cfg.to_dict(), "explicit": list(cfg.explicit),
            "num_classes": ds.num_classes, "float_accuracy": float_acc, "float_val_accuracy": float_val_acc,
-           "debug": cfg.debug}
+           "debug": cfg.debug, "keras3_model": str(Path(cfg.model).resolve()) if info.keras == 3 else None}
     return stage_and_build(cfg, job, arrays, ds, info, (float_acc, float_val_acc), log, t_start)
 
 
@@ -106,6 +106,9 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
                          on_row=lambda row: log_row(row, accuracies[0], cfg, log), log=log)
         report = build_report(stage, cfg, info, ds, rows, *accuracies)
         report["wall_time_s"] = time.perf_counter() - t_start
+        for v in report["variants"]:
+            if v.get("speed_note"):
+                log("  note: " + v["speed_note"]["text"].replace("`", ""))
         for v in report["variants"]:
             if v.get("path"):
                 v["path"] = str(out.resolve() / Path(v["path"]).name)  # where the file is about to land

@@ -26,7 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from export.model_io import class_predictions
-from export.rewrite import for_qat
+from export.activations import functions
+from export.qat_graph import TFMOT_ACTIVATIONS, activation_name, for_qat
+from export.rewrite import outputs_close
 from toolkit.tf import import_keras, import_tf
 
 # QAT needs a number of optimiser steps to settle the fake-quantisation ranges, not a number of epochs:
@@ -110,8 +112,46 @@ SCALED = "preprocessing: computed in float, output quantised"
 GEOMETRIC = ("Resizing", "CenterCrop")
 
 
+def _fused_quantize_config():
+    """Quantise a convolution's or Dense's weights as tfmot does, and its output after its fused activation
+    (ReLU6, which tfmot's QuantizeAwareActivation does not know), as TFLite computes a fused activation."""
+    import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantizers import (
+        Default8BitConvWeightsQuantizer,
+    )
+
+    qk = tfmot.quantization.keras
+
+    class FusedActivationQuantizeConfig(qk.QuantizeConfig):
+        def __init__(self, weight_attr: str = "kernel", per_axis: bool = True):
+            self.weight_attr, self.per_axis = weight_attr, per_axis
+
+        def get_weights_and_quantizers(self, layer):
+            q = Default8BitConvWeightsQuantizer() if self.per_axis else \
+                qk.quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True)
+            return [(getattr(layer, self.weight_attr), q)]
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            setattr(layer, self.weight_attr, quantize_weights[0])
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [qk.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                         narrow_range=False)]
+
+        def get_config(self):
+            return {"weight_attr": self.weight_attr, "per_axis": self.per_axis}
+
+    return FusedActivationQuantizeConfig
+
+
 def annotation(layer, scheme: str, registry) -> tuple[str, str]:
-    """How ``scheme`` treats ``layer``: ("quantize", ""), ("output", why) or ("float", why).
+    """How ``scheme`` treats ``layer``: ("quantize", ""), ("fused", ""), ("output", why) or ("float", why).
 
     ``default`` quantises every layer tfmot's 8-bit registry has a rule for; the others (a custom layer,
     GroupNormalization) are fine-tuned in float with their output quantised, as the full-integer model
@@ -130,7 +170,15 @@ def annotation(layer, scheme: str, registry) -> tuple[str, str]:
         if kind in ("Conv2D", "Dense"):
             return "quantize", ""
         return "float", "conv_dense scheme: only Conv2D and Dense are quantised"
-    if registry.supports(layer) or kind == "BatchNormalization":  # batch norm: folded by tfmot's transforms
+    if kind in ("Conv2D", "DepthwiseConv2D", "Dense") and activation_name(layer) == "relu6":
+        return "fused", ""  # export.qat_graph fused its ReLU6: weights quantised, output after the ReLU6
+    if kind == "MultiHeadAttention":
+        return "float", "attention: fine-tuned in float, unannotated (the converter calibrates its ops)"
+    if kind == "Activation" and activation_name(layer) not in TFMOT_ACTIVATIONS:
+        return "output", f"activation {activation_name(layer)}: tfmot has no rule for it; fine-tuned in float, output quantised"
+    if kind == "BatchNormalization":  # export.qat_graph folded those after a convolution or Dense
+        return "output", "batch norm not after a convolution or Dense (not folded): fine-tuned in float, output quantised"
+    if registry.supports(layer):
         return "quantize", ""
     if kind == "StaticGroupNormalization":  # export.rewrite's form of GroupNormalization
         return "output", "GroupNormalization: tfmot has no 8-bit rule for it; fine-tuned in float, output quantised"
@@ -157,14 +205,15 @@ def float_layers(model, scheme: str) -> dict[str, str]:
     out = {}
     for layer in model.layers:
         what, why = annotation(layer, scheme, registry)
-        if what != "quantize" and why not in ("input", SCALED):
+        if what not in ("quantize", "fused") and why not in ("input", SCALED):
             out[layer.name] = why
     return out
 
 
 def quantize_aware_model(model, scheme: str = "default", custom_objects: Optional[dict] = None):
     """``model`` (tf_keras) wrapped for quantisation-aware training with ``scheme`` (see SCHEMES), after
-    export.rewrite.for_qat (nested models inlined, inference-identity layers dropped)."""
+    export.qat_graph.for_qat (nested models inlined, inference-identity layers dropped, batch norm folded,
+    separable convolutions and unsupported activations split)."""
     keras = import_keras()
     import tensorflow_model_optimization as tfmot
 
@@ -172,6 +221,7 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
         raise ValueError(f"scheme: unknown QAT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     qk = tfmot.quantization.keras
     OutputQuantizeConfig = _output_quantize_config()
+    FusedActivationQuantizeConfig = _fused_quantize_config()
     model, _ = for_qat(model)
     registry = _registry()
 
@@ -179,9 +229,15 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
         what, _ = annotation(layer, scheme, registry)
         if what == "output":
             return qk.quantize_annotate_layer(layer, quantize_config=OutputQuantizeConfig())
+        if what == "fused":
+            depthwise = type(layer).__name__ == "DepthwiseConv2D"
+            config = FusedActivationQuantizeConfig("depthwise_kernel" if depthwise else "kernel",
+                                                   per_axis=type(layer).__name__ != "Dense")
+            return qk.quantize_annotate_layer(layer, quantize_config=config)
         return qk.quantize_annotate_layer(layer) if what == "quantize" else layer
 
-    scope = {"OutputQuantizeConfig": OutputQuantizeConfig, **(custom_objects or {})}
+    scope = {"OutputQuantizeConfig": OutputQuantizeConfig, "FusedActivationQuantizeConfig": FusedActivationQuantizeConfig,
+             **functions(), **(custom_objects or {})}
     with qk.quantize_scope(scope):
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
@@ -197,14 +253,17 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
 
 
 def has_kernel(layer) -> bool:
-    """A convolution or dense layer: what quantisation coverage counts (batch norm is folded, not counted)."""
-    return any(hasattr(layer, a) for a in ("kernel", "depthwise_kernel", "pointwise_kernel"))
+    """A layer with a weight matrix or kernel (convolution, Dense, attention): what quantisation coverage
+    counts (batch norm is folded, scales and shifts are vectors)."""
+    return any("kernel" in w.name for w in layer.weights)
 
 
 def count_quantized(qat_model) -> int:
-    """Convolution and dense layers that tfmot wrapped for quantisation (the coverage the report states)."""
+    """Layers with a kernel whose weights tfmot quantises (the coverage the report states; a layer only
+    output-quantised does not count)."""
     return sum(1 for layer in qat_model.layers
-               if type(layer).__name__.startswith("QuantizeWrapper") and has_kernel(layer.layer))
+               if type(layer).__name__.startswith("QuantizeWrapper")
+               and layer.quantize_config.get_weights_and_quantizers(layer.layer))
 
 
 def loss_for(output_kind: str):
@@ -276,6 +335,21 @@ def fine_tune(qat, x, y, x_val, y_val, *, output_kind: str, epochs: int, learnin
     return best["accuracy"], last, None
 
 
+class QATRewriteMismatch(ValueError):
+    """export.qat_graph's rewrite of the model does not compute what the model does."""
+
+
+def check_equivalent(model, prepared, images) -> None:
+    """Raise QATRewriteMismatch unless ``prepared`` (for_qat's) gives ``model``'s outputs on ``images``
+    (export.rewrite.outputs_close's tolerance): QAT would otherwise start from another function."""
+    if prepared is model or not len(images):
+        return
+    x = images.astype(np.float32)
+    close, measured = outputs_close(np.asarray(model.predict(x, verbose=0)), np.asarray(prepared.predict(x, verbose=0)))
+    if not close:
+        raise QATRewriteMismatch(f"the graph rewritten for QAT does not compute the model's outputs ({measured})")
+
+
 def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, float_val_accuracy: float,
               epochs: int, scheme: str, learning_rate: float = 1e-4, seed: int = 0, qat_model=None,
               custom_objects: Optional[dict] = None, log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
@@ -286,6 +360,7 @@ def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, 
         raise ValueError(f"qat_epochs: must be >= 1, got {epochs}")
     chance = 1.0 / num_classes
     prepared, dropped = for_qat(model)
+    check_equivalent(model, prepared, x_val[:256])
     weighted = sum(1 for layer in prepared.layers if has_kernel(layer))
     left_float = float_layers(prepared, scheme)
     reasons = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from export.ops import fastest_within_gate, speed_notes
 from toolkit.outputs import git_revision, write_json, write_text
 from toolkit.plots import pyplot, save_figure
 
@@ -50,7 +51,7 @@ def render_markdown(report: dict) -> str:
     for r in report["variants"]:
         if r.get("qat"):
             q = r["qat"]
-            lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, {q['quantized_layers']} of {q['weighted_layers']} convolution/dense "
+            lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, weights of {q['quantized_layers']} of {q['weighted_layers']} layers with kernels (convolution, Dense, attention) "
                       f"layers quantised, learning rate {q['learning_rate']:g}"
                       + (" after a diverged first try" if q["retried_after_divergence"] else "")
                       + ("; schemes that failed first: " + "; ".join(q["schemes_failed"]) if q["schemes_failed"]
@@ -59,6 +60,11 @@ def render_markdown(report: dict) -> str:
             lines += ["", f"`{r['name']}` keeps {len(r['float_tensors'])} tensor(s) in float, chosen by "
                       f"quantisation error and re-measured on held-out training images: "
                       + ", ".join(f"`{t}`" for t in r.get("float_layers", r["float_tensors"])) + ". Input and output are float32."]
+    notes = [r["speed_note"]["text"] for r in report["variants"] if r.get("speed_note")]
+    if notes:
+        lines += ["", "**Slower than float32:** " + " ".join(notes)]
+    if report.get("fastest_within_gate"):
+        lines += ["", f"Fastest TFLite variant within the gate at batch 1: `{report['fastest_within_gate']}`."]
     lines += ["", "Latency: batch 1, one thread, median and 90th percentile of "
               f"{report['config']['latency_runs']} runs after warm-up; TFLite in LiteRT, ONNX in ONNX Runtime (CPU).",
               "Drop: float accuracy minus variant accuracy, in percentage points. Agreement: share of test images "
@@ -132,6 +138,15 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
     """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
     into ``stage`` and drops intermediate files that were not asked for."""
     requested = set(cfg.requested)
+    for r in rows:
+        if r["status"] == "ok":
+            r["passed"] = (float_acc - r["accuracy"]) * 100 <= cfg.max_drop
+    try:  # read from the files before intermediate ones are dropped; a failure here never loses the export
+        notes, speed_error = speed_notes(rows), None
+    except Exception as e:
+        notes, speed_error = {}, f"{type(e).__name__}: {e}"
+    for name, note in notes.items():
+        next(r for r in rows if r["name"] == name)["speed_note"] = note
     # Intermediate files (int8 built for onnx_int8 or int8_selective, float ONNX for onnx_int8) only
     # ship when they were asked for.
     for f in list(stage.iterdir()):
@@ -170,6 +185,9 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
         "built": [r["name"] for r in rows if r["status"] == "ok"],
         "skipped": {r["name"]: r["reason"] for r in rows if r["status"] == "skipped"},
         "variants": rows,
+        # The TFLite variant to ship for speed: the fastest at batch 1 among those within the gate.
+        "fastest_within_gate": fastest_within_gate(rows),
+        **({"speed_note_error": speed_error} if speed_error else {}),
         "git_revision": git_revision(),
         "config": cfg.to_dict(),
     }

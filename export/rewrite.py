@@ -12,15 +12,14 @@ equivalent that they can, computing the same function on the same weights:
 - grouped convolutions (``Conv2D(groups > 1)``, RegNet's): tf_keras runs them through an XLA-compiled
   function, which tf2onnx leaves as a ``PartitionedCall`` node ONNX has no op for. :func:`split_groups`
   writes each as one convolution per group and a concatenation (ONNX only; TFLite converts them whole);
-- ``x + y`` written in a functional model is a ``TFOpLambda`` layer that tfmot's clone cannot call;
-  :func:`for_qat` makes it an ``Add`` (``Multiply``, ``Subtract``) layer, and drops the layers that do
-  nothing at inference (dropout, noise, augmentation) so that fine-tuning does not train through them.
 
-:func:`rebuild` is the one graph walk under all of them (nested models are inlined on the way).
+:func:`rebuild` is the one graph walk under all of them, and under export.qat_graph's rewrites for
+quantisation-aware training (nested models are inlined on the way).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,12 +30,21 @@ from toolkit.tf import import_keras, import_tf
 
 IDENTITY = "identity"  # what a replace function returns for a layer to drop (its input passes through)
 
+
+@dataclass
+class Chain:
+    """What a replace function returns for one layer computed by several: ``layers`` applied in order to
+    the replaced layer's inputs; ``weights`` each one's weights (None: the first gets the replaced layer's)."""
+    layers: list
+    weights: Optional[list] = None
+
 # Layers that compute the identity at inference: dropped before QAT, where fine-tuning would run them
-# in their training mode. RandomCrop is not one (it crops or resizes at inference).
+# in their training mode (export.qat_graph). RandomCrop is not one (it crops or
+# resizes at inference).
 TRAINING_ONLY = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
                  "GaussianDropout", "AlphaDropout", "ActivityRegularization", "RandomFlip", "RandomRotation",
                  "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness", "RandomHeight",
-                 "RandomWidth")
+                 "RandomWidth", "StochasticDepth")
 
 # TFOpLambda symbols of two tensors that have a Keras merge layer (what tfmot can clone and annotate).
 BINARY_OPS = {"__operators__.add": "Add", "math.add": "Add", "math.multiply": "Multiply",
@@ -47,7 +55,8 @@ def rebuild(model, replace: Optional[Callable] = None):
     """``model`` rebuilt as one functional graph of plain layers, nested functional models inlined.
 
     ``replace(layer)`` returns the layer to use in its place: the same layer (weights shared), a new
-    one (built in the graph, then given the old one's weights), or ``IDENTITY`` to drop it. Each layer
+    one (built in the graph, then given the old one's weights), a :class:`Chain`, or ``IDENTITY`` to
+    drop it. Each layer
     is replaced once, so a layer shared by several nodes stays shared."""
     keras = import_keras()
     tf = import_tf()
@@ -59,10 +68,14 @@ def rebuild(model, replace: Optional[Callable] = None):
         new = made[id(layer)][1]
         if new is IDENTITY:
             return args[0] if args else next(iter(kwargs.values()))
-        if type(layer).__name__ == "TFOpLambda" and type(new).__name__ in set(BINARY_OPS.values()):  # op -> merge layer
-            operands = list(args) + [kwargs[k] for k in ("x", "y") if k in kwargs]
-            return new(operands)
-        return new(*args, **kwargs)
+        first, rest = (new.layers[0], new.layers[1:]) if isinstance(new, Chain) else (new, [])
+        if type(layer).__name__ == "TFOpLambda" and type(first).__name__ in set(BINARY_OPS.values()):  # op -> merge layer
+            y = first(list(args) + [kwargs[k] for k in ("x", "y") if k in kwargs])
+        else:
+            y = first(*args, **kwargs)
+        for later in rest:
+            y = later(y)
+        return y
 
     def inline(m, inputs):  # tf_keras's own graph walk (Functional._run_internal_graph), recursing
         usage = m._tensor_usage_count
@@ -87,7 +100,12 @@ def rebuild(model, replace: Optional[Callable] = None):
     inputs = [keras.Input(x.shape[1:], dtype="float32" if x.dtype.is_floating else x.dtype) for x in model.inputs]
     rebuilt = keras.Model(inputs, inline(model, inputs[0] if len(inputs) == 1 else inputs), name=model.name)
     for old, new in made.values():
-        if new is not old and new is not IDENTITY and old.weights:
+        if isinstance(new, Chain):
+            weights = new.weights if new.weights is not None else [old.get_weights()]
+            for layer, w in zip(new.layers, weights):
+                if w:
+                    layer.set_weights(w)
+        elif new is not old and new is not IDENTITY and old.weights:
             new.set_weights(old.get_weights())
     return rebuilt
 
@@ -246,26 +264,6 @@ def split_groups(model):
 
     names = set(grouped_convs(model))
     return rebuild(model, lambda layer: SplitGroupConv2D(layer) if layer.name in names else layer)
-
-
-def for_qat(model):
-    """The model tfmot is given: nested models inlined, layers that are the identity at inference
-    dropped, and two-tensor ``TFOpLambda`` ops made merge layers. Returns (model, dropped layer names)."""
-    keras = import_keras()
-    dropped = []
-
-    def replace(layer):
-        kind = type(layer).__name__
-        if kind in TRAINING_ONLY:
-            dropped.append(layer.name)
-            return IDENTITY
-        if kind == "TFOpLambda" and getattr(layer, "symbol", None) in BINARY_OPS:
-            return getattr(keras.layers, BINARY_OPS[layer.symbol])(name=layer.name.replace(".", "_"))
-        return layer
-
-    needs = has_nested(model) or any(type(layer).__name__ in TRAINING_ONLY or type(layer).__name__ == "TFOpLambda"
-                                     for layer in model.layers)
-    return (rebuild(model, replace), dropped) if needs else (model, dropped)
 
 
 def rewrite_for_conversion(model, path: str) -> tuple:

@@ -324,30 +324,6 @@ def test_help(module):
     assert f"python -m {module}" in proc.stdout
 
 
-def test_a_model_used_as_a_layer_is_inlined_for_qat():
-    """Transfer learning's shape (a base model under a new head, as with keras.applications): tfmot refuses a
-    model used as a layer, so QAT inlines it first: same outputs, and every conv/dense layer quantised."""
-    from export.qat import count_quantized, has_kernel, quantize_aware_model
-    from export.rewrite import for_qat
-    from toolkit.tf import import_keras
-
-    keras = import_keras()
-    L = keras.layers
-    b_in = keras.Input((16, 16, 3))
-    b = L.Conv2D(8, 3, padding="same", use_bias=False)(b_in)
-    b = L.ReLU()(L.BatchNormalization()(b))
-    base = keras.Model(b_in, L.Add()([L.DepthwiseConv2D(3, padding="same")(b), b]), name="base")
-    inp = keras.Input((16, 16, 3))
-    x = base(L.Rescaling(1 / 255)(inp))
-    model = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(x)))
-    flat, _ = for_qat(model)
-    assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
-    x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3)).astype(np.float32)
-    np.testing.assert_allclose(flat.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
-    qat = quantize_aware_model(model, "default")
-    assert count_quantized(qat) == sum(1 for layer in flat.layers if has_kernel(layer)) == 3
-
-
 def test_a_keras3_mixed_precision_model_converts_as_float32(tmp_path, tiny_tree_tgz, cache_dir):
     """Keras 3 under mixed_float16 (trained as float32 here, the weights copied in: float16 is slow on a CPU):
     its SavedModel would carry float16 ops the TFLite converter refuses ('tf.Mul' ... neither a custom op nor a

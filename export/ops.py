@@ -1,0 +1,110 @@
+"""What a .tflite file runs, and where: its ops, those computed in float, and those LiteRT's default
+CPU delegate (XNNPACK) does not take, read from the interpreter after it applied the delegate.
+
+Why an int8 file can be slower than float32 at batch 1: LiteRT hands the ops XNNPACK supports to it, in
+partitions, and runs the rest with its built-in kernels, some of them reference kernels for int8; an op
+left in float inside a quantised model costs a DEQUANTIZE and a QUANTIZE around it. :func:`speed_note`
+says which, for a variant measured slower than float32.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+# Ops that move between float and int8: counted apart, not as ops "computed in float".
+CASTS = ("QUANTIZE", "DEQUANTIZE")
+
+
+def _delegated(ops: list[dict]) -> set[int]:
+    """Indices of the ops inside a DELEGATE node's partition: every op reached backwards from the
+    delegate's outputs without crossing its inputs."""
+    producer = {t: i for i, op in enumerate(ops) if op["op_name"] != "DELEGATE" for t in op["outputs"]}
+    inside: set[int] = set()
+    for op in ops:
+        if op["op_name"] != "DELEGATE":
+            continue
+        boundary = set(op["inputs"])
+        stack = list(op["outputs"])
+        while stack:
+            t = stack.pop()
+            i = producer.get(t)
+            if t in boundary or i is None or i in inside:
+                continue
+            inside.add(i)
+            stack.extend(ops[i]["inputs"])
+    return inside
+
+
+def tflite_ops(path: str) -> dict:
+    """{"ops": {op: count}, "float_ops": {op: count} (ops reading a float32 tensor, casts aside),
+    "casts": number of QUANTIZE/DEQUANTIZE ops, "not_delegated": {op: count}} of ``path`` in
+    LiteRT with its default delegates, one thread."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=1)
+    interp.allocate_tensors()
+    ops = interp._get_ops_details()
+    dtype = {t["index"]: t["dtype"].__name__ for t in interp.get_tensor_details()}
+    inside = _delegated(ops)
+    plain = [(i, op) for i, op in enumerate(ops) if op["op_name"] != "DELEGATE"]
+
+    def first_input(op) -> Optional[str]:
+        return next((dtype.get(t) for t in op["inputs"] if t >= 0), None)
+
+    return {
+        "ops": dict(Counter(op["op_name"] for _, op in plain)),
+        "float_ops": dict(Counter(op["op_name"] for _, op in plain
+                                  if op["op_name"] not in CASTS and first_input(op) == "float32")),
+        "casts": sum(1 for _, op in plain if op["op_name"] in CASTS),
+        "not_delegated": dict(Counter(op["op_name"] for i, op in plain if i not in inside)),
+    }
+
+
+# Slower means by more than a tenth: batch-1 medians of the same file differ by a few percent between runs.
+SLOWER = 1.1
+QUANTISED = ("dynamic", "float16", "int8", "int8_selective", "qat_int8")
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
+
+
+def speed_notes(rows: list[dict]) -> dict:
+    """{variant: note} for each quantised TFLite variant slower than float32.tflite at batch 1 (p50), with
+    the ops responsible; {} when none is, or float32 was not built."""
+    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+    if "float32" not in ok:
+        return {}
+    base = ok["float32"]["latency_ms_p50"]
+    base_ops = tflite_ops(ok["float32"]["path"])
+    notes = {}
+    for name in QUANTISED:
+        r = ok.get(name)
+        if r is None or r["latency_ms_p50"] <= SLOWER * base:
+            continue
+        ops = tflite_ops(r["path"])
+        # What this variant leaves to LiteRT's built-in kernels beyond what float32 already does.
+        extra = Counter(ops["not_delegated"])
+        extra.subtract(Counter(base_ops["not_delegated"]))
+        extra = {k: v for k, v in extra.items() if v > 0}
+        why = []
+        if extra:
+            why.append(f"ops run outside LiteRT's XNNPACK delegate (built-in kernels): {_counts(extra)}")
+        if ops["float_ops"] and name not in ("dynamic", "float16"):
+            why.append(f"ops computed in float between {ops['casts']} QUANTIZE/DEQUANTIZE ops: {_counts(ops['float_ops'])}")
+        if not why:
+            why.append("every op runs in the XNNPACK delegate, as float32's do: its quantised kernels themselves are "
+                       "slower on this CPU at batch 1")
+        notes[name] = {"latency_ms_p50": r["latency_ms_p50"], "float32_latency_ms_p50": base,
+                       "ratio": r["latency_ms_p50"] / base, "not_delegated": ops["not_delegated"],
+                       "float_ops": ops["float_ops"], "casts": ops["casts"],
+                       "text": (f"`{name}` is slower than float32 at batch 1 ({r['latency_ms_p50']:.3f} vs {base:.3f} ms, "
+                                f"{r['latency_ms_p50'] / base:.2f}x): " + "; ".join(why) + ".")}
+    return notes
+
+
+def fastest_within_gate(rows: list[dict]) -> Optional[str]:
+    """The passing TFLite variant with the lowest p50 latency at batch 1 (None if none passed)."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("passed") and r["format"] == "tflite"]
+    return min(ok, key=lambda r: r["latency_ms_p50"])["name"] if ok else None

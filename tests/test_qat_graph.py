@@ -1,0 +1,147 @@
+"""The graph tfmot is given (export.qat_graph), Keras 3 models rebuilt in tf_keras (export.from_keras3) and
+what a .tflite file runs where (export.ops): real tf_keras, Keras 3, tfmot and LiteRT, on the export zoo's
+architectures as their users write them, untrained but with batch norms given real-looking statistics (a
+fold with the identity's statistics proves nothing)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import export_zoo, zoo_modern  # noqa: E402
+
+IMAGES = np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype(np.float32)
+
+
+def with_statistics(model):
+    """Every BatchNormalization given random scale, shift, mean and variance."""
+    rng = np.random.default_rng(1)
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ == "BatchNormalization":
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, g.shape), rng.normal(0, 0.5, b.shape), rng.normal(0, 0.5, m.shape),
+                               rng.uniform(0.2, 3, v.shape)])
+    return model
+
+
+def same_outputs(a, b, x=IMAGES):
+    np.testing.assert_allclose(a.predict(x, verbose=0), b.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def kinds(model) -> set:
+    return {type(layer).__name__ for layer in model.layers}
+
+
+@pytest.mark.parametrize("factory", [export_zoo.mobile_block, zoo_modern.keras_io_augment, zoo_modern.se_hardswish])
+def test_mobile_graphs_get_every_kernel_quantised(factory):
+    """Batch norm folded, ReLU/ReLU6 fused, SeparableConv2D split, hard-sigmoid split out: the same function, and
+    tfmot's default scheme quantises the weights of every convolution and Dense (tfmot's own transforms would
+    give a convolution followed by a ReLU layer a no-op config: 4 of keras-io's 14 kernels never quantised)."""
+    from export.qat import count_quantized, has_kernel, quantize_aware_model
+    from export.qat_graph import for_qat
+    from toolkit.tf import import_keras
+
+    model = with_statistics(factory(import_keras(), (32, 32, 3), 10))
+    flat, dropped = for_qat(model)
+    same_outputs(model, flat)
+    assert not kinds(flat) & {"BatchNormalization", "SeparableConv2D"}, kinds(flat)  # (a ReLU after an Add stays)
+    if factory is zoo_modern.keras_io_augment:
+        assert sorted(d.rstrip("_0123456789") for d in dropped) == ["dropout", "random_flip", "random_rotation"], dropped
+    qat = quantize_aware_model(model, "default")
+    weighted = sum(1 for layer in flat.layers if has_kernel(layer))
+    assert count_quantized(qat) == weighted > 5
+
+
+def test_a_model_used_as_a_layer_is_inlined_for_qat():
+    """Transfer learning's shape (a base model under a new head, as with keras.applications): tfmot refuses a
+    model used as a layer, so QAT inlines it first: same outputs, and every conv/dense layer quantised."""
+    from export.qat import count_quantized, quantize_aware_model
+    from export.qat_graph import for_qat
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    L = keras.layers
+    b_in = keras.Input((16, 16, 3))
+    b = L.Conv2D(8, 3, padding="same", use_bias=False)(b_in)
+    b = L.ReLU()(L.BatchNormalization()(b))
+    base = keras.Model(b_in, L.Add()([L.DepthwiseConv2D(3, padding="same")(b), b]), name="base")
+    inp = keras.Input((16, 16, 3))
+    x = base(L.Rescaling(1 / 255)(inp))
+    model = keras.Model(inp, L.Dense(4, activation="softmax")(L.GlobalAveragePooling2D()(x)))
+    with_statistics(base)
+    flat, _ = for_qat(model)
+    assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
+    same_outputs(model, flat, IMAGES[:5, :16, :16])
+    assert count_quantized(quantize_aware_model(model, "default")) == 3
+
+
+def test_attention_stays_float_and_counts_against_coverage():
+    from export.qat import count_quantized, float_layers, has_kernel, quantize_aware_model
+    from export.qat_graph import for_qat
+    from toolkit.tf import import_keras
+
+    model = zoo_modern.vit(import_keras(), (32, 32, 3), 10)
+    flat, _ = for_qat(model)
+    assert sum(1 for layer in flat.layers if has_kernel(layer)) == 8  # 6 Conv2D/Dense and 2 attention layers
+    assert count_quantized(quantize_aware_model(model, "default")) == 6
+    whys = float_layers(flat, "default")
+    assert whys["multi_head_attention"].startswith("attention: fine-tuned in float")
+    assert "LayerNormalization" in whys["layer_normalization"]
+
+
+@pytest.mark.parametrize("name", ["keras3_modern", "keras3_mobilenet_v3"])
+def test_keras3_models_are_rebuilt_in_tf_keras(name):
+    """Keras 3's hard_swish, hard_sigmoid (relu6(x + 3) / 6, not tf_keras's), x + 3.0 operations, attention and
+    LayerNormalization, weights copied: the same outputs, and tfmot's default scheme takes the rebuild."""
+    import keras as keras3
+
+    from export.from_keras3 import to_tf_keras
+    from export.qat import count_quantized, quantize_aware_model
+
+    model = with_statistics(getattr(zoo_modern, name)(keras3, (32, 32, 3), 10))
+    rebuilt = to_tf_keras(model)
+    same_outputs(model, rebuilt)
+    assert count_quantized(quantize_aware_model(rebuilt, "default")) >= 9
+
+
+def test_a_keras3_layer_without_counterpart_is_named():
+    import keras as keras3
+
+    from export.from_keras3 import NoTfKerasCounterpart, to_tf_keras
+
+    class Gate(keras3.layers.Layer):
+        def call(self, x):
+            return x * keras3.ops.sigmoid(x)
+
+    inp = keras3.Input((8, 8, 3))
+    model = keras3.Model(inp, keras3.layers.Dense(2)(Gate(name="my_gate")(keras3.layers.Conv2D(4, 3)(inp))))
+    with pytest.raises(NoTfKerasCounterpart, match=r"no tf_keras counterpart for my_gate \(Gate\)"):
+        to_tf_keras(model)
+
+
+def test_ops_read_from_a_tflite_file(tmp_path):
+    """A plain CNN: XNNPACK takes every float32 op; the int8 file computes nothing in float and has exactly the
+    input QUANTIZE and output DEQUANTIZE casts. A speed note names the variant slower than float32."""
+    from export import tflite
+    from export.ops import speed_notes, tflite_ops
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    model = export_zoo.logits_cnn(keras, (32, 32, 3), 10)
+    paths = {"float32": tmp_path / "float32.tflite", "int8": tmp_path / "int8.tflite"}
+    paths["float32"].write_bytes(tflite.convert_float32(model))
+    paths["int8"].write_bytes(tflite.convert_int8(model, IMAGES[:8].astype(np.uint8)))
+    f32, i8 = tflite_ops(str(paths["float32"])), tflite_ops(str(paths["int8"]))
+    assert f32["not_delegated"] == {} and f32["ops"]["CONV_2D"] == 2
+    assert i8["float_ops"] == {} and i8["casts"] == 2 and i8["ops"]["FULLY_CONNECTED"] == 2
+    rows = [{"name": n, "status": "ok", "path": str(p), "latency_ms_p50": ms, "format": "tflite"}
+            for (n, p), ms in zip(paths.items(), (0.10, 0.25))]
+    note = speed_notes(rows)["int8"]
+    assert note["ratio"] == pytest.approx(2.5) and note["text"].startswith("`int8` is slower than float32 at batch 1")
+    rows[1]["latency_ms_p50"] = 0.05
+    assert speed_notes(rows) == {}
