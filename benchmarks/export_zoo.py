@@ -29,6 +29,10 @@ and int8 accuracy, and the exit status. tests/test_export_zoo.py runs the same z
   preprocessing  a 48x48 input Resized to 32x32 in the model, an adapted Normalization, SpatialDropout2D
                  and GaussianNoise inside; exported with --image-size 48 --resize stretch
   as_saved       all five of the kinds above in one model (the test suite's: one export instead of five)
+
+and the architectures of benchmarks/zoo_modern.py (squeeze-and-excitation with hard-swish, MobileNetV3Small
+from tf_keras and from Keras 3, ViT-style, ConvNeXt-style, Keras 3 EfficientNetB0, keras-io's augmentation
+model; keras3_modern, all of them in one Keras 3 model, is the test suite's).
 """
 
 from __future__ import annotations
@@ -52,8 +56,9 @@ from benchmarks import zoo_modern  # noqa: E402
 ZOO = ("logits_cnn", "mobile_block", "inception", "binary_sigmoid", "keras3_cnn", "gray40", "outlier_range",
        "mixed_float16", "group_norm", "custom_layer", "regnet", "grouped_conv", "preprocessing",
        *(m for m in zoo_modern.MODERN if m != "keras3_modern"))
-# The test suite's zoo: the five kinds of models as users save them in one model, as_saved (one export, a
-# fifth of the time; the benchmark exports each kind alone).
+# The test suite's zoo: the five kinds of models as users save them in one model, as_saved, and issue 18's
+# architectures in one Keras 3 model, keras3_modern (one export each instead of twelve; the benchmark exports
+# each kind alone).
 TEST_ZOO = ZOO[:4] + ("keras3_modern",) + ZOO[5:7] + ("as_saved",)
 # What each model's export needs besides the model and its data (as its users would pass it).
 EXPORT_ARGS = {"custom_layer": ["--custom-objects", "benchmarks.zoo_layers"],
@@ -415,6 +420,10 @@ def report_line(name: str, rc: int, report: dict) -> dict:
         "rewrites": "; ".join(r.split(" (checked")[0] for r in report.get("model_info", {}).get("rewrites", [])) or "-",
         "float layers (selective)": ", ".join(by.get("int8_selective", {}).get("float_layers", [])) or "-",
         "onnx_int8 %": acc("onnx_int8"), "onnx_int8 route": by.get("onnx_int8", {}).get("route") or "-",
+        "int8 / float32 p50": f"{by['int8']['latency_ms_p50'] / by['float32']['latency_ms_p50']:.2f}x"
+        if by.get("int8", {}).get("status") == "ok" and by.get("float32", {}).get("status") == "ok" else "-",
+        "speed notes": "; ".join(v["speed_note"]["text"].replace("`", "") for v in report.get("variants", [])
+                                 if v.get("speed_note")) or "-",
         "why skipped or failed": "; ".join(f"{v['name']}: {v['reason']}" for v in report.get("variants", [])
                                            if v["status"] != "ok" and v["name"] != "int8_selective") or "-",
     }

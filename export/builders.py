@@ -85,8 +85,8 @@ def build_qat(ctx: Context, attempt: int):
         ctx.phase("converting qat_int8")
         path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(res.model, ctx.calibration))
         extra = {"qat": {**res.summary(), "schemes_failed": failures, **rebuilt, **compare_with_int8(ctx, path)}}
-        ctx.log(f"  qat_int8: scheme {scheme}, {res.quantized_layers} of {res.weighted_layers} convolution/dense "
-                "layers quantised" + (f"; in float: {', '.join(res.float_layers)}" if res.float_layers else "")
+        ctx.log(f"  qat_int8: scheme {scheme}, {res.quantized_layers} of {res.weighted_layers} layers with kernels "
+                "quantised" + (f"; in float: {', '.join(res.float_layers)}" if res.float_layers else "")
                 + (f"; dropped before fine-tuning: {', '.join(res.dropped_layers)}" if res.dropped_layers else ""))
         q = extra["qat"]
         if q["held_out_vs_int8_pp"] < -q["held_out_noise_pp"]:

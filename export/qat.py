@@ -54,8 +54,8 @@ class QATDiverged(RuntimeError):
 class QATResult:
     model: object
     scheme: str
-    quantized_layers: int  # convolution/dense layers wrapped for quantisation
-    weighted_layers: int  # convolution/dense layers of the float model (nested models inlined)
+    quantized_layers: int  # layers with kernels whose weights tfmot quantises
+    weighted_layers: int  # layers with kernels (convolution, Dense, attention), nested models inlined
     learning_rate: float
     retried: bool
     val_accuracy: float

@@ -52,7 +52,7 @@ def render_markdown(report: dict) -> str:
         if r.get("qat"):
             q = r["qat"]
             lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, weights of {q['quantized_layers']} of {q['weighted_layers']} layers with kernels (convolution, Dense, attention) "
-                      f"layers quantised, learning rate {q['learning_rate']:g}"
+                      f"quantised, learning rate {q['learning_rate']:g}"
                       + (" after a diverged first try" if q["retried_after_divergence"] else "")
                       + ("; schemes that failed first: " + "; ".join(q["schemes_failed"]) if q["schemes_failed"]
                          else "") + "."]

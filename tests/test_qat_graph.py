@@ -145,3 +145,26 @@ def test_ops_read_from_a_tflite_file(tmp_path):
     assert note["ratio"] == pytest.approx(2.5) and note["text"].startswith("`int8` is slower than float32 at batch 1")
     rows[1]["latency_ms_p50"] = 0.05
     assert speed_notes(rows) == {}
+
+
+def test_int8_selective_runs_to_every_op_in_float():
+    """An impossible budget walks int8_selective through every ranked tensor: once all are denylisted, TFLite's
+    debugger refuses to rebuild its instrumented model ("Please check if the quantized model is in debug
+    mode", issue 19's --max-drop 0 failure); the model to ship is still built, and said to be over budget."""
+    from export.selective import build_int8_selective
+    from toolkit.tf import import_keras, import_tf
+
+    keras = import_keras()
+    L = keras.layers
+    model = keras.Sequential([L.InputLayer(input_shape=(16, 16, 3)), L.Rescaling(1 / 255), L.Conv2D(4, 3, activation="relu"),
+                              L.GlobalAveragePooling2D(), L.Dense(3, activation="softmax")])
+    x = IMAGES[:16, :16, :16].astype(np.uint8)
+    y = np.arange(16) % 3
+    lines = []
+    res = build_int8_selective(import_tf().lite.TFLiteConverter.from_keras_model(model), x, x, y,
+                               output_kind="probabilities", float_val_accuracy=1.0, max_drop_pp=-1000, max_steps=100,
+                               log=lines.append)
+    steps = [line for line in lines if "int8_selective step" in line]
+    ranked = len({r["tensor"] for r in res.ranking})
+    assert len(steps) == ranked + 1 >= 4, lines  # step 0, then one more tensor in float per step, to the last
+    assert not res.within_budget and res.blob
