@@ -227,7 +227,8 @@ def test_qat_keeps_a_layer_tfmot_has_no_rule_for_in_float(tmp_path, tiny_tree_tg
     assert q["float_layers"] == {"layer_normalization": "tfmot's 8-bit registry has no rule for LayerNormalization; "
                                                         "fine-tuned in float, output quantised"}, q
     assert q["quantized_layers"] == 3 and q["weighted_layers"] == 3, q  # two convolutions and the dense layer
-    assert "3 of 3 convolution/dense layers quantised" in (out / "report.md").read_text()
+    assert "weights of 3 of 3 layers with kernels (convolution, Dense, attention) quantised" in \
+        (out / "report.md").read_text()
 
 
 # -- bad input: exit 2, one line, nothing written -------------------------------------------------
