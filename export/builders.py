@@ -55,18 +55,18 @@ def build_int8_selective(ctx: Context, attempt: int):
 
 
 def build_qat(ctx: Context, attempt: int):
-    from export import qat, tflite
+    from export import qat, qat_model, tflite
 
     cfg = ctx.job["config"]
     model, rebuilt = (ctx.source.keras2, {}) if ctx.source.keras2 is not None else tf_keras_twin(ctx)
     failures = list(ctx.job.get("attempt_failures", {}).get("qat_int8", []))
-    for i in range(attempt, len(qat.SCHEMES)):
-        scheme = qat.SCHEMES[i]
-        ctx.emit("attempt", variant="qat_int8", index=i, of=len(qat.SCHEMES), what=f"scheme {scheme}")
+    for i in range(attempt, len(qat_model.SCHEMES)):
+        scheme = qat_model.SCHEMES[i]
+        ctx.emit("attempt", variant="qat_int8", index=i, of=len(qat_model.SCHEMES), what=f"scheme {scheme}")
         # Rebuilding the graph takes seconds; tfmot can also loop forever on some graphs.
         ctx.phase(f"tfmot {scheme} scheme: rebuilding the model for QAT", timeout_s=cfg["qat_build_timeout"])
         try:
-            qat_model = qat.quantize_aware_model(model, scheme, ctx.source.custom_objects)
+            qat_model = qat_model.quantize_aware_model(model, scheme, ctx.source.custom_objects)
         except Exception as e:  # tfmot raises many types for graphs it cannot rebuild
             failures.append(f"{scheme}: {one_line(e)}")
             ctx.log(f"  qat scheme {scheme} cannot rebuild this model ({one_line(e)[:160]})")
@@ -128,7 +128,7 @@ def compare_with_int8(ctx: Context, qat_path: Path) -> dict:
     split), with the noise of that paired comparison: twice the standard error of the difference, from
     the images where the two disagree (measured on the zoo: 300 held-out images put QAT 3 points under
     int8 where the test split put it 3.4 points over). A fine-tune worse than int8 beyond that is not kept."""
-    from export.model_io import class_predictions
+    from export.outputs import class_predictions
     from export.runtime import open_model
 
     ctx.phase("comparing qat_int8 with int8 on the held-out images")

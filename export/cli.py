@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tomllib
 from typing import Optional, Sequence
 
 from export.config import ExportConfig
 from export.errors import ExportInputError
+from export.gate import POLICIES, GateConfig
 from export.report import print_gate
 from export.variants import FORMAT_OF, variants_of
 from toolkit.data import image_size_arg
@@ -45,8 +47,9 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
     p.add_argument("--variants", default=None,
                    help=f"comma list from: {', '.join(variants)} (default: all that apply to the model; named "
                         "variants must all be built)")
-    p.add_argument("--max-drop", type=float, default=d["max_drop"],
-                   help="largest allowed accuracy drop of any variant vs the float model, in percentage points")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help=f"largest allowed accuracy drop of any variant vs the float model, in percentage points "
+                        f"(default {d['max_drop']}, or the --gate file's max_drop)")
     p.add_argument("--calibration-size", type=int, default=d["calibration_size"], help="representative images for int8 calibration")
     p.add_argument("--calibration-data", default=None,
                    help="take calibration images from this source's training split instead of --data's")
@@ -68,7 +71,58 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="convert the data's images to 1 or 3 channels, as the model was trained")
     p.add_argument("--seed", type=int, default=d["seed"])
+    g = p.add_argument_group("the CI gate (export.gate; defaults from --gate FILE, then these)")
+    g.add_argument("--baseline", default=None, metavar="PATH",
+                   help="the model on the device today: a previous export folder (its stored per-image predictions) "
+                        "or a model file, compared image by image on the same test images")
+    g.add_argument("--gate", default=None, metavar="FILE", help="a TOML gate file committed with the model: policy, "
+                   "max_regression, float_policy, alpha, max_drop, max_class_drop, [class_floors]")
+    g.add_argument("--policy", choices=POLICIES, default=None,
+                   help=f"how the baseline check decides (default {GateConfig.policy}): fixed, regression (the drop "
+                        "exceeds --max-regression and is significant at --alpha) or non_inferiority (the confidence "
+                        "interval shows the drop is under the margin)")
+    g.add_argument("--max-regression", type=float, default=None,
+                   help=f"points a variant may lose against the baseline (default {GateConfig.max_regression})")
+    g.add_argument("--float-policy", choices=POLICIES, default=None,
+                   help=f"how each variant's drift from its float model decides (default {GateConfig.float_policy})")
+    g.add_argument("--alpha", type=float, default=None, help=f"significance level (default {GateConfig.alpha})")
+    g.add_argument("--class-floor", action="append", default=None, metavar="CLASS=PCT",
+                   help="fail a variant whose recall of CLASS is under PCT percent (repeatable)")
+    g.add_argument("--max-class-drop", type=float, default=None,
+                   help="fail a variant whose recall of any class is more than this many points under the baseline's, "
+                        "significantly")
+    g.add_argument("--junit", default=None, metavar="PATH", help="write JUnit XML, one test case per check")
     return p
+
+
+def gate_config(args: argparse.Namespace) -> tuple[GateConfig, Optional[float]]:
+    """(GateConfig, max_drop from the gate file or None): the --gate file, then the command line over it."""
+    values: dict = {}
+    if args.gate:
+        try:
+            with open(args.gate, "rb") as f:
+                values = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ExportInputError(f"--gate {args.gate}: {one_line(e)}") from None
+        unknown = set(values) - {f.name for f in dataclasses.fields(GateConfig)} - {"max_drop"}
+        if unknown:
+            raise ExportInputError(f"--gate {args.gate}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("policy", "max_regression", "float_policy", "alpha", "max_class_drop"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    floors = dict(values.get("class_floors", {}))
+    for item in args.class_floor or []:
+        name, _, pct = item.rpartition("=")
+        try:
+            floors[name] = float(pct)
+        except ValueError:
+            raise ExportInputError(f"--class-floor {item}: expected CLASS=PERCENT") from None
+    values["class_floors"] = floors
+    max_drop = values.pop("max_drop", None)
+    try:
+        return GateConfig(**values), max_drop
+    except (TypeError, ValueError) as e:
+        raise ExportInputError(f"gate: {e}") from None
 
 
 def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> ExportConfig:
@@ -82,8 +136,12 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
         if wrong_format:
             raise ExportInputError(f"variants: {', '.join(wrong_format)} not produced by this command "
                                    f"(use python -m export for all formats)")
+    gate, gate_max_drop = gate_config(args)
     return ExportConfig(
-        model=args.model, custom_objects=args.custom_objects, data=args.data, out=args.out, variants=variants, max_drop=args.max_drop,
+        baseline=args.baseline, gate=gate, junit=args.junit,
+        model=args.model, custom_objects=args.custom_objects, data=args.data, out=args.out, variants=variants,
+        max_drop=args.max_drop if args.max_drop is not None else gate_max_drop if gate_max_drop is not None else
+        ExportConfig.max_drop,
         calibration_size=args.calibration_size, calibration_data=args.calibration_data,
         qat_epochs=args.qat_epochs, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
         stall_timeout=args.stall_timeout, qat_build_timeout=args.qat_build_timeout, cache_dir=args.cache_dir,
@@ -111,4 +169,9 @@ def main(argv: Optional[list[str]] = None, formats: Sequence[str] = ("tflite", "
         print(f"error: export failed: {one_line(e)} (run again with --debug for the traceback)",
               file=sys.stderr, flush=True)
         return 1
+    from export.ci import append_step_summary, write_junit
+
+    if cfg.junit:
+        write_junit(report, cfg.junit)
+    append_step_summary(report)
     return print_gate(report)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from export.errors import ExportInputError
+from export.gate import GateConfig
 from export.variants import ALL_VARIANTS
 from toolkit.config import default_cache_dir
 
@@ -62,6 +63,14 @@ class ExportConfig:
     seed: int = 0
     # Tracebacks of failed variants, and the worker's raw output, on stderr.
     debug: bool = False
+    # The model on the device today: a previous export folder (its stored predictions) or a model file,
+    # compared image by image on the same test split (export.gate, export.baseline).
+    baseline: Optional[str] = None
+    # How every check decides (policies, margins, class floors): export.gate.GateConfig, from --gate FILE
+    # (TOML) and the command line.
+    gate: GateConfig = field(default_factory=GateConfig)
+    # JUnit XML with one test case per check, for CI's test reporters.
+    junit: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.variants is not None:

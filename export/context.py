@@ -77,14 +77,19 @@ class Context:
 
     def measure(self, path: Path, **open_kw) -> dict:
         """Accuracy and agreement on the full test split, latency at batch 1, throughput at a batch."""
-        from export.model_io import class_predictions
+        from export.outputs import class_predictions
         from export.runtime import open_model
         from toolkit.timing import time_calls
 
         cfg = self.job["config"]
         kind = self.info.output_kind
         m = open_model(str(path), num_threads=os.cpu_count() or 1, **open_kw)
-        pred = class_predictions(m.predict(np.asarray(self.x_test)), kind)
+        scores = m.predict(np.asarray(self.x_test))
+        pred = class_predictions(scores, kind)
+        # Per-image predictions, so that this export can be the next one's --baseline (export.gate).
+        saved = Path(self.job["arrays"]).parent / "predictions" / f"{path.name}.npz"
+        saved.parent.mkdir(exist_ok=True)
+        np.savez_compressed(saved, top1=pred.astype(np.int16), scores=scores.astype(np.float16))
         self.beat()
         timed = open_model(str(path), num_threads=cfg["latency_threads"], **open_kw)
         one = timed.prepare(np.asarray(self.x_test[:1]))
@@ -98,6 +103,7 @@ class Context:
             "latency_ms_p90": float(np.percentile(lat, 90)),
             "throughput_images_per_s": float(len(batch) / (np.median(t) / 1e3)),
             "throughput_batch": int(len(batch)),
+            "predictions_file": str(saved),
             "input": m.input.to_dict(),
             "output": m.output.to_dict(),
         }

@@ -5,10 +5,7 @@ Whatever the source, :class:`SourceModel` offers the same four things: ``predict
 a function for tf2onnx, and (only when it is Keras 2) the tf_keras model that tfmot's quantisation-aware
 training needs.
 
-:func:`inspect_model` refuses what the exporter cannot handle (several inputs or outputs, NaN weights,
-output units that do not match the classes) with one line, and finds out what the output means:
-probabilities, logits, or one sigmoid unit of a binary classifier. Every variant is measured, trained and
-documented (sidecar ``output_kind``) with that meaning.
+:func:`export.outputs.inspect_model` then checks it against the data and finds out what its output means.
 """
 
 from __future__ import annotations
@@ -310,57 +307,3 @@ def _last_activation(model) -> Optional[str]:
     if act is None:
         return None
     return getattr(act, "__name__", str(act))
-
-
-# --------------------------------------------------------------------------------------------
-# Understanding
-
-
-def detect_output_kind(outputs: np.ndarray) -> str:
-    """What the outputs on a batch are: rows of non-negative values summing to 1 are probabilities;
-    a single unit in [0, 1] is a sigmoid probability; anything else is logits."""
-    if outputs.shape[-1] == 1:
-        return "sigmoid" if (outputs.min() >= 0 and outputs.max() <= 1) else "sigmoid_logit"
-    if outputs.min() >= -1e-6 and np.allclose(outputs.sum(-1), 1.0, atol=1e-3):
-        return "probabilities"
-    return "logits"
-
-
-def class_predictions(outputs: np.ndarray, kind: str) -> np.ndarray:
-    """Top-1 class per row, for any output kind (a sigmoid unit is class 1 above 0.5 / logit 0)."""
-    outputs = np.asarray(outputs)
-    if kind == "sigmoid":
-        return (outputs.reshape(len(outputs), -1)[:, 0] > 0.5).astype(np.int64)
-    if kind == "sigmoid_logit":
-        return (outputs.reshape(len(outputs), -1)[:, 0] > 0).astype(np.int64)
-    return outputs.argmax(-1)
-
-
-def check_finite_weights(model: SourceModel) -> None:
-    """Refuse NaN or infinite weights up front, naming the first layer that has them."""
-    for name, w in model.weights():
-        if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
-            bad = "NaN" if np.isnan(w).any() else "infinite"
-            raise ExportInputError(f"{model.info.path}: layer {name} has {bad} weights; the model is broken "
-                                  "(diverged training?), nothing to export")
-
-
-def inspect_model(model: SourceModel, sample: np.ndarray, num_classes: int, data_desc: str) -> ModelInfo:
-    """Check the model against the data and find its output kind; returns the completed ModelInfo."""
-    info = model.info
-    want, got = tuple(info.input_shape), tuple(sample.shape[1:])
-    if want != got:
-        raise ExportInputError(f"{info.path}: model input shape {want} does not fit the images of {data_desc} {got}")
-    if info.units == 1 and num_classes != 2:
-        raise ExportInputError(f"{info.path}: model has 1 output unit (a binary classifier) but {data_desc} has "
-                              f"{num_classes} classes")
-    if info.units != 1 and info.units != num_classes:
-        raise ExportInputError(f"{info.path}: model has {info.units} outputs but {data_desc} has {num_classes} "
-                              "classes")
-    check_finite_weights(model)
-    out = model.predict(sample)
-    if not np.all(np.isfinite(out)):
-        raise ExportInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
-    rewrites = model.check_rewrites(sample, out)
-    kind = detect_output_kind(out)
-    return ModelInfo(**{**info.to_dict(), "output_kind": kind, "rewrites": rewrites})

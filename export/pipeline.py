@@ -26,9 +26,13 @@ from typing import Callable
 
 import numpy as np
 
+from export.baseline import PREDICTIONS, load_baseline
+from export.card import write_model_card
 from export.config import ExportConfig
 from export.errors import ExportInputError
-from export.model_io import class_predictions, inspect_model, load_source_model
+from export.gate import baseline_checks, drift_checks, floor_checks, images_digest
+from export.model_io import load_source_model
+from export.outputs import class_predictions, inspect_model
 from export.report import build_report
 from export.supervisor import supervise
 from toolkit.data import load_dataset, seeded_subset, split_validation
@@ -69,6 +73,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir, cfg.image_spec)  # DataError names the source
     inputs = prepare_inputs(cfg, source, ds)
     info, arrays = inputs["info"], inputs["arrays"]
+    unknown = sorted(set(cfg.gate.class_floors) - set(ds.class_names))
+    if unknown:
+        raise ExportInputError(f"--class-floor: unknown class(es) {', '.join(unknown)}; the data's classes are "
+                               f"{', '.join(ds.class_names)}")
+    digest = images_digest(ds.x_test, ds.y_test)
+    baseline = load_baseline(cfg.baseline, digest, ds.x_test, ds.num_classes, cfg.custom_objects) if cfg.baseline else None
     out = cfg.out_dir
     if out.exists() and not out.is_dir():
         raise ExportInputError(f"--out {out}: exists and is not a folder")
@@ -86,10 +96,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
            "info": info.to_dict(), "config": cfg.to_dict(), "explicit": list(cfg.explicit),
            "num_classes": ds.num_classes, "float_accuracy": float_acc, "float_val_accuracy": float_val_acc,
            "debug": cfg.debug, "keras3_model": str(Path(cfg.model).resolve()) if info.keras == 3 else None}
-    return stage_and_build(cfg, job, arrays, ds, info, (float_acc, float_val_acc), log, t_start)
+    return stage_and_build(cfg, job, arrays, ds, info, (float_acc, float_val_acc), log, t_start,
+                           {"digest": digest, "baseline": baseline})
 
 
-def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accuracies, log, t_start: float) -> dict:
+def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accuracies, log, t_start: float,
+                    compared: dict) -> dict:
     """Build every variant into a hidden staging folder next to the output, write the report there, then
     move the files into place (one rename each): an export that dies half-way leaves no partial output."""
     out = cfg.out_dir
@@ -104,7 +116,17 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
         job.update(stage=str(stage), arrays=str(work / "arrays"))
         rows = supervise(job, list(cfg.requested), work, stall_timeout=cfg.stall_timeout, debug=cfg.debug,
                          on_row=lambda row: log_row(row, accuracies[0], cfg, log), log=log)
-        report = build_report(stage, cfg, info, ds, rows, *accuracies)
+        preds = stored_predictions(stage, rows, arrays, compared["digest"])
+        checks = gate_checks(cfg, ds, arrays["ref_pred"], preds, compared["baseline"])
+        report = build_report(stage, cfg, info, ds, rows, *accuracies, checks=checks)
+        report["predictions"] = {"file": PREDICTIONS, "test_images_sha256": compared["digest"]}
+        if compared["baseline"] is not None:
+            report["baseline"] = compared["baseline"]["source"]
+        try:  # a card that cannot be drawn never loses the export
+            write_model_card(stage, report, ds.x_test, ds.y_test.astype(np.int64),
+                             {"float": arrays["ref_pred"].astype(np.int64), **preds}, compared["baseline"])
+        except Exception as e:
+            report["model_card_error"] = f"{type(e).__name__}: {e}"
         report["wall_time_s"] = time.perf_counter() - t_start
         for v in report["variants"]:
             if v.get("speed_note"):
@@ -122,6 +144,31 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def stored_predictions(stage: Path, rows: list[dict], arrays: dict, digest: str) -> dict:
+    """Every built variant's per-image top-1 (and scores) in one ``predictions.npz`` in ``stage``, with the float
+    model's and the labels: what a later export's --baseline reads. Returns {variant: top-1}."""
+    store = {"labels": arrays["y_test"].astype(np.int16), "float": arrays["ref_pred"].astype(np.int16)}
+    preds = {}
+    for r in rows:
+        f = r.pop("predictions_file", None)
+        if r["status"] == "ok" and f and Path(f).exists():
+            with np.load(f) as z:
+                store[r["name"]], store[f"{r['name']}_scores"] = z["top1"], z["scores"]
+            preds[r["name"]] = store[r["name"]].astype(np.int64)
+    np.savez_compressed(stage / PREDICTIONS, **store)
+    return preds
+
+
+def gate_checks(cfg: ExportConfig, ds, float_pred, preds: dict, baseline) -> list[dict]:
+    """export.gate's checks: drift against the float model, and against the baseline and per class when asked."""
+    y, names = ds.y_test.astype(np.int64), list(ds.class_names)
+    checks = drift_checks(y, float_pred.astype(np.int64), preds, cfg.max_drop, cfg.gate)
+    if baseline is not None:
+        checks += baseline_checks(y, {"float": float_pred.astype(np.int64), **preds}, baseline["predictions"],
+                                  cfg.gate, names)
+    return checks + floor_checks(y, preds, cfg.gate, names)
 
 
 def log_row(row: dict, float_acc: float, cfg: ExportConfig, log) -> None:

@@ -105,8 +105,12 @@ def gate_failures(report: dict) -> list[str]:
         elif r["status"] == "skipped" and not r["passed"]:
             lines.append(f"FAIL {r['name']}: {r['reason']}")
         elif r["status"] == "ok" and not r["passed"]:
-            lines.append(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, drop {r['drop_pp']:.2f} pp > "
-                         f"max {report['max_drop_pp']} pp")
+            drift = next((c for c in report.get("checks", []) if c["kind"] == "drift" and c["variant"] == r["name"]), None)
+            lines.append(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, "
+                         + (drift["why"] if drift else f"drop {r['drop_pp']:.2f} pp > max {report['max_drop_pp']} pp"))
+    for c in report.get("checks", []):
+        if not c["passed"] and c["kind"] != "drift":
+            lines.append(f"FAIL {c['name']}: {c['why']}")
     return lines
 
 
@@ -116,8 +120,9 @@ def gate_summary(report: dict) -> tuple[list[str], list[str]]:
     out = [f"skipped {r['name']}: {r['reason']}" for r in report["variants"] if r["status"] == "skipped" and r["passed"]]
     failures = gate_failures(report)
     if not failures:
+        base = [c for c in report.get("checks", []) if c["kind"] != "drift"]
         out.append(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
-                   f"({report['float_accuracy']:.4f})")
+                   f"({report['float_accuracy']:.4f})" + (f"; {len(base)} baseline and class checks passed" if base else ""))
     return out, failures
 
 
@@ -134,13 +139,16 @@ def print_gate(report: dict) -> int:
     return 1 if failures else 0
 
 
-def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float) -> dict:
+def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float,
+                 checks: list = ()) -> dict:
     """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
     into ``stage`` and drops intermediate files that were not asked for."""
     requested = set(cfg.requested)
+    drift = {c["variant"]: c for c in checks if c["kind"] == "drift"}  # export.gate's, under --float-policy
     for r in rows:
         if r["status"] == "ok":
-            r["passed"] = (float_acc - r["accuracy"]) * 100 <= cfg.max_drop
+            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else \
+                (float_acc - r["accuracy"]) * 100 <= cfg.max_drop
     try:  # read from the files before intermediate ones are dropped; a failure here never loses the export
         notes, speed_error = speed_notes(rows), None
     except Exception as e:
@@ -157,7 +165,7 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
     for r in rows:
         if r["status"] == "ok":
             r["drop_pp"] = (float_acc - r["accuracy"]) * 100
-            r["passed"] = r["drop_pp"] <= cfg.max_drop
+            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else r["drop_pp"] <= cfg.max_drop
             r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
             # What an app needs to feed and read the model.
             write_json(stage / f"{Path(r['path']).name}.json",
@@ -170,6 +178,7 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
         else:
             r["passed"] = False
     failed = [r["name"] for r in rows if not r["passed"]]
+    failed_checks = [c["name"] for c in checks if not c["passed"] and c["kind"] != "drift"]
     report = {
         "model": str(Path(cfg.model).resolve()),
         "model_info": info.to_dict(),
@@ -180,8 +189,11 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
         "float_accuracy": float_acc,
         "float_holdout_accuracy": float_val_acc,
         "max_drop_pp": cfg.max_drop,
-        "passed": not failed,
+        "passed": not failed and not failed_checks,
         "failed": failed,
+        "failed_checks": failed_checks,  # against the baseline, per class (export.gate)
+        "gate": {**cfg.gate.to_dict(), "max_drop_pp": cfg.max_drop},
+        "checks": list(checks),
         "built": [r["name"] for r in rows if r["status"] == "ok"],
         "skipped": {r["name"]: r["reason"] for r in rows if r["status"] == "skipped"},
         "variants": rows,

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from export.model_io import class_predictions
+from export.outputs import class_predictions
 
 
 @dataclass

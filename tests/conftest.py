@@ -180,6 +180,16 @@ def regression_run(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def full_export(regression_run, tmp_path_factory, cache_dir):
+    """`python -m export` with every default variant on the regression model and the real test split (the CI
+    gate's tests take it as their baseline)."""
+    out = tmp_path_factory.mktemp("export") / "out"
+    proc = export_in_process("export", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
+                                        "--out", str(out), "--cache-dir", cache_dir, "--qat-epochs", "1"])
+    return out, proc
+
+
 EXPORT_FORMATS = {"export": ("tflite", "onnx"), "export.tflite": ("tflite",), "export.onnx": ("onnx",)}
 
 

@@ -24,15 +24,6 @@ def run_cli(module: str, args: list[str], timeout: int = 1200) -> subprocess.Com
                           timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def full_export(regression_run, tmp_path_factory, cache_dir):
-    """`python -m export` with every default variant on the regression model and the real test split."""
-    out = tmp_path_factory.mktemp("export") / "out"
-    proc = export_in_process("export", [str(regression_run / "model.keras"), "--data", str(require_shared_cifar()),
-                                        "--out", str(out), "--cache-dir", cache_dir, "--qat-epochs", "1"])
-    return out, proc
-
-
 def test_default_variants_within_one_point_and_small(full_export):
     out, proc = full_export
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

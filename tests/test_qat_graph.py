@@ -42,7 +42,7 @@ def test_mobile_graphs_get_every_kernel_quantised(factory):
     """Batch norm folded, ReLU/ReLU6 fused, SeparableConv2D split, hard-sigmoid split out: the same function, and
     tfmot's default scheme quantises the weights of every convolution and Dense (tfmot's own transforms would
     give a convolution followed by a ReLU layer a no-op config: 4 of keras-io's 14 kernels never quantised)."""
-    from export.qat import count_quantized, has_kernel, quantize_aware_model
+    from export.qat_model import count_quantized, has_kernel, quantize_aware_model
     from export.qat_graph import for_qat
     from toolkit.tf import import_keras
 
@@ -60,7 +60,7 @@ def test_mobile_graphs_get_every_kernel_quantised(factory):
 def test_a_model_used_as_a_layer_is_inlined_for_qat():
     """Transfer learning's shape (a base model under a new head, as with keras.applications): tfmot refuses a
     model used as a layer, so QAT inlines it first: same outputs, and every conv/dense layer quantised."""
-    from export.qat import count_quantized, quantize_aware_model
+    from export.qat_model import count_quantized, quantize_aware_model
     from export.qat_graph import for_qat
     from toolkit.tf import import_keras
 
@@ -81,7 +81,7 @@ def test_a_model_used_as_a_layer_is_inlined_for_qat():
 
 
 def test_attention_stays_float_and_counts_against_coverage():
-    from export.qat import count_quantized, float_layers, has_kernel, quantize_aware_model
+    from export.qat_model import count_quantized, float_layers, has_kernel, quantize_aware_model
     from export.qat_graph import for_qat
     from toolkit.tf import import_keras
 
@@ -101,7 +101,7 @@ def test_keras3_models_are_rebuilt_in_tf_keras(name):
     import keras as keras3
 
     from export.from_keras3 import to_tf_keras
-    from export.qat import count_quantized, quantize_aware_model
+    from export.qat_model import count_quantized, quantize_aware_model
 
     model = with_statistics(getattr(zoo_modern, name)(keras3, (32, 32, 3), 10))
     rebuilt = to_tf_keras(model)

@@ -1,0 +1,127 @@
+"""Does the CI gate cry wolf, and what does it catch? Same-recipe retrains gated against each other, and a power
+curve simulated on their real predictions.
+
+    python benchmarks/gate_noise.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz --pairs 4   # prints tables
+
+1. Trains ``2 x --pairs`` models with the default recipe (jobs/train.py, seeds 1, 2, ...), each exported
+   (``--variants int8``: the file that ships), keeping every export's per-image predictions.
+2. No false alarms: each pair gated both ways (the second as candidate, the first as baseline, and back) under
+   every policy, by export.gate's own checks on the stored predictions: a same-recipe retrain must pass.
+3. Power: the candidate of the first pair with k points' worth of its correct test predictions flipped to
+   wrong, ``--reps`` times per k; how often each policy fails it against the baseline. At k = 0 this is the
+   false-alarm rate, which must stay within alpha.
+
+Tables in benchmarks/results/gate_noise.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.gate import GateConfig, judge  # noqa: E402
+from export.stats import compare  # noqa: E402
+
+POLICIES = ("regression", "non_inferiority", "fixed")
+VARIANT = "int8"
+
+
+def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int]) -> dict:
+    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--data", data, "--seed", str(seed), "--output", str(out),
+           "--storage-path", str(out / "ray"), "--name", f"noise-{seed}", "--cache-dir", cache_dir, "--no-export"]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "export", str(out / "model.keras"), "--data", data, "--out",
+                    str(out / "export"), "--cache-dir", cache_dir, "--variants", VARIANT], cwd=ROOT, capture_output=True,
+                   text=True)  # exit 1 (over the drift budget) still writes the predictions
+    with np.load(out / "export" / "predictions.npz") as z:
+        return {"labels": z["labels"].astype(np.int64), "float": z["float"].astype(np.int64),
+                VARIANT: z[VARIANT].astype(np.int64)}
+
+
+def verdicts(y, base, cand, margin: float, alpha: float, seed: int = 0) -> dict:
+    s = compare(y, base, cand, 1 - alpha, seed)
+    return {p: judge(p, margin, s, alpha)[0] for p in POLICIES} | {"delta_pp": s.delta_pp, "p": s.p_value}
+
+
+def flip(y, pred, k_pp: float, rng) -> np.ndarray:
+    """``pred`` with k points' worth of its correct predictions made wrong (the next class)."""
+    right = np.flatnonzero(pred == y)
+    n = int(round(k_pp / 100 * len(y)))
+    out = pred.copy()
+    idx = rng.choice(right, size=min(n, len(right)), replace=False)
+    out[idx] = (y[idx] + 1) % (y.max() + 1)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                     + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's own")
+    p.add_argument("--reps", type=int, default=500, help="simulated candidates per drop size")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    gate = GateConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or str(Path(tmp) / "cache")
+        runs = []
+        for seed in range(1, 2 * args.pairs + 1):
+            t0 = time.perf_counter()
+            runs.append(train_and_export(args.data, seed, Path(tmp) / f"seed{seed}", cache, args.epochs))
+            acc = float(np.mean(runs[-1][VARIANT] == runs[-1]["labels"]))
+            print(f"seed {seed}: {VARIANT} accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    same = []
+    for i in range(args.pairs):
+        a, b = runs[2 * i], runs[2 * i + 1]
+        for name, base, cand in ((f"{2 * i + 2} vs {2 * i + 1}", a, b), (f"{2 * i + 1} vs {2 * i + 2}", b, a)):
+            v = verdicts(a["labels"], base[VARIANT], cand[VARIANT], gate.max_regression, gate.alpha)
+            same.append({"candidate vs baseline (seeds)": name, "delta (pp)": f"{v['delta_pp']:+.2f}",
+                         "McNemar p": f"{v['p']:.3g}", **{pol: "pass" if v[pol] else "**FAIL**" for pol in POLICIES}})
+    rng = np.random.default_rng(0)
+    y, base, cand = runs[0]["labels"], runs[0][VARIANT], runs[1][VARIANT]
+    power = []
+    for k in (0.0, 0.5, 1.0, 2.0):
+        fails = {pol: 0 for pol in POLICIES}
+        for r in range(args.reps):
+            v = verdicts(y, base, flip(y, cand, k, rng), gate.max_regression, gate.alpha, seed=r)
+            for pol in POLICIES:
+                fails[pol] += not v[pol]
+        power.append({"points flipped": k, **{pol: f"{fails[pol] / args.reps:.1%}" for pol in POLICIES}})
+    tables = (f"Same-recipe retrains, gated both ways (margin {gate.max_regression} pp, alpha {gate.alpha}):\n\n"
+              + markdown(same) + f"\n\nShare of simulated candidates failed ({args.reps} per row; the second seed's "
+              f"predictions with k points of its correct ones flipped, against the first seed's):\n\n" + markdown(power))
+    print(tables)
+    from toolkit.outputs import git_revision, machine
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "git_revision": git_revision(),
+            "command": "python benchmarks/gate_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate_noise.json").write_text(json.dumps({"meta": meta, "same_recipe": same, "power": power}, indent=2))
+    (out / "gate_noise.md").write_text(f"`{meta['command']}` ({meta['date']}, git {meta['git_revision']}, "
+                                       f"{meta['machine']})\n\n{tables}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

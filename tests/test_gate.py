@@ -1,0 +1,120 @@
+"""The CI gate against the model already shipped (export.gate, export.baseline, export.ci, export.card): real
+exports of the regression model on the real CIFAR-10 test split, the full export as the baseline, a planted
+regression, the JUnit file read back by a JUnit parser, the step summary and the model card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from conftest import export_in_process, require_shared_cifar
+
+FAST = ["--variants", "int8", "--latency-runs", "5", "--calibration-size", "100"]
+
+
+def gate_export(model, out, cache_dir, *extra, data=None):
+    return export_in_process("export", [str(model), "--data", str(data or require_shared_cifar()), "--out", str(out),
+                                        "--cache-dir", cache_dir, *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def planted(regression_run, tmp_path_factory):
+    """The regression model with class cat all but switched off (its output bias lowered by 5): the rest of the
+    model untouched, as a retrain with most cat images lost would be."""
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    model = keras.models.load_model(str(regression_run / "model.keras"), compile=False)
+    last = model.layers[-1]
+    k, b = last.get_weights()
+    b[3] -= 5.0
+    last.set_weights([k, b])
+    path = tmp_path_factory.mktemp("planted") / "cat_cut.keras"
+    model.save(path)
+    return path
+
+
+def test_the_same_model_passes_against_its_own_export(full_export, regression_run, tmp_path, cache_dir, monkeypatch):
+    """Every export stores its per-image predictions; a later export reads them as its baseline without running
+    the baseline again, and the same model passes, with the JUnit file and the step summary saying so."""
+    baseline, _ = full_export
+    stored = json.loads((baseline / "report.json").read_text())["predictions"]
+    with np.load(baseline / stored["file"]) as z:
+        assert len(z["labels"]) == 10_000 and z["int8"].shape == (10_000,) and z["int8_scores"].shape == (10_000, 10)
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    proc = gate_export(regression_run / "model.keras", tmp_path / "out", cache_dir, "--baseline", str(baseline),
+                       "--junit", str(tmp_path / "junit.xml"), "--max-class-drop", "5")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    base = next(c for c in report["checks"] if c["name"] == "int8 vs baseline int8")
+    assert base["passed"] and base["stats"]["only_a"] == base["stats"]["only_b"] == 0, base
+    assert summary.read_text().startswith("## Edge export gate: PASSED")
+    from junitparser import JUnitXml
+
+    suite = next(iter(JUnitXml.fromfile(str(tmp_path / "junit.xml"))))
+    names = [case.name for case in suite]
+    assert "int8 vs float model" in names and "int8 vs baseline int8" in names and "int8 class cat recall vs baseline" in names
+    assert suite.failures == 0 and suite.tests == len(names) == len(report["checks"])
+
+
+def test_a_planted_regression_fails_and_names_the_class(full_export, planted, tmp_path, cache_dir, monkeypatch):
+    baseline, _ = full_export
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    out = tmp_path / "out"
+    proc = gate_export(planted, out, cache_dir, "--baseline", str(baseline), "--junit", str(tmp_path / "junit.xml"),
+                       "--max-class-drop", "5", "--class-floor", "cat=20")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    fails = [line for line in proc.stderr.splitlines() if line.startswith("FAIL ")]
+    assert "FAIL int8 class cat recall vs baseline: drop" in proc.stderr
+    assert any(line.startswith("FAIL int8 class cat recall floor: recall") for line in fails), fails
+    assert not any("class dog" in line or "class truck" in line for line in fails), fails  # only the damaged class
+    report = json.loads((out / "report.json").read_text())
+    check = next(c for c in report["checks"] if c["name"] == "int8 vs baseline int8")
+    assert check["stats"]["p_value"] < 1e-6 and check["flips"]["broken"]["by_class"]["cat"] > 200, check
+    from junitparser import Failure, JUnitXml
+
+    suite = next(iter(JUnitXml.fromfile(str(tmp_path / "junit.xml"))))
+    failed = {case.name for case in suite if any(isinstance(r, Failure) for r in case.result)}
+    assert {"int8 class cat recall vs baseline", "int8 class cat recall floor", "int8 vs baseline int8"} <= failed
+    assert "**Failed:**" in summary.read_text() and "class cat" in summary.read_text()
+    card = (out / "model_card.md").read_text()
+    assert "Broken against the baseline" in card and (out / "flips_broken.png").stat().st_size > 1000
+
+
+def test_a_baseline_of_other_images_or_a_bad_gate_is_refused(full_export, regression_run, tiny_tree_tgz, tmp_path,
+                                                             cache_dir):
+    baseline, _ = full_export
+    proc = gate_export(regression_run / "model.keras", tmp_path / "a", cache_dir, "--baseline", str(baseline),
+                       data=tiny_tree_tgz)
+    assert proc.returncode == 2 and not (tmp_path / "a").exists()
+    assert proc.stderr.startswith(f"error: --baseline {baseline}: made on other test images")
+    bad = tmp_path / "gate.toml"
+    bad.write_text('policy = "lenient"\n')
+    proc = gate_export(regression_run / "model.keras", tmp_path / "b", cache_dir, "--gate", str(bad))
+    assert proc.returncode == 2 and proc.stderr.strip() == ("error: gate: policy: unknown policy 'lenient'; choose "
+                                                            "from fixed, regression, non_inferiority")
+
+
+@pytest.mark.parametrize("only_a, only_b", [(0, 0), (3, 9), (40, 61), (700, 612), (5, 0)])
+def test_mcnemar_is_the_exact_binomial_test(only_a, only_b):
+    from export.stats import mcnemar_exact
+
+    expect = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
+    assert mcnemar_exact(only_a, only_b) == pytest.approx(expect, rel=1e-9)
+
+
+def test_the_bootstrap_is_seeded_and_covers_the_difference():
+    from export.stats import compare
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 10, 5000)
+    a = np.where(rng.random(5000) < 0.7, y, (y + 1) % 10)
+    b = np.where(rng.random(5000) < 0.68, y, (y + 2) % 10)
+    s1, s2 = compare(y, a, b, seed=7), compare(y, a, b, seed=7)
+    assert s1 == s2  # the same inputs give the same decision
+    assert s1.ci_low_pp < s1.delta_pp < s1.ci_high_pp and s1.ci_high_pp - s1.ci_low_pp < 4
