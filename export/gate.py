@@ -76,8 +76,8 @@ def judge(policy: str, margin_pp: float, stats, alpha: float) -> tuple[bool, str
     if policy == "regression":
         real = stats.p_value < alpha and drop > 0
         passed = not (drop > margin_pp and real)
-        return passed, (f"drop {drop:+.2f} pp (margin {margin_pp:g}), McNemar p = {stats.p_value:.3g} "
-                        f"({'significant' if real else 'not significant'} at {alpha:g})")
+        verdict = "a significant drop" if real else "a significant gain" if stats.p_value < alpha else "not significant"
+        return passed, f"drop {drop:+.2f} pp (margin {margin_pp:g}), McNemar p = {stats.p_value:.3g}: {verdict} at {alpha:g}"
     worst = -stats.ci_low_pp  # non-inferiority: the interval's worst case must stay within the margin
     return worst < margin_pp, (f"drop {drop:+.2f} pp, {stats.confidence:.0%} interval of the drop "
                                f"[{-stats.ci_high_pp:+.2f}, {worst:+.2f}] pp {'within' if worst < margin_pp else 'not within'} "

@@ -139,22 +139,29 @@ def print_gate(report: dict) -> int:
     return 1 if failures else 0
 
 
+def add_speed_notes(rows: list[dict], drift: dict, float_acc: float, max_drop: float):
+    """Each quantised variant slower than float32 gets its ``speed_note`` (export.ops), read from the files
+    before intermediate ones are dropped; returns the error that stopped it, or None (never loses the export)."""
+    for r in rows:
+        if r["status"] == "ok":  # (fastest_within_gate needs the verdicts)
+            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else \
+                (float_acc - r["accuracy"]) * 100 <= max_drop
+    try:
+        notes = speed_notes(rows)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    for name, note in notes.items():
+        next(r for r in rows if r["name"] == name)["speed_note"] = note
+    return None
+
+
 def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float,
                  checks: list = ()) -> dict:
     """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
     into ``stage`` and drops intermediate files that were not asked for."""
     requested = set(cfg.requested)
     drift = {c["variant"]: c for c in checks if c["kind"] == "drift"}  # export.gate's, under --float-policy
-    for r in rows:
-        if r["status"] == "ok":
-            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else \
-                (float_acc - r["accuracy"]) * 100 <= cfg.max_drop
-    try:  # read from the files before intermediate ones are dropped; a failure here never loses the export
-        notes, speed_error = speed_notes(rows), None
-    except Exception as e:
-        notes, speed_error = {}, f"{type(e).__name__}: {e}"
-    for name, note in notes.items():
-        next(r for r in rows if r["name"] == name)["speed_note"] = note
+    speed_error = add_speed_notes(rows, drift, float_acc, cfg.max_drop)
     # Intermediate files (int8 built for onnx_int8 or int8_selective, float ONNX for onnx_int8) only
     # ship when they were asked for.
     for f in list(stage.iterdir()):

@@ -30,7 +30,7 @@ EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size"
 def zoo(tmp_path_factory, cache_dir):
     data = require_shared_cifar()
     tmp = tmp_path_factory.mktemp("zoo")
-    trees = export_zoo.make_datasets(str(data), cache_dir, tmp / "data", n_train=3000, n_test=500)
+    trees = export_zoo.make_datasets(str(data), cache_dir, tmp / "data", n_train=2000, n_test=500)
     models = export_zoo.build_zoo(tmp, trees, cache_dir, epochs=3, names=export_zoo.TEST_ZOO, log=lambda s: None,
                                   inception_width=0.5)
     return {m.name: m for m in models}

@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 
 from conftest import export_in_process, require_shared_cifar
 
-FAST = ["--variants", "int8", "--latency-runs", "5", "--calibration-size", "100"]
+FAST = ["--variants", "int8", "--latency-runs", "5"]  # (the baseline's calibration: the same int8 file)
 
 
 def gate_export(model, out, cache_dir, *extra, data=None):
