@@ -20,10 +20,17 @@ from toolkit.tf import import_keras
 SCHEMES = ("default", "conv_dense")
 
 
-def _output_quantize_config():
-    """Quantise only a layer's output (Rescaling has no weights, but the converter needs the range
-    of the first convolution's input)."""
+def quantize_configs() -> tuple:
+    """(OutputQuantizeConfig, FusedActivationQuantizeConfig), made on first use (tfmot is imported lazily).
+
+    OutputQuantizeConfig quantises only a layer's output (Rescaling has no weights, but the converter needs
+    the range of the first convolution's input). FusedActivationQuantizeConfig also quantises a convolution's
+    or Dense's weights as tfmot does, its output taken after its fused activation (ReLU6, which tfmot's
+    QuantizeAwareActivation does not know), as TFLite computes a fused activation."""
     import tensorflow_model_optimization as tfmot
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantizers import (
+        Default8BitConvWeightsQuantizer,
+    )
 
     qk = tfmot.quantization.keras
 
@@ -47,7 +54,22 @@ def _output_quantize_config():
         def get_config(self):
             return {}
 
-    return OutputQuantizeConfig
+    class FusedActivationQuantizeConfig(OutputQuantizeConfig):
+        def __init__(self, weight_attr: str = "kernel", per_axis: bool = True):
+            self.weight_attr, self.per_axis = weight_attr, per_axis
+
+        def get_weights_and_quantizers(self, layer):
+            q = Default8BitConvWeightsQuantizer() if self.per_axis else \
+                qk.quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True)
+            return [(getattr(layer, self.weight_attr), q)]
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            setattr(layer, self.weight_attr, quantize_weights[0])
+
+        def get_config(self):
+            return {"weight_attr": self.weight_attr, "per_axis": self.per_axis}
+
+    return OutputQuantizeConfig, FusedActivationQuantizeConfig
 
 
 # Preprocessing layers that scale pixel values (to [0, 1], or to about +-3 for an adapted Normalization):
@@ -59,44 +81,6 @@ def _output_quantize_config():
 SCALING = ("Rescaling", "Normalization")
 SCALED = "preprocessing: computed in float, output quantised"
 GEOMETRIC = ("Resizing", "CenterCrop")
-
-
-def _fused_quantize_config():
-    """Quantise a convolution's or Dense's weights as tfmot does, and its output after its fused activation
-    (ReLU6, which tfmot's QuantizeAwareActivation does not know), as TFLite computes a fused activation."""
-    import tensorflow_model_optimization as tfmot
-    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantizers import (
-        Default8BitConvWeightsQuantizer,
-    )
-
-    qk = tfmot.quantization.keras
-
-    class FusedActivationQuantizeConfig(qk.QuantizeConfig):
-        def __init__(self, weight_attr: str = "kernel", per_axis: bool = True):
-            self.weight_attr, self.per_axis = weight_attr, per_axis
-
-        def get_weights_and_quantizers(self, layer):
-            q = Default8BitConvWeightsQuantizer() if self.per_axis else \
-                qk.quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True)
-            return [(getattr(layer, self.weight_attr), q)]
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            setattr(layer, self.weight_attr, quantize_weights[0])
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
-
-        def get_output_quantizers(self, layer):
-            return [qk.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
-                                                         narrow_range=False)]
-
-        def get_config(self):
-            return {"weight_attr": self.weight_attr, "per_axis": self.per_axis}
-
-    return FusedActivationQuantizeConfig
 
 
 def annotation(layer, scheme: str, registry) -> tuple[str, str]:
@@ -169,8 +153,7 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: unknown QAT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     qk = tfmot.quantization.keras
-    OutputQuantizeConfig = _output_quantize_config()
-    FusedActivationQuantizeConfig = _fused_quantize_config()
+    OutputQuantizeConfig, FusedActivationQuantizeConfig = quantize_configs()
     model, _ = for_qat(model)
     registry = _registry()
 

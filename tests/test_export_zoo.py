@@ -100,16 +100,13 @@ def test_zoo_models_are_understood(zoo, exported):
     """What each model is, as the report and the sidecars tell the app."""
     expect = {"logits_cnn": ("keras", 2, "logits"), "mobile_block": ("keras", 2, "probabilities"),
               "inception": ("h5", 2, "probabilities"), "binary_sigmoid": ("savedmodel", 2, "sigmoid"),
-              "keras3_modern": ("keras", 3, "probabilities"), "gray40": ("keras", 2, "probabilities")}
+              "keras3_modern": ("keras", 3, "probabilities")}
     for name, (fmt, keras, kind) in expect.items():
         out, proc, report = exported(name)
         info = report["model_info"]
         assert (info["format"], info["keras"], info["output_kind"]) == (fmt, keras, kind), name
         side = json.loads((out / "int8.tflite.json").read_text())
         assert side["output_kind"] == kind and side["apply_softmax"] is (kind == "logits"), name
-    # Grayscale 40x40: the device model takes what the model declares.
-    out, _, _ = exported("gray40")
-    assert json.loads((out / "int8.tflite.json").read_text())["input"]["shape"][1:] == [40, 40, 1]
     # The binary classifier's one unit becomes two classes.
     _, _, report = exported("binary_sigmoid")
     assert report["class_names"] == ["cat", "ship"] and report["float_accuracy"] > 0.7
