@@ -168,3 +168,26 @@ def test_int8_selective_runs_to_every_op_in_float():
     ranked = len({r["tensor"] for r in res.ranking})
     assert len(steps) == ranked + 1 >= 4, lines  # step 0, then one more tensor in float per step, to the last
     assert not res.within_budget and res.blob
+
+
+def test_a_keras3_normalization_converts_to_onnx_with_one_input(tmp_path):
+    """A Keras 3 Normalization (as in keras.applications' EfficientNet) is captured by its SavedModel function as
+    constant tensors; frozen before tf2onnx, the ONNX model has the image as its only input (the zoo's
+    EfficientNetB0 had two more: "Required inputs ... are missing"), and computes what the model does."""
+    import keras as keras3
+    import onnxruntime as ort
+
+    from export import onnx as onnx_export
+    from export.model_io import load_source_model
+
+    L = keras3.layers
+    inp = keras3.Input((32, 32, 3))
+    x = L.Normalization(mean=[120.0, 115.0, 100.0], variance=[4000.0, 3900.0, 4200.0])(inp)
+    x = L.GlobalAveragePooling2D()(L.Conv2D(8, 3, activation="relu")(x))
+    path = tmp_path / "normalized.keras"
+    keras3.Model(inp, L.Dense(10, activation="softmax")(x)).save(path)
+    source = load_source_model(str(path))
+    onnx_export.convert_float32(source, str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    np.testing.assert_allclose(session.run(None, {"image": IMAGES[:4]})[0], source.predict(IMAGES[:4]), atol=1e-4)

@@ -38,9 +38,15 @@ def convert_float32(model, path: str) -> None:
         spec = [tf.TensorSpec((None, *keras2.input_shape[1:]), tf.float32, name="image")]
         proto, _ = tf2onnx.convert.from_keras(keras2, input_signature=spec, opset=OPSET)
     else:
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
         spec = [tf.TensorSpec((None, *model.info.input_shape), tf.float32, name="image")]
         fn = model.concrete_function()
-        proto, _ = tf2onnx.convert.from_function(tf.function(lambda image: fn(image)), input_signature=spec,
+        # Frozen first: a loaded SavedModel's function captures constant tensors (a Keras 3 Normalization's mean
+        # and variance) that tf2onnx would otherwise leave as graph inputs ("Required inputs ... are missing
+        # from input feed": the zoo's Keras 3 EfficientNetB0).
+        frozen = convert_variables_to_constants_v2(tf.function(lambda image: fn(image)).get_concrete_function(*spec))
+        proto, _ = tf2onnx.convert.from_function(tf.function(lambda image: frozen(image)), input_signature=spec,
                                                  opset=OPSET)
     proto = erfc_as_erf(proto)
     onnx.checker.check_model(proto, full_check=True)
