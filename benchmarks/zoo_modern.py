@@ -124,7 +124,7 @@ def keras_io_augment(keras, shape, n):
 
 def keras3_modern(keras, shape, n):
     """Every kind above in one small Keras 3 model (the test suite's: one export instead of seven): RandomFlip
-    and Rescaling inside, hard-swish, a squeeze-and-excitation gate with a hard-sigmoid 1x1 convolution, a
+    and Rescaling inside, hard-swish (as an Activation, and in Keras 3 operations), a squeeze-and-excitation gate with a hard-sigmoid 1x1 convolution, a
     SeparableConv2D with batch norm, a ConvNeXt block (depthwise 7x7, LayerNormalization, GELU Dense), and
     MultiHeadAttention over the 16 patches of the last feature map."""
     L = keras.layers
@@ -132,8 +132,8 @@ def keras3_modern(keras, shape, n):
     x = L.Rescaling(1 / 255)(L.RandomFlip("horizontal")(inp))
     x = L.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(x)
     x = L.Activation("hard_swish")(L.BatchNormalization(momentum=0.9)(x))
-    y = L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
-    y = L.Activation("hard_swish")(L.BatchNormalization(momentum=0.9)(y))
+    y = L.BatchNormalization(momentum=0.9)(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x))
+    y = y * (L.ReLU(6.0)(y + 3.0) * (1.0 / 6.0))  # hard-swish in Keras 3 operations, as its MobileNetV3 writes hard-sigmoid
     s = L.GlobalAveragePooling2D(keepdims=True)(y)
     s = L.Conv2D(16, 1, activation="hard_sigmoid")(L.Conv2D(4, 1, activation="relu")(s))
     x = L.Add()([x, L.Multiply()([y, s])])
