@@ -56,17 +56,20 @@ def build_int8_selective(ctx: Context, attempt: int):
 
 def build_qat(ctx: Context, attempt: int):
     from export import qat, qat_model, tflite
+    from export.qat_graph import for_qat
 
     cfg = ctx.job["config"]
     model, rebuilt = (ctx.source.keras2, {}) if ctx.source.keras2 is not None else tf_keras_twin(ctx)
     failures = list(ctx.job.get("attempt_failures", {}).get("qat_int8", []))
+    ctx.phase("rewriting the graph for QAT (export.qat_graph)")
+    prepared = for_qat(model)  # once: every scheme and retry clones it
     for i in range(attempt, len(qat_model.SCHEMES)):
         scheme = qat_model.SCHEMES[i]
         ctx.emit("attempt", variant="qat_int8", index=i, of=len(qat_model.SCHEMES), what=f"scheme {scheme}")
         # Rebuilding the graph takes seconds; tfmot can also loop forever on some graphs.
         ctx.phase(f"tfmot {scheme} scheme: rebuilding the model for QAT", timeout_s=cfg["qat_build_timeout"])
         try:
-            qat_model = qat_model.quantize_aware_model(model, scheme, ctx.source.custom_objects)
+            wrapped = qat_model.quantize_aware_model(model, scheme, ctx.source.custom_objects, prepared=prepared[0])
         except Exception as e:  # tfmot raises many types for graphs it cannot rebuild
             failures.append(f"{scheme}: {one_line(e)}")
             ctx.log(f"  qat scheme {scheme} cannot rebuild this model ({one_line(e)[:160]})")
@@ -80,7 +83,7 @@ def build_qat(ctx: Context, attempt: int):
                             output_kind=ctx.info.output_kind, num_classes=ctx.job["num_classes"],
                             float_val_accuracy=ctx.job["float_val_accuracy"], epochs=epochs,
                             scheme=scheme, learning_rate=cfg["qat_learning_rate"], seed=cfg["seed"],
-                            qat_model=qat_model, custom_objects=ctx.source.custom_objects, log=ctx.log,
+                            qat_model=wrapped, prepared=prepared, custom_objects=ctx.source.custom_objects, log=ctx.log,
                             heartbeat=ctx.beat)
         ctx.phase("converting qat_int8")
         path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(res.model, ctx.calibration))

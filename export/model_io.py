@@ -52,7 +52,6 @@ class SourceModel:
         # What is converted and what tfmot's QAT gets: the tf_keras model, rewritten where the converters
         # need it (export.rewrite); ``original`` is the model as saved, what the float figures measure.
         self.keras2 = keras2
-        self.keras3 = keras3  # a Keras 3 model (rewritten as float32 when saved under mixed precision), or None
         self._keras = original if original is not None else keras2 if keras2 is not None else keras3
         self._converted = keras2 if keras2 is not None else keras3  # what the rewrites are checked on
         self.custom_objects = custom_objects or {}

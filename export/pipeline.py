@@ -116,7 +116,7 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
         job.update(stage=str(stage), arrays=str(work / "arrays"))
         rows = supervise(job, list(cfg.requested), work, stall_timeout=cfg.stall_timeout, debug=cfg.debug,
                          on_row=lambda row: log_row(row, accuracies[0], cfg, log), log=log)
-        preds = stored_predictions(stage, rows, arrays, compared["digest"])
+        preds = stored_predictions(stage, rows, arrays)
         checks = gate_checks(cfg, ds, arrays["ref_pred"], preds, compared["baseline"])
         report = build_report(stage, cfg, info, ds, rows, *accuracies, checks=checks)
         report["predictions"] = {"file": PREDICTIONS, "test_images_sha256": compared["digest"]}
@@ -146,7 +146,7 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
     return report
 
 
-def stored_predictions(stage: Path, rows: list[dict], arrays: dict, digest: str) -> dict:
+def stored_predictions(stage: Path, rows: list[dict], arrays: dict) -> dict:
     """Every built variant's per-image top-1 (and scores) in one ``predictions.npz`` in ``stage``, with the float
     model's and the labels: what a later export's --baseline reads. Returns {variant: top-1}."""
     store = {"labels": arrays["y_test"].astype(np.int16), "float": arrays["ref_pred"].astype(np.int16)}
@@ -163,11 +163,10 @@ def stored_predictions(stage: Path, rows: list[dict], arrays: dict, digest: str)
 
 def gate_checks(cfg: ExportConfig, ds, float_pred, preds: dict, baseline) -> list[dict]:
     """export.gate's checks: drift against the float model, and against the baseline and per class when asked."""
-    y, names = ds.y_test.astype(np.int64), list(ds.class_names)
-    checks = drift_checks(y, float_pred.astype(np.int64), preds, cfg.max_drop, cfg.gate)
+    y, names, float_pred = ds.y_test.astype(np.int64), list(ds.class_names), float_pred.astype(np.int64)
+    checks = drift_checks(y, float_pred, preds, cfg.max_drop, cfg.gate)
     if baseline is not None:
-        checks += baseline_checks(y, {"float": float_pred.astype(np.int64), **preds}, baseline["predictions"],
-                                  cfg.gate, names)
+        checks += baseline_checks(y, {"float": float_pred, **preds}, baseline["predictions"], cfg.gate, names)
     return checks + floor_checks(y, preds, cfg.gate, names)
 
 

@@ -147,21 +147,22 @@ def check_equivalent(model, prepared, images) -> None:
 
 def train_qat(model, x, y, x_val, y_val, *, output_kind: str, num_classes: int, float_val_accuracy: float,
               epochs: int, scheme: str, learning_rate: float = 1e-4, seed: int = 0, qat_model=None,
-              custom_objects: Optional[dict] = None, log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
+              prepared: Optional[tuple] = None, custom_objects: Optional[dict] = None,
+              log: Callable[[str], None] = print, heartbeat: Optional[Callable[[], None]] = None) -> QATResult:
     """Fine-tune the QAT model of ``scheme`` (``qat_model`` if already built, else built here) from the
     float weights; a diverged run is retried once, on a fresh build, at a tenth of the learning rate,
-    then QATDiverged is raised."""
+    then QATDiverged is raised. ``prepared``: for_qat(model)'s result when the caller has it already."""
     if epochs < 1:
         raise ValueError(f"qat_epochs: must be >= 1, got {epochs}")
     chance = 1.0 / num_classes
-    prepared, dropped = for_qat(model)
+    prepared, dropped = prepared if prepared is not None else for_qat(model)
     check_equivalent(model, prepared, x_val[:256])
     weighted = sum(1 for layer in prepared.layers if has_kernel(layer))
     left_float = float_layers(prepared, scheme)
     reasons = []
     for attempt, lr in enumerate((learning_rate, learning_rate / 10)):
         qat = qat_model if attempt == 0 and qat_model is not None else \
-            quantize_aware_model(model, scheme, custom_objects)
+            quantize_aware_model(model, scheme, custom_objects, prepared=prepared)
         quantized = count_quantized(qat)
         val_acc, loss, reason = fine_tune(qat, x, y, x_val, y_val, output_kind=output_kind, epochs=epochs,
                                           learning_rate=lr, seed=seed, log=log, heartbeat=heartbeat)

@@ -143,10 +143,11 @@ def float_layers(model, scheme: str) -> dict[str, str]:
     return out
 
 
-def quantize_aware_model(model, scheme: str = "default", custom_objects: Optional[dict] = None):
+def quantize_aware_model(model, scheme: str = "default", custom_objects: Optional[dict] = None, prepared=None):
     """``model`` (tf_keras) wrapped for quantisation-aware training with ``scheme`` (see SCHEMES), after
     export.qat_graph.for_qat (nested models inlined, inference-identity layers dropped, batch norm folded,
-    separable convolutions and unsupported activations split)."""
+    separable convolutions and unsupported activations split); ``prepared``: for_qat's model, when the
+    caller has it already (it is only cloned here, so one serves every scheme and retry)."""
     keras = import_keras()
     import tensorflow_model_optimization as tfmot
 
@@ -154,7 +155,7 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
         raise ValueError(f"scheme: unknown QAT scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     qk = tfmot.quantization.keras
     OutputQuantizeConfig, FusedActivationQuantizeConfig = quantize_configs()
-    model, _ = for_qat(model)
+    model = prepared if prepared is not None else for_qat(model)[0]
     registry = _registry()
 
     def annotate(layer):

@@ -139,13 +139,9 @@ def print_gate(report: dict) -> int:
     return 1 if failures else 0
 
 
-def add_speed_notes(rows: list[dict], drift: dict, float_acc: float, max_drop: float):
+def add_speed_notes(rows: list[dict]):
     """Each quantised variant slower than float32 gets its ``speed_note`` (export.ops), read from the files
     before intermediate ones are dropped; returns the error that stopped it, or None (never loses the export)."""
-    for r in rows:
-        if r["status"] == "ok":  # (fastest_within_gate needs the verdicts)
-            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else \
-                (float_acc - r["accuracy"]) * 100 <= max_drop
     try:
         notes = speed_notes(rows)
     except Exception as e:
@@ -161,7 +157,13 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
     into ``stage`` and drops intermediate files that were not asked for."""
     requested = set(cfg.requested)
     drift = {c["variant"]: c for c in checks if c["kind"] == "drift"}  # export.gate's, under --float-policy
-    speed_error = add_speed_notes(rows, drift, float_acc, cfg.max_drop)
+    for r in rows:  # each variant's verdict: built, and within the drift check (or --max-drop without one)
+        if r["status"] == "ok":
+            r["drop_pp"] = (float_acc - r["accuracy"]) * 100
+            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else r["drop_pp"] <= cfg.max_drop
+        else:  # skipped passes unless the variant was named (a named variant must be built)
+            r["passed"] = r["status"] == "skipped" and r["name"] not in cfg.explicit
+    speed_error = add_speed_notes(rows)
     # Intermediate files (int8 built for onnx_int8 or int8_selective, float ONNX for onnx_int8) only
     # ship when they were asked for.
     for f in list(stage.iterdir()):
@@ -171,8 +173,6 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
     float32_size = ok["float32"]["size_bytes"] if "float32" in ok else None
     for r in rows:
         if r["status"] == "ok":
-            r["drop_pp"] = (float_acc - r["accuracy"]) * 100
-            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else r["drop_pp"] <= cfg.max_drop
             r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
             # What an app needs to feed and read the model.
             write_json(stage / f"{Path(r['path']).name}.json",
@@ -180,10 +180,6 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
                         "output": r["output"], "output_kind": info.output_kind,
                         "apply_softmax": info.output_kind == "logits",
                         "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt"})
-        elif r["status"] == "skipped":
-            r["passed"] = r["name"] not in cfg.explicit  # a named variant must be built
-        else:
-            r["passed"] = False
     failed = [r["name"] for r in rows if not r["passed"]]
     failed_checks = [c["name"] for c in checks if not c["passed"] and c["kind"] != "drift"]
     report = {
