@@ -92,6 +92,16 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
                    help="fail a variant whose recall of any class is more than this many points under the baseline's, "
                         "significantly")
     g.add_argument("--junit", default=None, metavar="PATH", help="write JUnit XML, one test case per check")
+    t = p.add_argument_group("device budgets (export.targets; TFLite Micro's figures are measured with or without them)")
+    t.add_argument("--target", action="append", default=None, metavar="NAME",
+                   help="fail a TFLite variant that does not fit or run on this device (repeatable): "
+                        "cortex-m4, cortex-m7, esp32-s3, phone, or one from --targets-file")
+    t.add_argument("--targets-file", default=None, metavar="FILE",
+                   help="a TOML file of your own device profiles, in the form of export/targets.toml")
+    t.add_argument("--ram-kb", type=float, default=None, help="a custom target's RAM budget for the tensor arena, KB")
+    t.add_argument("--flash-kb", type=float, default=None, help="a custom target's flash budget for the file, KB")
+    t.add_argument("--micro-samples", type=int, default=d["micro_samples"],
+                   help="test images each TFLite variant runs in TFLite Micro, to compare with LiteRT")
     return p
 
 
@@ -138,7 +148,8 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
                                    f"(use python -m export for all formats)")
     gate, gate_max_drop = gate_config(args)
     return ExportConfig(
-        baseline=args.baseline, gate=gate, junit=args.junit,
+        baseline=args.baseline, gate=gate, junit=args.junit, targets=tuple(args.target or ()),
+        targets_file=args.targets_file, ram_kb=args.ram_kb, flash_kb=args.flash_kb, micro_samples=args.micro_samples,
         model=args.model, custom_objects=args.custom_objects, data=args.data, out=args.out, variants=variants,
         max_drop=args.max_drop if args.max_drop is not None else gate_max_drop if gate_max_drop is not None else
         ExportConfig.max_drop,

@@ -31,10 +31,12 @@ from export.card import write_model_card
 from export.config import ExportConfig
 from export.errors import ExportInputError
 from export.gate import baseline_checks, drift_checks, floor_checks, images_digest
+from export.micro import measure_variants
 from export.model_io import load_source_model
 from export.outputs import class_predictions, inspect_model
 from export.report import build_report
 from export.supervisor import supervise
+from export.targets import target_checks
 from toolkit.data import load_dataset, seeded_subset, split_validation
 from toolkit.outputs import write_json, write_text
 
@@ -97,7 +99,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
            "num_classes": ds.num_classes, "float_accuracy": float_acc, "float_val_accuracy": float_val_acc,
            "debug": cfg.debug, "keras3_model": str(Path(cfg.model).resolve()) if info.keras == 3 else None}
     return stage_and_build(cfg, job, arrays, ds, info, (float_acc, float_val_acc), log, t_start,
-                           {"digest": digest, "baseline": baseline})
+                           {"digest": digest, "baseline": baseline, "targets": cfg.device_targets()})
 
 
 def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accuracies, log, t_start: float,
@@ -117,8 +119,10 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
         rows = supervise(job, list(cfg.requested), work, stall_timeout=cfg.stall_timeout, debug=cfg.debug,
                          on_row=lambda row: log_row(row, accuracies[0], cfg, log), log=log)
         preds = stored_predictions(stage, rows, arrays)
-        checks = gate_checks(cfg, ds, arrays["ref_pred"], preds, compared["baseline"])
-        report = build_report(stage, cfg, info, ds, rows, *accuracies, checks=checks)
+        measure_variants(rows, arrays["x_test"], arrays["y_test"], preds, cfg.micro_samples, cfg.stall_timeout, log)
+        checks = (gate_checks(cfg, ds, arrays["ref_pred"], preds, compared["baseline"])
+                  + target_checks(rows, compared["targets"]))
+        report = build_report(stage, cfg, info, ds, rows, *accuracies, checks=checks, targets=compared["targets"])
         report["predictions"] = {"file": PREDICTIONS, "test_images_sha256": compared["digest"]}
         if compared["baseline"] is not None:
             report["baseline"] = compared["baseline"]["source"]

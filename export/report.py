@@ -7,8 +7,13 @@ import os
 from pathlib import Path
 
 from export.ops import fastest_within_gate, speed_notes
+from export.targets import render_targets
 from toolkit.outputs import git_revision, write_json, write_text
 from toolkit.plots import pyplot, save_figure
+
+
+# What each variant's sidecar says of each target: enough for the app to size its arena.
+_SIDECAR_FIT = ("fits", "runs", "arena_bytes", "flash_bytes", "ram_left_bytes", "flash_left_bytes", "missing_ops", "why")
 
 
 def render_markdown(report: dict) -> str:
@@ -69,6 +74,7 @@ def render_markdown(report: dict) -> str:
               f"{report['config']['latency_runs']} runs after warm-up; TFLite in LiteRT, ONNX in ONNX Runtime (CPU).",
               "Drop: float accuracy minus variant accuracy, in percentage points. Agreement: share of test images "
               "where the variant's top-1 class equals the float model's.", ""]
+    lines += render_targets(report)
     return "\n".join(lines)
 
 
@@ -122,7 +128,7 @@ def gate_summary(report: dict) -> tuple[list[str], list[str]]:
     if not failures:
         base = [c for c in report.get("checks", []) if c["kind"] != "drift"]
         out.append(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
-                   f"({report['float_accuracy']:.4f})" + (f"; {len(base)} baseline and class checks passed" if base else ""))
+                   f"({report['float_accuracy']:.4f})" + (f"; {len(base)} baseline, class and device checks passed" if base else ""))
     return out, failures
 
 
@@ -152,7 +158,7 @@ def add_speed_notes(rows: list[dict]):
 
 
 def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float,
-                 checks: list = ()) -> dict:
+                 checks: list = (), targets: list = ()) -> dict:
     """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
     into ``stage`` and drops intermediate files that were not asked for."""
     requested = set(cfg.requested)
@@ -179,7 +185,10 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
                        {"variant": r["name"], "file": Path(r["path"]).name, "input": r["input"],
                         "output": r["output"], "output_kind": info.output_kind,
                         "apply_softmax": info.output_kind == "logits",
-                        "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt"})
+                        "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt",
+                        **({"tflite_micro": r["micro"]} if r.get("micro") else {}),
+                        **({"targets": {c["target"]: {k: c[k] for k in _SIDECAR_FIT} for c in checks
+                                        if c["kind"] == "target" and c["variant"] == r["name"]}} if targets else {})})
     failed = [r["name"] for r in rows if not r["passed"]]
     failed_checks = [c["name"] for c in checks if not c["passed"] and c["kind"] != "drift"]
     report = {
@@ -197,6 +206,7 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
         "failed_checks": failed_checks,  # against the baseline, per class (export.gate)
         "gate": {**cfg.gate.to_dict(), "max_drop_pp": cfg.max_drop},
         "checks": list(checks),
+        "targets": [t.to_dict() for t in targets],  # device profiles checked (export.targets)
         "built": [r["name"] for r in rows if r["status"] == "ok"],
         "skipped": {r["name"]: r["reason"] for r in rows if r["status"] == "skipped"},
         "variants": rows,

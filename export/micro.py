@@ -1,0 +1,268 @@
+"""Measure a .tflite file in TensorFlow Lite for Microcontrollers: the real interpreter (the ``tflite-micro``
+package, TFLM's reference kernels and its all-ops resolver), run on this machine.
+
+For each file: the ops it uses, those TFLM has no kernel for (every one, not only the first), whether it
+allocates and runs (and if not, TFLM's own reason, one line), the tensor arena it needs (TFLM's recording
+allocator, then checked: the file allocates in exactly that many bytes and not in one byte less), and its top-1
+on sample images, to compare with LiteRT's.
+
+Each file is measured in a child process (``python -m export.micro``): TFLM prints its errors from C++ on the
+process's stderr, and a crash or hang in its kernels costs that one measurement, never the export.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PROBE_ARENA = 16 * 1024 * 1024  # large enough for any model a microcontroller could hold; the need is recorded
+_STAND_IN = 0  # BuiltinOperator ADD: what a missing op is renamed to, to find the next missing one
+
+
+def measure_micro(path, x_uint8=None, timeout: float = 600.0) -> dict:
+    """What TFLM says of the .tflite at ``path`` (see probe); ``x_uint8`` (N, H, W, C raw pixels) are run one
+    by one for their top-1. A child that crashes or hangs gives ``{"runs": False, "reason": ...}``."""
+    with tempfile.TemporaryDirectory(prefix="micro-") as tmp:
+        cmd = [sys.executable, "-m", "export.micro", str(path), "--out", os.path.join(tmp, "result.json")]
+        if x_uint8 is not None and len(x_uint8):
+            np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(x_uint8))
+            cmd += ["--images", os.path.join(tmp, "images.npy")]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"runs": False, "reason": f"TFLite Micro did not finish within {timeout:g} s"}
+        result = Path(tmp, "result.json")
+        if proc.returncode != 0 or not result.exists():
+            tail = " ".join(proc.stderr.split())[-300:]
+            return {"runs": False, "reason": f"TFLite Micro's process exited with status {proc.returncode}: {tail}"}
+        return json.loads(result.read_text())
+
+
+def measure_variants(rows: list[dict], x_test, y_test, preds: dict, samples: int, timeout: float, log=print) -> None:
+    """Each built .tflite's TFLM figures as ``row["micro"]``; on the first ``samples`` test images, its accuracy
+    in TFLM and its top-1 agreement with LiteRT's (``preds``: each variant's LiteRT top-1 on the test split)."""
+    n = min(int(samples), len(x_test))
+    for r in rows:
+        if r["status"] != "ok" or r["format"] != "tflite":
+            continue
+        m = measure_micro(r["path"], x_test[:n] if n else None, timeout)
+        top1 = m.pop("top1", None)
+        if top1 is not None and r["name"] in preds:
+            top1, litert, y = np.asarray(top1), preds[r["name"]][:n], np.asarray(y_test[:n])
+            m.update(samples=n, accuracy=float(np.mean(top1 == y)), litert_accuracy=float(np.mean(litert == y)),
+                     agreement_with_litert=float(np.mean(top1 == litert)))
+        r["micro"] = m
+        log(f"  {r['name']:<14} TFLite Micro: " + (
+            f"arena {m['arena_bytes']:,} B" + (f", agrees with LiteRT on {m['agreement_with_litert']:.1%} of {n}"
+                                               if "samples" in m else "")
+            if m.get("runs") else f"does not run: {m.get('reason')}"))
+
+
+def probe(model: bytes, images=None) -> dict:
+    """{"ops", "missing_ops", "runs", "reason", "arena_bytes", "top1"} of one model, in this process."""
+    ops = op_names(model)
+    missing = missing_ops(model)
+    out = {"ops": ops, "missing_ops": missing, "runs": False, "reason": None, "arena_bytes": None}
+    if missing:
+        out["reason"] = f"TFLite Micro has no kernel for {', '.join(missing)}"
+        return out
+    interp, log = _allocate(model, PROBE_ARENA)
+    if interp is None:
+        out["reason"] = _reason(log)
+        return out
+    d = interp.get_input_details(0)
+    try:
+        _, log = _captured(lambda: (interp.set_input(np.zeros(d["shape"], d["dtype"]), 0), interp.invoke(),
+                                    interp.print_allocations()))
+    except RuntimeError:
+        out["reason"] = _reason(log)
+        return out
+    total = re.search(r"Arena allocation total (\d+) bytes", log)
+    arena = int(total.group(1)) if total else None
+    if arena is not None:
+        # The recorded figure is the one to allocate: it must allocate, and one byte less must not.
+        exact, _ = _allocate(model, arena)
+        short, _ = _allocate(model, arena - 1)
+        out["arena_checked"] = exact is not None and short is None
+    out.update(runs=True, arena_bytes=arena, input=_spec(d))
+    if images is not None:
+        out["top1"] = [int(v) for v in run_images(interp, images)]
+    return out
+
+
+def run_images(interp, x_uint8: np.ndarray) -> np.ndarray:
+    """Top-1 of each image, one invocation each (a microcontroller runs batch 1), raw pixels quantised as the
+    input asks."""
+    d = interp.get_input_details(0)
+    dtype = np.dtype(d["dtype"])
+    q = d.get("quantization_parameters") or {}
+    scales, zps = list(q.get("scales", [])), list(q.get("zero_points", []))
+    shape = list(d["shape"])
+    out = []
+    for img in x_uint8:
+        x = img.astype(np.float32)[None]
+        if dtype.kind in "iu" and scales and scales[0]:
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scales[0] + zps[0]), info.min, info.max)
+        interp.set_input(x.astype(dtype).reshape(shape), 0)
+        interp.invoke()
+        out.append(int(np.argmax(interp.get_output(0).reshape(-1))))
+    return np.array(out, np.int64)
+
+
+def op_names(model: bytes) -> list[str]:
+    """The op of every operator in the model's subgraphs, in first-use order (custom ops by their name)."""
+    m = _model_object(model)
+    codes, names = m.operatorCodes or [], []
+    for sg in m.subgraphs or []:
+        for op in sg.operators or []:
+            name = _code_name(codes[op.opcodeIndex])
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def missing_ops(model: bytes, limit: int = 64) -> list[str]:
+    """Every op TFLM's resolver has no kernel for. TFLM names only the first; that op is renamed to one it has
+    and the model resolved again, until all resolve (kernels are looked up for every op before any is run)."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    m, missing, blob = None, [], model
+    for _ in range(limit):
+        _, log = _captured(lambda: _try(runtime, blob))
+        found = re.search(r"Didn't find op for (?:builtin|custom) opcode '([^']+)'", log)
+        if not found:
+            return missing
+        missing.append(found.group(1))
+        m = m or _model_object(model)
+        for code in m.operatorCodes:
+            if _code_name(code) == found.group(1):
+                code.builtinCode, code.deprecatedBuiltinCode, code.customCode = _STAND_IN, _STAND_IN, None
+        blob = _pack(m)
+    return missing
+
+
+def _try(runtime, blob: bytes):
+    try:
+        return runtime.Interpreter.from_bytes(blob, arena_size=PROBE_ARENA)
+    except RuntimeError:
+        return None
+
+
+def _allocate(model: bytes, arena: int):
+    from tflite_micro.python.tflite_micro import runtime
+
+    def make():
+        try:
+            return runtime.Interpreter.from_bytes(model, arena_size=arena)
+        except RuntimeError:
+            return None
+
+    return _captured(make)
+
+
+def _captured(fn):
+    """(fn(), what C++ printed on stderr meanwhile): TFLM reports through the process's file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            value = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        return value, f.read().decode(errors="replace")
+
+
+# TFLM's checks that fail on files made for phones, in words a user acts on (TFLM's own follow in brackets).
+_KNOWN = ((re.compile(r"Hybrid models are not supported"),
+           "a dynamic-range (hybrid) file: TFLite Micro has no kernels for float activations with int8 weights"),
+          (re.compile(r"Node DEQUANTIZE .*failed to prepare"),
+           "float16 weights: TFLite Micro's DEQUANTIZE takes only int8, int16 and uint8 tensors"))
+
+
+def _reason(log: str) -> str:
+    """Why TFLM refused the file, one line: a known cause in words, then TFLM's own (the node it stopped at)."""
+    lines = [re.sub(r"^tensorflow/\S+\.cc(:\d+)?\s+", "", ln.strip()) for ln in log.splitlines()
+             if ln.strip() and not ln.startswith("[RecordingMicroAllocator]")]
+    own = "; ".join(lines[:3]) or "TFLite Micro failed to allocate the tensors"
+    for pattern, words in _KNOWN:
+        if pattern.search(log):
+            node = next((ln for ln in lines if ln.startswith("Node ")), own)
+            return f"{words} (TFLM: {node})"
+    return own
+
+
+def _spec(d: dict) -> dict:
+    q = d.get("quantization_parameters") or {}
+    scales = [float(s) for s in q.get("scales", [])]
+    return {"dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape"]],
+            "scale": scales[0] if scales else None,
+            "zero_point": int(q["zero_points"][0]) if scales else None}
+
+
+def _model_object(model: bytes):
+    from tflite_micro.python.tflite_micro import runtime
+
+    return runtime.convert_bytearray_to_object(bytearray(model))
+
+
+def _code_name(code) -> str:
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    value = max(code.builtinCode, code.deprecatedBuiltinCode)
+    if value == schema.BuiltinOperator.CUSTOM:
+        return (code.customCode or b"CUSTOM").decode() if isinstance(code.customCode, bytes) else str(code.customCode)
+    return _builtin_names().get(value, str(value))
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_names() -> dict:
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def _pack(m) -> bytes:
+    import flatbuffers
+
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m export.micro",
+                                description="Measure a .tflite file in TensorFlow Lite for Microcontrollers.")
+    p.add_argument("model", help=".tflite file")
+    p.add_argument("--images", default=None, help=".npy of raw uint8 images (N, H, W, C) to run")
+    p.add_argument("--out", default=None, help="write the result here as JSON (default: print it)")
+    args = p.parse_args(argv)
+    try:
+        model = Path(args.model).read_bytes()
+    except OSError as e:
+        print(f"error: {args.model}: {e.strerror}", file=sys.stderr)
+        return 2
+    result = probe(model, np.load(args.images) if args.images else None)
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
