@@ -424,11 +424,22 @@ def report_line(name: str, rc: int, report: dict) -> dict:
         "onnx_int8 %": acc("onnx_int8"), "onnx_int8 route": by.get("onnx_int8", {}).get("route") or "-",
         "int8 / float32 p50": f"{by['int8']['latency_ms_p50'] / by['float32']['latency_ms_p50']:.2f}x"
         if by.get("int8", {}).get("status") == "ok" and by.get("float32", {}).get("status") == "ok" else "-",
+        "int8 in TFLite Micro": micro_cell(by.get("int8", {}).get("micro")),
         "speed notes": "; ".join(v["speed_note"]["text"].replace("`", "") for v in report.get("variants", [])
                                  if v.get("speed_note")) or "-",
         "why skipped or failed": "; ".join(f"{v['name']}: {v['reason']}" for v in report.get("variants", [])
                                            if v["status"] != "ok" and v["name"] != "int8_selective") or "-",
     }
+
+
+def micro_cell(m) -> str:
+    """The int8 file in TensorFlow Lite for Microcontrollers (export.micro): its arena and agreement, or why not."""
+    if not m:
+        return "-"
+    if not m.get("runs"):
+        return f"no: {m.get('reason')}"
+    return f"arena {m['arena_bytes'] / 1024:,.1f} KB" + (
+        f", agrees with LiteRT on {m['agreement_with_litert']:.1%} of {m['samples']}" if "samples" in m else "")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -446,7 +457,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--n-test", type=int, default=2000, help="test images of the subset")
     p.add_argument("--epochs", type=int, default=4, help="training epochs of each zoo model")
     p.add_argument("--models", default=",".join(ZOO))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="writes export_zoo.{json,md} here")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="writes NAME.{json,md} here")
+    p.add_argument("--name", default="export_zoo", help="the results' file name (a run of some models: another name)")
     p.add_argument("--export-args", default="--qat-epochs 1 --latency-runs 50",
                    help="extra arguments for every python -m export")
     args = p.parse_args(argv)
@@ -473,8 +485,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "git_revision": git_revision(),
             "command": f"python benchmarks/export_zoo.py {' '.join(argv if argv is not None else sys.argv[1:])}"}
-    (out / "export_zoo.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
-    (out / "export_zoo.md").write_text(f"`{meta['command']}` ({meta['date']}, git {meta['git_revision']}, "
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+    (out / f"{args.name}.md").write_text(f"`{meta['command']}` ({meta['date']}, git {meta['git_revision']}, "
                                        f"{meta['machine']})\n\n" + table + "\n")
     return 0
 
