@@ -49,6 +49,22 @@ def test_edge_resnet_has_the_edge_layers():
     assert {"BatchNormalization", "Add", "DepthwiseConv2D", "Dropout", "GlobalAveragePooling2D"} <= kinds
 
 
+def test_resnet8_is_mlperf_tinys():
+    """MLPerf Tiny's image-classification ResNet-8: 78,666 parameters, 12.5 M multiply-accumulates at 32x32x3."""
+    m = make_model("resnet8")
+    assert m.count_params() == 78_666
+    convs = [l for l in m.layers if l.__class__.__name__ == "Conv2D"]
+    assert [(l.filters, l.kernel_size, l.strides) for l in convs] == [
+        (16, (3, 3), (1, 1)), (16, (3, 3), (1, 1)), (16, (3, 3), (1, 1)),
+        (32, (3, 3), (2, 2)), (32, (3, 3), (1, 1)), (32, (1, 1), (2, 2)),
+        (64, (3, 3), (2, 2)), (64, (3, 3), (1, 1)), (64, (1, 1), (2, 2))]
+    assert all(l.kernel_regularizer.get_config()["l2"] == pytest.approx(1e-4) for l in convs)
+    macs = sum(int(np.prod(l.kernel.shape)) * l.output_shape[1] * l.output_shape[2] for l in convs)
+    macs += sum(int(np.prod(l.kernel.shape)) for l in m.layers if l.__class__.__name__ == "Dense")
+    assert macs == 12_501_632
+    assert m.layers[-1].output_shape == (None, 10) and m.layers[1].scale == pytest.approx(1 / 255)
+
+
 def test_unknown_model_names_the_argument():
     with pytest.raises(ValueError, match="model: unknown model 'resnet9000'"):
         make_model("resnet9000")

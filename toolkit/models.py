@@ -75,7 +75,35 @@ def edge_resnet(input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: in
     return keras.Model(inp, out, name="edge_resnet")
 
 
-MODELS: dict[str, Callable] = {"seed_cnn": seed_cnn, "edge_resnet": edge_resnet}
+def resnet8(input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = 10):
+    """MLPerf Tiny's image-classification model (its reference ``resnet_v1_eembc``): a 16-filter 3x3 stem, then
+    three residual stages of 16, 32 and 64 filters (two 3x3 convolutions each with batch norm; the last two stages
+    stride 2 with a 1x1 projection shortcut), global average pooling and a softmax Dense; He-normal
+    initialisation, L2 1e-4 on every convolution. 78,666 parameters and 12.5 million multiply-accumulates for
+    32x32x3 and 10 classes (tests/test_models.py counts both from the model)."""
+    keras = import_keras()
+    L, l2 = keras.layers, keras.regularizers.l2(1e-4)
+
+    def conv(filters, size, strides, name):
+        return L.Conv2D(filters, size, strides=strides, padding="same", kernel_initializer="he_normal",
+                        kernel_regularizer=l2, name=name)
+
+    inp = keras.Input(shape=input_shape, name="image")
+    x = L.Rescaling(1.0 / 255, name="rescale")(inp)
+    x = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(conv(16, 3, 1, "stem_conv")(x)))
+    for i, (filters, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
+        y = conv(filters, 3, stride, f"s{i}_conv1")(x)
+        y = L.ReLU(name=f"s{i}_relu1")(L.BatchNormalization(name=f"s{i}_bn1")(y))
+        y = L.BatchNormalization(name=f"s{i}_bn2")(conv(filters, 3, 1, f"s{i}_conv2")(y))
+        if stride != 1:
+            x = conv(filters, 1, stride, f"s{i}_proj")(x)
+        x = L.ReLU(name=f"s{i}_out")(L.Add(name=f"s{i}_add")([x, y]))
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    out = L.Dense(num_classes, activation="softmax", kernel_initializer="he_normal", name="probs")(x)
+    return keras.Model(inp, out, name="resnet8")
+
+
+MODELS: dict[str, Callable] = {"seed_cnn": seed_cnn, "edge_resnet": edge_resnet, "resnet8": resnet8}
 
 
 def make_model(name: str, input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = 10):
