@@ -47,13 +47,15 @@ def measure_micro(path, x_uint8=None, timeout: float = 600.0) -> dict:
 
 
 def measure_variants(rows: list[dict], x_test, y_test, preds: dict, samples: int, timeout: float, log=print) -> None:
-    """Each built .tflite's TFLM figures as ``row["micro"]``; on the first ``samples`` test images, its accuracy
-    in TFLM and its top-1 agreement with LiteRT's (``preds``: each variant's LiteRT top-1 on the test split)."""
+    """Each built .tflite's TFLM figures as ``row["micro"]``; for the integer ones (what a microcontroller runs),
+    on the first ``samples`` test images, its accuracy in TFLM and its top-1 agreement with LiteRT's (``preds``:
+    each variant's LiteRT top-1 on the test split): TFLM's integer kernels round differently from LiteRT's."""
     n = min(int(samples), len(x_test))
     for r in rows:
         if r["status"] != "ok" or r["format"] != "tflite":
             continue
-        m = measure_micro(r["path"], x_test[:n] if n else None, timeout)
+        integer = np.dtype(r["input"]["dtype"]).kind in "iu"
+        m = measure_micro(r["path"], x_test[:n] if n and integer else None, timeout)
         top1 = m.pop("top1", None)
         if top1 is not None and r["name"] in preds:
             top1, litert, y = np.asarray(top1), preds[r["name"]][:n], np.asarray(y_test[:n])

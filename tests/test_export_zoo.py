@@ -21,7 +21,7 @@ import export_zoo  # noqa: E402
 
 from export.variants import ALL_VARIANTS  # noqa: E402
 
-EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size", "100",
+EXPORT_ARGS = ["--qat-epochs", "1", "--latency-runs", "10", "--calibration-size", "100", "--micro-samples", "50",
                # tfmot's default scheme loops forever on some graphs: do not wait the default 120 s for it
                "--qat-build-timeout", "30"]
 
