@@ -97,7 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d["epochs"].default)
     g.add_argument("--batch-size", type=int, default=d["batch_size"].default,
                    help="global batch size, split evenly across workers")
-    g.add_argument("--learning-rate", type=float, default=d["learning_rate"].default, help="Adam learning rate")
+    g.add_argument("--learning-rate", type=float, default=d["learning_rate"].default,
+                   help="the step for the global batch (the schedule's peak), whatever the worker layout")
+    from toolkit.config import OPTIMIZERS, SCHEDULES
+    from toolkit.recipes import RECIPES
+
+    g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="a named set of training choices (toolkit/recipes.py); options given here override it")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default)
+    g.add_argument("--momentum", type=float, default=d["momentum"].default, help="SGD's Nesterov momentum")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"].default,
+                   help="cosine: linear warm-up over --warmup-epochs, then cosine decay to zero; exponential: times "
+                        "--decay-per-epoch after every epoch")
+    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"].default)
+    g.add_argument("--decay-per-epoch", type=float, default=d["decay_per_epoch"].default)
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"].default, help="decoupled weight decay")
+    g.add_argument("--label-smoothing", type=float, default=d["label_smoothing"].default)
     g.add_argument("--patience", type=int, default=d["patience"].default,
                    help="early stopping: epochs without validation improvement (0 = off)")
     g.add_argument("--seed", type=int, default=d["seed"].default)
@@ -158,12 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; with --smoke-test, SMOKE_TEST replaces the defaults, so options given
-    explicitly (say --epochs 3) still win."""
+    """Parse the command line; --recipe's choices, then --smoke-test's SMOKE_TEST, replace the defaults, so
+    options given explicitly (say --epochs 3) still win."""
+    from toolkit.recipes import recipe_defaults
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.smoke_test:
-        parser.set_defaults(**SMOKE_TEST)
+    if args.recipe or args.smoke_test:
+        parser.set_defaults(**{**(recipe_defaults(args.recipe) if args.recipe else {}),
+                               **(SMOKE_TEST if args.smoke_test else {})})
         args = parser.parse_args(argv)
     return args
 

@@ -22,6 +22,8 @@ def default_cache_dir() -> str:
 
 
 GRAD_DTYPES = ("float32", "float16", "bfloat16")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "exponential")
 
 
 @dataclass
@@ -74,6 +76,21 @@ class TrainConfig:
     # Adam's default 1e-3 is tuned for batch 32; at batch 256 a larger step reaches the same
     # accuracy in fewer epochs (measured, docs/training.md).
     learning_rate: float = 2e-3
+    # Named training choices (toolkit.recipes, jobs/train.py --recipe): None = the fields as they stand here.
+    # Recorded with the run, so a model says how it was made.
+    recipe: Optional[str] = None
+    # "adam" (the tutorial's) or "sgd" (with Nesterov momentum: the fast recipe's).
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    # The learning rate over the run: "constant"; "cosine" (linear warm-up over warmup_epochs, then cosine decay
+    # to zero at the last epoch); "exponential" (times decay_per_epoch after every epoch: MLPerf Tiny's).
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    decay_per_epoch: float = 0.99
+    # Decoupled weight decay (the optimizer's own, scaled by the learning rate); 0 = none, as the tutorial.
+    weight_decay: float = 0.0
+    # Cross-entropy against targets smoothed by this much; 0 = the tutorial's hard targets.
+    label_smoothing: float = 0.0
     # Stop when validation accuracy has not improved for this many epochs (0 = never).
     # The best-validation weights are restored either way.
     patience: int = 0
@@ -181,6 +198,17 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"weight_decay and warmup_epochs must be >= 0 and momentum in [0, 1), got "
+                             f"{self.weight_decay}, {self.warmup_epochs}, {self.momentum}")
+        if not 0.0 < self.decay_per_epoch <= 1.0:
+            raise ValueError(f"decay_per_epoch must be in (0, 1], got {self.decay_per_epoch}")
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.limit is not None and self.limit < 1:

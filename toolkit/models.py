@@ -228,12 +228,15 @@ def check_model(model, spec: str, input_shape, num_classes: int):
                      "probabilities: end the model with softmax, or with no activation (logits get a softmax)")
 
 
-def compile_model(model, learning_rate: float, steps_per_execution: int = 1) -> None:
-    """Adam, categorical cross-entropy, and the tutorial's metrics (accuracy, precision, recall)."""
+def compile_model(model, optimizer, steps_per_execution: int = 1, label_smoothing: float = 0.0) -> None:
+    """Categorical cross-entropy and the tutorial's metrics (accuracy, precision, recall); ``optimizer`` a
+    Keras optimizer (toolkit.recipes.make_optimizer) or a learning rate for the tutorial's Adam."""
     keras = import_keras()
+    if isinstance(optimizer, (int, float)):
+        optimizer = keras.optimizers.Adam(learning_rate=optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="categorical_crossentropy",
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy", keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall")],
         steps_per_execution=steps_per_execution,
     )

@@ -36,3 +36,32 @@ def recipe_defaults(name: str) -> dict:
     if name not in RECIPES:
         raise ValueError(f"recipe: unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     return dict(RECIPES[name])
+
+
+def learning_rate_schedule(cfg, steps_per_epoch: int):
+    """``cfg.learning_rate`` as a Keras schedule over ``cfg.epochs`` epochs of ``steps_per_epoch`` steps (or the
+    constant). Built-in schedules: they are saved with the model, so a resumed run continues its schedule from the
+    optimizer's step count."""
+    from toolkit.tf import import_keras
+
+    schedules = import_keras().optimizers.schedules
+    lr = cfg.learning_rate
+    if cfg.schedule == "cosine":
+        warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        total = max(cfg.epochs * steps_per_epoch - warmup, 1)
+        return schedules.CosineDecay(0.0 if warmup else lr, total, alpha=0.0, warmup_target=lr if warmup else None,
+                                     warmup_steps=warmup)
+    if cfg.schedule == "exponential":
+        return schedules.ExponentialDecay(lr, steps_per_epoch, cfg.decay_per_epoch, staircase=True)
+    return lr
+
+
+def make_optimizer(cfg, steps_per_epoch: int):
+    """The optimizer ``cfg`` (a toolkit.config.TrainConfig) asks for, on its learning_rate_schedule."""
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    lr, decay = learning_rate_schedule(cfg, steps_per_epoch), cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum, nesterov=True, weight_decay=decay)
+    return keras.optimizers.Adam(learning_rate=lr, weight_decay=decay)

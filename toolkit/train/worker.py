@@ -111,6 +111,7 @@ def build_or_restore(run: WorkerRun, config: dict, image_shape, num_classes: int
     import ray.train
 
     from toolkit.models import build_model, compile_model
+    from toolkit.recipes import make_optimizer
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -121,7 +122,8 @@ def build_or_restore(run: WorkerRun, config: dict, image_shape, num_classes: int
         content = config.get("model_file")
         content = ray.get(content) if isinstance(content, ray.ObjectRef) else content
         model = build_model(run.cfg.model, image_shape, num_classes, content, run.cfg.custom_objects)
-        compile_model(model, run.cfg.learning_rate, run.cfg.steps_per_execution)
+        compile_model(model, make_optimizer(run.cfg, run.steps_per_epoch), run.cfg.steps_per_execution,
+                      label_smoothing=run.cfg.label_smoothing)
     install_train_step(model, accumulate_steps=run.cfg.accumulate_steps, grad_dtype=run.cfg.grad_dtype, options=options,
                        deferred_metrics=False if run.cfg.step_metrics else None)
     return model
