@@ -157,6 +157,23 @@ def add_speed_notes(rows: list[dict]):
     return None
 
 
+def write_sidecars(stage: Path, rows: list[dict], info, checks) -> None:
+    """Each built file's ``.json``: what an app needs to feed and read the model, its TFLite Micro figures
+    (the arena to allocate) and, when targets were checked (``checks``), whether it fits each."""
+    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+    float32_size = ok["float32"]["size_bytes"] if "float32" in ok else None
+    for r in ok.values():
+        r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
+        write_json(stage / f"{Path(r['path']).name}.json",
+                   {"variant": r["name"], "file": Path(r["path"]).name, "input": r["input"],
+                    "output": r["output"], "output_kind": info.output_kind,
+                    "apply_softmax": info.output_kind == "logits",
+                    "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt",
+                    **({"tflite_micro": r["micro"]} if r.get("micro") else {}),
+                    **({"targets": {c["target"]: {k: c[k] for k in _SIDECAR_FIT} for c in checks
+                                    if c["kind"] == "target" and c["variant"] == r["name"]}} if checks is not None else {})})
+
+
 def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float,
                  checks: list = (), targets: list = ()) -> dict:
     """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
@@ -175,20 +192,7 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
     for f in list(stage.iterdir()):
         if f.is_file() and f.suffix in (".tflite", ".onnx") and (f.stem not in requested or ".part" in f.name):
             f.unlink()
-    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
-    float32_size = ok["float32"]["size_bytes"] if "float32" in ok else None
-    for r in rows:
-        if r["status"] == "ok":
-            r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
-            # What an app needs to feed and read the model.
-            write_json(stage / f"{Path(r['path']).name}.json",
-                       {"variant": r["name"], "file": Path(r["path"]).name, "input": r["input"],
-                        "output": r["output"], "output_kind": info.output_kind,
-                        "apply_softmax": info.output_kind == "logits",
-                        "apply_sigmoid": info.output_kind == "sigmoid_logit", "labels": "labels.txt",
-                        **({"tflite_micro": r["micro"]} if r.get("micro") else {}),
-                        **({"targets": {c["target"]: {k: c[k] for k in _SIDECAR_FIT} for c in checks
-                                        if c["kind"] == "target" and c["variant"] == r["name"]}} if targets else {})})
+    write_sidecars(stage, rows, info, checks if targets else None)
     failed = [r["name"] for r in rows if not r["passed"]]
     failed_checks = [c["name"] for c in checks if not c["passed"] and c["kind"] != "drift"]
     report = {
