@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from junitparser import JUnitXml
 
-from tests.conftest import export_in_process, require_shared_cifar
+from conftest import export_in_process, require_shared_cifar
 
 
 def test_every_tflite_variant_is_measured_in_tflite_micro(full_export):
