@@ -27,14 +27,14 @@ PROBE_ARENA = 16 * 1024 * 1024  # large enough for any model a microcontroller c
 _STAND_IN = 0  # BuiltinOperator ADD: what a missing op is renamed to, to find the next missing one
 
 
-def measure_micro(path, x_uint8=None, timeout: float = 600.0) -> dict:
-    """What TFLM says of the .tflite at ``path`` (see probe); ``x_uint8`` (N, H, W, C raw pixels) are run one
-    by one for their top-1. A child that crashes or hangs gives ``{"runs": False, "reason": ...}``."""
+def measure_micro(path, images: str | None = None, timeout: float = 600.0) -> dict:
+    """What TFLM says of the .tflite at ``path`` (see probe); the raw uint8 images (N, H, W, C) in the .npy file
+    ``images`` are run one by one for their output scores. A child that crashes or hangs gives
+    ``{"runs": False, "reason": ...}``."""
     with tempfile.TemporaryDirectory(prefix="micro-") as tmp:
         cmd = [sys.executable, "-m", "export.micro", str(path), "--out", os.path.join(tmp, "result.json")]
-        if x_uint8 is not None and len(x_uint8):
-            np.save(os.path.join(tmp, "images.npy"), np.ascontiguousarray(x_uint8))
-            cmd += ["--images", os.path.join(tmp, "images.npy")]
+        if images:
+            cmd += ["--images", str(images)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -46,30 +46,39 @@ def measure_micro(path, x_uint8=None, timeout: float = 600.0) -> dict:
         return json.loads(result.read_text())
 
 
-def measure_variants(rows: list[dict], x_test, y_test, preds: dict, samples: int, timeout: float, log=print) -> None:
+def measure_variants(rows: list[dict], x_test, y_test, preds: dict, samples: int, timeout: float,
+                     output_kind: str, log=print) -> None:
     """Each built .tflite's TFLM figures as ``row["micro"]``; for the integer ones (what a microcontroller runs),
     on the first ``samples`` test images, its accuracy in TFLM and its top-1 agreement with LiteRT's (``preds``:
-    each variant's LiteRT top-1 on the test split): TFLM's integer kernels round differently from LiteRT's."""
+    each variant's LiteRT top-1 on the test split): TFLM's integer kernels round differently from LiteRT's. The
+    outputs become classes as the export's own (export.outputs.class_predictions: probabilities, logits, one
+    sigmoid unit)."""
+    from export.outputs import class_predictions
+
     n = min(int(samples), len(x_test))
-    for r in rows:
-        if r["status"] != "ok" or r["format"] != "tflite":
-            continue
-        integer = np.dtype(r["input"]["dtype"]).kind in "iu"
-        m = measure_micro(r["path"], x_test[:n] if n and integer else None, timeout)
-        top1 = m.pop("top1", None)
-        if top1 is not None and r["name"] in preds:
-            top1, litert, y = np.asarray(top1), preds[r["name"]][:n], np.asarray(y_test[:n])
-            m.update(samples=n, accuracy=float(np.mean(top1 == y)), litert_accuracy=float(np.mean(litert == y)),
-                     agreement_with_litert=float(np.mean(top1 == litert)))
-        r["micro"] = m
-        log(f"  {r['name']:<14} TFLite Micro: " + (
-            f"arena {m['arena_bytes']:,} B" + (f", agrees with LiteRT on {m['agreement_with_litert']:.1%} of {n}"
-                                               if "samples" in m else "")
-            if m.get("runs") else f"does not run: {m.get('reason')}"))
+    with tempfile.TemporaryDirectory(prefix="micro-images-") as tmp:
+        images = os.path.join(tmp, "images.npy")
+        np.save(images, np.ascontiguousarray(x_test[:n]))  # once, for every variant
+        for r in rows:
+            if r["status"] != "ok" or r["format"] != "tflite":
+                continue
+            integer = np.dtype(r["input"]["dtype"]).kind in "iu"
+            m = measure_micro(r["path"], images if n and integer else None, timeout)
+            scores = m.pop("scores", None)
+            if scores is not None and r["name"] in preds:
+                top1 = class_predictions(np.asarray(scores, np.float32), output_kind)
+                litert, y = preds[r["name"]][:n], np.asarray(y_test[:n])
+                m.update(samples=n, accuracy=float(np.mean(top1 == y)), litert_accuracy=float(np.mean(litert == y)),
+                         agreement_with_litert=float(np.mean(top1 == litert)))
+            r["micro"] = m
+            log(f"  {r['name']:<14} TFLite Micro: " + (
+                f"arena {m['arena_bytes']:,} B" + (f", agrees with LiteRT on {m['agreement_with_litert']:.1%} of {n}"
+                                                   if "samples" in m else "")
+                if m.get("runs") else f"does not run: {m.get('reason')}"))
 
 
 def probe(model: bytes, images=None) -> dict:
-    """{"ops", "missing_ops", "runs", "reason", "arena_bytes", "top1"} of one model, in this process."""
+    """{"ops", "missing_ops", "runs", "reason", "arena_bytes", "input", "scores"} of one model, in this process."""
     ops = op_names(model)
     missing = missing_ops(model)
     out = {"ops": ops, "missing_ops": missing, "runs": False, "reason": None, "arena_bytes": None}
@@ -94,30 +103,24 @@ def probe(model: bytes, images=None) -> dict:
         exact, _ = _allocate(model, arena)
         short, _ = _allocate(model, arena - 1)
         out["arena_checked"] = exact is not None and short is None
-    out.update(runs=True, arena_bytes=arena, input=_spec(d))
+    out.update(runs=True, arena_bytes=arena, input=_spec(d).to_dict())
     if images is not None:
-        out["top1"] = [int(v) for v in run_images(interp, images)]
+        out["scores"] = run_images(interp, images).tolist()
     return out
 
 
 def run_images(interp, x_uint8: np.ndarray) -> np.ndarray:
-    """Top-1 of each image, one invocation each (a microcontroller runs batch 1), raw pixels quantised as the
-    input asks."""
-    d = interp.get_input_details(0)
-    dtype = np.dtype(d["dtype"])
-    q = d.get("quantization_parameters") or {}
-    scales, zps = list(q.get("scales", [])), list(q.get("zero_points", []))
-    shape = list(d["shape"])
+    """The float output of each image, one invocation each (a microcontroller runs batch 1), raw pixels quantised
+    and outputs dequantised as the runtime wrappers do (export.runtime)."""
+    from export.runtime import dequantize, quantize
+
+    spec_in, spec_out = _spec(interp.get_input_details(0)), _spec(interp.get_output_details(0))
     out = []
     for img in x_uint8:
-        x = img.astype(np.float32)[None]
-        if dtype.kind in "iu" and scales and scales[0]:
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scales[0] + zps[0]), info.min, info.max)
-        interp.set_input(x.astype(dtype).reshape(shape), 0)
+        interp.set_input(quantize(img[None], spec_in).reshape(spec_in.shape), 0)
         interp.invoke()
-        out.append(int(np.argmax(interp.get_output(0).reshape(-1))))
-    return np.array(out, np.int64)
+        out.append(dequantize(interp.get_output(0), spec_out).reshape(-1))
+    return np.stack(out)
 
 
 def op_names(model: bytes) -> list[str]:
@@ -205,12 +208,15 @@ def _reason(log: str) -> str:
     return own
 
 
-def _spec(d: dict) -> dict:
+def _spec(d: dict):
+    """A TFLM tensor's details as export.runtime's TensorSpec."""
+    from export.runtime import TensorSpec
+
     q = d.get("quantization_parameters") or {}
-    scales = [float(s) for s in q.get("scales", [])]
-    return {"dtype": np.dtype(d["dtype"]).name, "shape": [int(v) for v in d["shape"]],
-            "scale": scales[0] if scales else None,
-            "zero_point": int(q["zero_points"][0]) if scales else None}
+    scales = [float(v) for v in q.get("scales", [])]
+    quantized = np.dtype(d["dtype"]).kind in "iu" and bool(scales) and scales[0] != 0
+    return TensorSpec(d.get("name", ""), np.dtype(d["dtype"]).name, [int(v) for v in d["shape"]],
+                      scales[0] if quantized else None, int(q["zero_points"][0]) if quantized else None)
 
 
 def _model_object(model: bytes):

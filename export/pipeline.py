@@ -119,7 +119,8 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
         rows = supervise(job, list(cfg.requested), work, stall_timeout=cfg.stall_timeout, debug=cfg.debug,
                          on_row=lambda row: log_row(row, accuracies[0], cfg, log), log=log)
         preds = stored_predictions(stage, rows, arrays)
-        measure_variants(rows, arrays["x_test"], arrays["y_test"], preds, cfg.micro_samples, cfg.stall_timeout, log)
+        measure_variants(rows, arrays["x_test"], arrays["y_test"], preds, cfg.micro_samples, cfg.stall_timeout,
+                         info.output_kind, log)
         checks = (gate_checks(cfg, ds, arrays["ref_pred"], preds, compared["baseline"])
                   + target_checks(rows, compared["targets"]))
         report = build_report(stage, cfg, info, ds, rows, *accuracies, checks=checks, targets=compared["targets"])

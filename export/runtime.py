@@ -26,7 +26,8 @@ class TensorSpec:
         return asdict(self)
 
 
-def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Raw pixels in ``spec``'s dtype: quantised with its scale and zero point when it is an integer tensor."""
     dtype = np.dtype(spec.dtype)
     if dtype.kind == "f":
         return x.astype(dtype)
@@ -37,7 +38,8 @@ def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
-def _dequantize(y: np.ndarray, spec: TensorSpec) -> np.ndarray:
+def dequantize(y: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Float values of an output in ``spec``'s dtype."""
     if np.dtype(spec.dtype).kind == "f" or spec.scale in (None, 0):
         return y.astype(np.float32)
     return (y.astype(np.float32) - spec.zero_point) * spec.scale
@@ -55,11 +57,11 @@ class _RuntimeModel:
 
     def prepare(self, x_uint8: np.ndarray) -> np.ndarray:
         """Raw pixels in the model's input dtype (quantised with its scale/zero point if integer)."""
-        return _quantize(x_uint8, self.input)
+        return quantize(x_uint8, self.input)
 
     def predict(self, x_uint8: np.ndarray, batch_size: int = 250) -> np.ndarray:
         outs = [self.run(self.prepare(x_uint8[i:i + batch_size])) for i in range(0, len(x_uint8), batch_size)]
-        return _dequantize(np.concatenate(outs), self.output)
+        return dequantize(np.concatenate(outs), self.output)
 
 
 class TFLiteModel(_RuntimeModel):
