@@ -43,7 +43,11 @@ VARIANT = "int8"
 
 
 def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int]) -> dict:
-    kept = Path(cache_dir) / "gate_noise" / f"epochs{epochs or 'default'}-seed{seed}.npz"
+    from toolkit.config import TrainConfig
+
+    defaults = TrainConfig()  # the kept predictions belong to the defaults they were trained with
+    recipe = f"{defaults.optimizer}-{defaults.schedule}"
+    kept = Path(cache_dir) / "gate_noise" / f"{recipe}-epochs{epochs or 'default'}-seed{seed}.npz"
     if kept.exists():
         with np.load(kept) as z:
             return {k: z[k].astype(np.int64) for k in z.files}

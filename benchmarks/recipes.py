@@ -2,7 +2,7 @@
 training seconds, the test accuracy, and the int8 file's accuracy, size and TFLite Micro arena after export.
 
     python benchmarks/recipes.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz \\
-        --runs seed_cnn:tutorial,seed_cnn:default,seed_cnn:fast,resnet8:fast --epochs 15
+        --runs seed_cnn:tutorial,seed_cnn:adam,seed_cnn:fast,resnet8:fast --epochs 15
 
 A run is MODEL:RECIPE[:OPTION=VALUE...] (options as jobs/train.py's, without the dashes: ``seed_cnn:fast:
 learning-rate=0.05``). ``--epochs`` overrides every recipe's epochs (0: the recipe's own). Each run is exported
@@ -100,7 +100,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
-    p.add_argument("--runs", default="seed_cnn:tutorial,seed_cnn:default,seed_cnn:fast,resnet8:fast")
+    p.add_argument("--runs", default="seed_cnn:tutorial,seed_cnn:adam,seed_cnn:fast,resnet8:fast")
     p.add_argument("--epochs", type=int, default=15, help="every run's epochs (0: each recipe's own)")
     p.add_argument("--target", type=float, default=0.70, help="the validation accuracy whose time is reported")
     p.add_argument("--cache-dir", default=None)

@@ -56,7 +56,7 @@ def train(args, env=None, timeout=900):
                           cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-COMMON = ["--num-workers", "2", "--epochs", "2", "--batch-size", "64", "--no-export"]
+COMMON = ["--num-workers", "2", "--recipe", "adam", "--epochs", "2", "--batch-size", "64", "--no-export"]
 
 
 def _open(data, tmp_path, monkeypatch, env=None, **options):

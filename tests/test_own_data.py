@@ -92,9 +92,9 @@ def defects_tree(tmp_path_factory) -> Path:
 
 def test_digits_train_and_export_end_to_end(digits_tree, tmp_path, cache_dir):
     out = tmp_path / "out"
-    proc = train(["--data", str(digits_tree), "--image-size", "32", "--epochs", "8", "--batch-size", "64",
-                  "--learning-rate", "3e-3", "--no-augment", "--cache-dir", cache_dir, "--output", str(out),
-                  "--storage-path", str(tmp_path / "ray"), "--max-drop", "2"])
+    proc = train(["--data", str(digits_tree), "--image-size", "32", "--recipe", "adam", "--epochs", "8",
+                  "--batch-size", "64", "--learning-rate", "3e-3", "--no-augment", "--cache-dir", cache_dir,
+                  "--output", str(out), "--storage-path", str(tmp_path / "ray"), "--max-drop", "2"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "images of 32x32x1" in proc.stdout
     m = json.loads((out / "metrics.json").read_text())
@@ -125,7 +125,7 @@ def defects_run(defects_tree, tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("defects_run")
     out = tmp / "out"
     proc = train(["--data", str(defects_tree), "--image-size", "64", "--channels", "3", "--class-weights", "balanced",
-                  "--epochs", "6", "--batch-size", "32", "--cache-dir", cache_dir,
+                  "--recipe", "adam", "--epochs", "6", "--batch-size", "32", "--cache-dir", cache_dir,
                   "--output", str(out), "--storage-path", str(tmp / "ray"), "--no-export"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return tmp, out, proc
@@ -166,7 +166,8 @@ def test_a_saved_model_is_fine_tuned(defects_run, defects_tree, cache_dir):
     collapse to the majority class (57% of val/), which a single-class model would pass on accuracy alone."""
     tmp, out, _ = defects_run
     proc = train(["--data", str(defects_tree), "--image-size", "64", "--channels", "3", "--class-weights", "balanced",
-                  "--model", str(out / "model.keras"), "--epochs", "1", "--batch-size", "32", "--cache-dir", cache_dir,
+                  "--model", str(out / "model.keras"), "--recipe", "adam", "--epochs", "1", "--batch-size", "32",
+                  "--cache-dir", cache_dir,
                   "--output", str(tmp / "tuned"), "--storage-path", str(tmp / "ray"), "--no-export"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     scratch_epoch1 = json.loads((out / "history.json").read_text())["val_accuracy"][0]

@@ -22,9 +22,12 @@ def test_explicit_options_override_a_recipe():
     assert cfg.label_smoothing == RECIPES["fast"]["label_smoothing"] and cfg.weight_decay == RECIPES["fast"]["weight_decay"]
     tiny = train_job.config_from_args(train_job.parse_args(["--recipe", "mlperf_tiny", "--smoke-test"]))
     assert (tiny.model, tiny.schedule, tiny.epochs) == ("resnet8", "exponential", 2)  # the smoke test's size
+    # The defaults are the fast recipe (the measured best, toolkit/config.py); "adam" keeps the previous ones.
     plain = train_job.config_from_args(train_job.parse_args([]))
-    default = train_job.config_from_args(train_job.parse_args(["--recipe", "default"]))
-    assert plain.recipe is None and default.to_dict() == {**plain.to_dict(), "recipe": "default"}
+    fast = train_job.config_from_args(train_job.parse_args(["--recipe", "fast"]))
+    assert plain.recipe is None and fast.to_dict() == {**plain.to_dict(), "recipe": "fast"}
+    adam = train_job.config_from_args(train_job.parse_args(["--recipe", "adam"]))
+    assert (adam.optimizer, adam.learning_rate, adam.schedule, adam.batch_size) == ("adam", 2e-3, "constant", 256)
     with pytest.raises(SystemExit):
         train_job.parse_args(["--recipe", "turbo"])
     with pytest.raises(ValueError, match="schedule must be one of constant, cosine, exponential"):
@@ -37,6 +40,10 @@ def test_schedules_do_what_they_say():
                                              epochs=6), steps)
     assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(0.1) and float(cos(20)) == pytest.approx(0.2)
     assert float(cos(40)) == pytest.approx(0.1, rel=1e-3) and float(cos(60)) == pytest.approx(0.0, abs=1e-6)
+    # A short run keeps a third of itself for the warm-up: 2 warm-up epochs of a 2-epoch run would never decay.
+    short = learning_rate_schedule(TrainConfig(optimizer="sgd", learning_rate=0.2, schedule="cosine", warmup_epochs=2,
+                                               epochs=3), steps)
+    assert float(short(10)) == pytest.approx(0.2) and float(short(30)) == pytest.approx(0.0, abs=1e-6)
     exp = learning_rate_schedule(TrainConfig(learning_rate=1e-3, schedule="exponential", decay_per_epoch=0.99), steps)
     assert float(exp(9)) == pytest.approx(1e-3) and float(exp(10)) == pytest.approx(0.99e-3)
     assert float(exp(500 * steps)) == pytest.approx(1e-3 * 0.99 ** 500, rel=1e-4)

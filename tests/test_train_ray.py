@@ -29,14 +29,14 @@ def test_two_workers_both_take_part(regression_run):
     workers = m["workers"]
     assert sorted(w["rank"] for w in workers) == [0, 1]
     assert len({w["pid"] for w in workers}) == 2, "two separate processes"
-    steps = 45_000 // 32  # training split minus the 10% validation, at global batch 32
-    assert workers[0]["batches"] == workers[1]["batches"] == 3 * steps
-    assert workers[0]["batch_size"] == workers[1]["batch_size"] == 16
+    steps = 45_000 // 256  # training split minus the 10% validation, at global batch 256
+    assert workers[0]["batches"] == workers[1]["batches"] == 4 * steps
+    assert workers[0]["batch_size"] == workers[1]["batch_size"] == 128
     assert workers[0]["node_id"] and workers[0]["node_id"] == workers[1]["node_id"], "both on the local Ray node"
     # Metrics are aggregated once per epoch (toolkit.step): the epoch's numbers are real fractions
     history = json.loads((regression_run / "history.json").read_text())
     for key in ("accuracy", "precision", "recall", "val_accuracy", "val_precision", "val_recall"):
-        assert len(history[key]) == 3 and all(0.0 < v < 1.0 for v in history[key]), key
+        assert len(history[key]) == 4 and all(0.0 < v < 1.0 for v in history[key]), key
     assert history["accuracy"][-1] > history["accuracy"][0] and all(v > 0 for v in history["loss"])
 
 
@@ -113,7 +113,8 @@ def test_survives_a_killed_worker(tmp_path, tiny_tree_tgz, cache_dir):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, TRAIN, "--data", str(tiny_tree_tgz), "--num-workers", "2", "--batch-size", "32",
-         "--epochs", "5", "--cache-dir", cache_dir, "--storage-path", str(tmp_path / "ray"), "--name", "chaos",
+         "--recipe", "adam", "--epochs", "5", "--cache-dir", cache_dir, "--storage-path", str(tmp_path / "ray"),
+         "--name", "chaos",
          "--max-failures", "2", "--output", str(out), "--no-export"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # Ray Train V2 registers a reported checkpoint when its controller polls the workers (every 2 s by
