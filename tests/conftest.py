@@ -209,3 +209,23 @@ def export_in_process(module: str, args: list[str]) -> subprocess.CompletedProce
         except SystemExit as e:  # argparse: --help, or a bad option
             status = e.code
     return subprocess.CompletedProcess([module, *args], status, out.getvalue(), err.getvalue())
+
+
+def train_in_process(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python jobs/train.py ARGS`` as its main() in this process, run from ``cwd``: for refusals, which end
+    before any worker starts (a fresh process would spend its seconds importing TensorFlow again).
+    tests/test_own_data.py keeps a refusal through a real process."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = job.main(args)
+        except SystemExit as e:  # argparse: a bad option
+            status = e.code
+    return subprocess.CompletedProcess(["jobs/train.py", *args], status, out.getvalue(), err.getvalue())

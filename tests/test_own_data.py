@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, train_in_process
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 
@@ -115,7 +115,8 @@ def test_digits_at_their_own_8x8_are_refused_with_a_hint(digits_tree, cache_dir,
 
 
 def test_mixed_sizes_and_modes_are_refused_with_what_to_do(defects_tree, cache_dir, tmp_path):
-    line = one_error(train(["--data", str(defects_tree), "--cache-dir", cache_dir, "--output", str(tmp_path / "o")]))
+    line = one_error(train_in_process(["--data", str(defects_tree), "--cache-dir", cache_dir, "--output",
+                                       str(tmp_path / "o")]))
     assert "--image-size" in line or "--channels" in line, line
     assert not (tmp_path / "o").exists()
 
@@ -180,8 +181,8 @@ def test_a_saved_model_is_fine_tuned(defects_run, defects_tree, cache_dir):
 
 def test_a_saved_model_that_does_not_fit_the_data_is_refused(defects_run, digits_tree, cache_dir):
     _, out, _ = defects_run
-    line = one_error(train(["--data", str(digits_tree), "--image-size", "32", "--model", str(out / "model.keras"),
-                            "--cache-dir", cache_dir, "--no-export"]))
+    line = one_error(train_in_process(["--data", str(digits_tree), "--image-size", "32", "--model",
+                                       str(out / "model.keras"), "--cache-dir", cache_dir, "--no-export"]))
     assert "takes 64x64x3 input but the data is 32x32x1" in line
 
 
@@ -228,15 +229,16 @@ def test_a_factory_model_trains_and_bad_factories_are_refused(digits_tree, tmp_p
     assert type(tuned.layers[3]).__name__ == "Swishy"
     with pytest.raises(ModelError, match="custom_objects: cannot import nope_models"):
         build_model(saved, (16, 16, 1), 10, custom_objects="nope_models")
-    assert one_error(train([*common, "--model", "my_models:nope"], cwd=tmp_path)) == \
+    assert one_error(train_in_process([*common, "--model", "my_models:nope"], cwd=tmp_path)) == \
         "error: --model my_models:nope: my_models has no function nope"
-    assert "returned keras." in one_error(train([*common, "--model", "my_models:keras3"], cwd=tmp_path))
-    assert "cannot import no_such_module" in one_error(train([*common, "--model", "no_such_module:f"], cwd=tmp_path))
-    assert "not a registered model" in one_error(train([*common, "--model", "resnet9000"], cwd=tmp_path))
+    assert "returned keras." in one_error(train_in_process([*common, "--model", "my_models:keras3"], cwd=tmp_path))
+    assert "cannot import no_such_module" in one_error(train_in_process([*common, "--model", "no_such_module:f"],
+                                                                        cwd=tmp_path))
+    assert "not a registered model" in one_error(train_in_process([*common, "--model", "resnet9000"], cwd=tmp_path))
 
 
 def test_bad_image_options_are_one_line(digits_tree, cache_dir):
-    proc = train(["--data", str(digits_tree), "--image-size", "0x32", "--no-export"])
+    proc = train_in_process(["--data", str(digits_tree), "--image-size", "0x32", "--no-export"])
     assert proc.returncode == 2 and "between 1x1 and 4096x4096" in proc.stderr and "Traceback" not in proc.stderr
-    proc = train(["--data", str(digits_tree), "--image-size", "big", "--no-export"])
+    proc = train_in_process(["--data", str(digits_tree), "--image-size", "big", "--no-export"])
     assert proc.returncode == 2 and "H or HxW" in proc.stderr and "Traceback" not in proc.stderr
