@@ -55,7 +55,7 @@ def test_outputs_are_complete_and_loadable(regression_run):
     assert m["per_class_accuracy"]["cat"] == pytest.approx(cm[3, 3] / cm[3].sum())
     assert m["train_images_per_s"] > 0 and m["wall_time_s"] > 0
     history = json.loads((out / "history.json").read_text())
-    assert len(history["val_accuracy"]) == 3 and len(history["loss"]) == 3
+    assert len(history["val_accuracy"]) == 4 and len(history["loss"]) == 4
     for png in ("curves.png", "confusion_matrix.png", "samples.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "labels.txt").read_text().split() == m["class_names"]
@@ -70,7 +70,7 @@ def test_outputs_are_complete_and_loadable(regression_run):
     # One progress line per epoch, printed once.
     log = (out.parent / "stdout.txt").read_text()
     epoch_lines = [l for l in log.splitlines() if "epoch " in l and "img/s" in l]
-    assert len(epoch_lines) == 3, log[-2000:]
+    assert len(epoch_lines) == 4, log[-2000:]
 
 
 @pytest.fixture(scope="module")
