@@ -21,7 +21,7 @@ try:
 except ImportError:  # a plain checkout, say a Ray job's working dir without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from toolkit.config import GRAD_DTYPES, TrainConfig  # noqa: E402
+from toolkit.config import COMPUTE_DTYPES, GRAD_DTYPES, TrainConfig  # noqa: E402
 from toolkit.data import image_size_arg  # noqa: E402
 
 # Streamed data is exported on a decoded sample of this many train and test images: enough for int8
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accumulate-steps", type=int, default=d["accumulate_steps"].default,
                    help="micro-batches per all-reduce: each worker computes its share of the global batch "
                         "in K pieces and synchronises once")
+    g.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=d["compute_dtype"].default,
+                   help="the dtype layers compute in (auto: bfloat16 where the CPU computes it natively)")
     g.add_argument("--grad-dtype", choices=GRAD_DTYPES, default=d["grad_dtype"].default,
                    help="dtype of gradients on the wire (float16/bfloat16 halve the all-reduce's bytes)")
     g.add_argument("--bytes-per-pack", type=int, default=d["bytes_per_pack"].default,

@@ -100,3 +100,19 @@ def test_each_recipe_learns(recipe, cifar_sample):
               epochs=cfg.epochs, steps_per_epoch=steps, verbose=0)
     acc = model.evaluate(make_eval_dataset(xt, yt, 250, num_classes=10), verbose=0)[1]
     assert acc > 0.25, f"{recipe}: test accuracy {acc:.3f} after 3 epochs"
+
+
+def test_the_compute_dtype_follows_the_cpu():
+    """auto: bfloat16 where the CPU computes it natively (about 1.9x faster steps here, benchmarks/step_speed.py)."""
+    from toolkit.tf import resolve_compute_dtype
+
+    assert resolve_compute_dtype("float32", use_gpu=False) == ("float32", "asked")
+    assert resolve_compute_dtype("bfloat16", use_gpu=True) == ("mixed_bfloat16", "asked")
+    assert resolve_compute_dtype("auto", use_gpu=True)[0] == "float32"
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert resolve_compute_dtype("auto", use_gpu=False)[0] == ("mixed_bfloat16" if native else "float32")
+    with pytest.raises(ValueError, match="compute_dtype must be one of auto, float32, bfloat16"):
+        TrainConfig(compute_dtype="float8")
+

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, require_shared_cifar
+from toolkit.tf import resolve_compute_dtype
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 
@@ -92,6 +93,9 @@ def test_smoke_test_runs_every_stage_through_the_export(smoke_run):
     assert m["cpus_per_worker"] == m["workers"][0]["cpus"] >= min(2, os.cpu_count() or 1), "all the node's CPUs"
     assert "layout: 1 worker(s) x" in proc.stdout and "auto: one per node" in proc.stdout
     assert m["test_accuracy"] > 0.15, "learned something in two smoke epochs (chance is 0.10)"
+    # --compute-dtype auto: bfloat16 where this CPU computes it natively (CI's does), float32 elsewhere.
+    policy, why = resolve_compute_dtype("auto", use_gpu=False)
+    assert m["workers"][0]["compute_dtype"] == policy and f"compute dtype: {policy} ({why})" in proc.stdout
     report = json.loads((tmp / "out" / "export" / "report.json").read_text())
     assert len(report["variants"]) == 8 and report["num_test_images"] == 2048
     assert len(report["built"]) == 7 and list(report["skipped"]) == ["int8_selective"]  # int8 within budget

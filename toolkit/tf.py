@@ -115,6 +115,30 @@ def set_threads(num_threads: int) -> None:
         pass  # already initialised in this process: the earlier setting stands
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this machine's CPU computes bfloat16 natively (the avx512_bf16 or amx_bf16 flag in Linux's
+    /proc/cpuinfo); False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(compute_dtype: str, use_gpu: bool) -> tuple[str, str]:
+    """(the Keras dtype policy to train under, why) for TrainConfig.compute_dtype on this machine."""
+    if compute_dtype == "bfloat16":
+        return "mixed_bfloat16", "asked"
+    if compute_dtype == "float32":
+        return "float32", "asked"
+    if use_gpu:
+        return "float32", "auto: bfloat16 not measured on GPUs yet"
+    if cpu_has_bf16():
+        return "mixed_bfloat16", "auto: this CPU computes bfloat16 natively"
+    return "float32", "auto: this CPU has no native bfloat16"
+
+
 def save_model(model, path: str) -> None:
     """Save in the native ``.keras`` format. Explicit, because tf_keras decides the format from
     a thread-local flag that its own first save in a non-main thread (Ray Train runs the loop in

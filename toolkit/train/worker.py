@@ -16,7 +16,7 @@ from typing import Any, Optional
 from toolkit.cluster import worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
-from toolkit.tf import import_keras, import_tf, quiet_tf_logs, set_threads
+from toolkit.tf import import_keras, import_tf, quiet_tf_logs, resolve_compute_dtype, set_threads
 from toolkit.train.checkpoint import RunState, report, restore
 from toolkit.train.raysupport import progress, quiet_ray_train_reports
 
@@ -166,8 +166,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # training batch is small. Every worker evaluates the whole validation set: the summed metric counts
     # give the same ratios, and no worker waits on a shorter shard.
     val_batch = max(per_worker_batch, 256)
+    policy, why = resolve_compute_dtype(cfg.compute_dtype, cfg.use_gpu)
+    import_keras().mixed_precision.set_global_policy(policy)  # before the model is built (a restored one keeps its own)
+    if rank == 0:
+        progress(f"compute dtype: {policy} ({why})")
     run = WorkerRun(cfg, rank, steps, tracker=config.get("tracker"), record={
         "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_id": worker_node_id(),
+        "compute_dtype": policy,
         "cpus": cfg.cpus_per_worker, "batches": 0, "batch_size": per_worker_batch,
         "micro_batch_size": per_worker_batch // cfg.accumulate_steps})
     train_ds = strategy.distribute_datasets_from_function(lambda input_ctx: data.train_dataset(
