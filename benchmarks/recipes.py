@@ -53,6 +53,7 @@ def run_one(spec: str, data: str, epochs: int, cache_dir: str, work: Path) -> di
     return {"run": spec, "model": model, "recipe": recipe, "options": options, "epochs": metrics["epochs"],
             "wall_s": wall, "train_s": seconds[-1], "val_accuracy": history["val_accuracy"], "seconds": seconds,
             "test_accuracy": metrics["test_accuracy"], "export_exit": exp.returncode,
+            "export_error": None if int8 else (exp.stderr.strip().splitlines() or [f"exit {exp.returncode}"])[-1],
             "int8_accuracy": int8["accuracy"] if int8 else None, "int8_kb": int8["size_bytes"] / 1024 if int8 else None,
             "int8_arena_kb": (int8.get("micro") or {}).get("arena_bytes", 0) / 1024 if int8 else None,
             "config": metrics["config"]}
@@ -77,7 +78,7 @@ def markdown(rows: list[dict], target: float) -> str:
         lines.append(f"| {r['run']} | {r['epochs']} | {r['train_s']:.0f} | "
                      f"{f'epoch {hit[0]}, {hit[1]:.0f} s' if hit else 'not reached'} | {r['test_accuracy'] * 100:.2f}% | "
                      + (f"{r['int8_accuracy'] * 100:.2f}% | {r['int8_kb']:.0f} | {r['int8_arena_kb']:.1f} |"
-                        if r["int8_accuracy"] is not None else "export failed | | |"))
+                        if r["int8_accuracy"] is not None else f"export failed: {r.get('export_error')} | | |"))
     return "\n".join(lines)
 
 

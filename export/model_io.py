@@ -75,6 +75,13 @@ class SourceModel:
             fn = tf.function(lambda x: m(x, training=False))
         return fn.get_concrete_function(spec)
 
+    @property
+    def compute_dtype(self) -> str:
+        """What the saved model computes in (export.rewrite.compute_dtype): its outputs carry that rounding."""
+        from export.rewrite import compute_dtype
+
+        return compute_dtype(self._keras) if self._keras is not None else "float32"
+
     def predict(self, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
         if self._keras is not None:
             return np.asarray(self._keras.predict(x, batch_size=batch_size, verbose=0), np.float32)
@@ -93,7 +100,7 @@ class SourceModel:
         from export.rewrite import outputs_close
 
         new = np.asarray(self._converted.predict(sample.astype(np.float32), batch_size=500, verbose=0), np.float32)
-        close, measured = outputs_close(ref, new)
+        close, measured = outputs_close(ref, new, self.compute_dtype)
         if not close:
             raise ExportInputError(f"{self.info.path}: the model rewritten for conversion "
                                    f"({'; '.join(self.info.rewrites)}) does not compute what the saved one does: "

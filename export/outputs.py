@@ -14,12 +14,14 @@ from export.errors import ExportInputError
 from export.model_io import ModelInfo, SourceModel
 
 
-def detect_output_kind(outputs: np.ndarray) -> str:
-    """What the outputs on a batch are: rows of non-negative values summing to 1 are probabilities;
-    a single unit in [0, 1] is a sigmoid probability; anything else is logits."""
+def detect_output_kind(outputs: np.ndarray, compute_dtype: str = "float32") -> str:
+    """What the outputs on a batch are: rows of non-negative values summing to 1 (within the rounding of
+    ``compute_dtype``: a bfloat16 softmax's rows sum to 1 within about 0.4%) are probabilities; a single unit in
+    [0, 1] is a sigmoid probability; anything else is logits."""
     if outputs.shape[-1] == 1:
         return "sigmoid" if (outputs.min() >= 0 and outputs.max() <= 1) else "sigmoid_logit"
-    if outputs.min() >= -1e-6 and np.allclose(outputs.sum(-1), 1.0, atol=1e-3):
+    atol = 1e-2 if compute_dtype == "bfloat16" else 1e-3
+    if outputs.min() >= -1e-6 and np.allclose(outputs.sum(-1), 1.0, atol=atol):
         return "probabilities"
     return "logits"
 
@@ -60,5 +62,5 @@ def inspect_model(model: SourceModel, sample: np.ndarray, num_classes: int, data
     if not np.all(np.isfinite(out)):
         raise ExportInputError(f"{info.path}: model outputs NaN or infinite values on {data_desc}")
     rewrites = model.check_rewrites(sample, out)
-    kind = detect_output_kind(out)
+    kind = detect_output_kind(out, model.compute_dtype)
     return ModelInfo(**{**info.to_dict(), "output_kind": kind, "rewrites": rewrites})

@@ -316,6 +316,27 @@ def test_help(module):
     assert f"python -m {module}" in proc.stdout
 
 
+def test_bfloat16_rounding_is_not_mistaken_for_another_model():
+    """A model trained under mixed_bfloat16 (--compute-dtype auto on CPUs with native bfloat16): its softmax rows
+    sum to 1 only within bfloat16's rounding, and its float32 rebuild differs by more than float16's tolerance.
+    Both once made the default run's model unexportable (read as logits, then refused as 'does not compute what
+    the saved one does'); the full export of such a model is test_default_variants_within_one_point_and_small's."""
+    from export.outputs import detect_output_kind
+    from export.rewrite import outputs_close
+    from toolkit.tf import import_tf
+
+    tf = import_tf()
+    logits = np.random.default_rng(0).normal(0, 4, (256, 10)).astype(np.float32)
+    exact = tf.nn.softmax(logits).numpy()
+    rounded = tf.cast(tf.nn.softmax(tf.cast(logits, tf.bfloat16)), tf.float32).numpy()
+    assert np.abs(rounded.sum(-1) - 1).max() > 1e-3  # what float32's check would call logits
+    assert detect_output_kind(rounded, "bfloat16") == "probabilities" == detect_output_kind(exact)
+    close, measured = outputs_close(rounded, exact, "bfloat16")
+    assert close, measured
+    assert detect_output_kind(logits, "bfloat16") == "logits"
+    assert not outputs_close(rounded, np.roll(exact, 1, axis=-1), "bfloat16")[0], "a different model still fails"
+
+
 def test_a_keras3_mixed_precision_model_converts_as_float32(tmp_path, tiny_tree_tgz, cache_dir):
     """Keras 3 under mixed_float16 (trained as float32 here, the weights copied in: float16 is slow on a CPU):
     its SavedModel would carry float16 ops the TFLite converter refuses ('tf.Mul' ... neither a custom op nor a
