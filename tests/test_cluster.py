@@ -39,16 +39,21 @@ def driver(cluster, s3, args, out_file):
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
-def wait_for_line(path, text, proc, timeout=300):
+def wait_for(path, proc, seen, what: str, timeout=300) -> str:
+    """The output of ``proc`` (in ``path``) once ``seen(output)``; fails naming ``what`` if it ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         content = Path(path).read_text() if Path(path).exists() else ""
-        if text in content:
+        if seen(content):
             return content
         if proc.poll() is not None:
             break
         time.sleep(0.2)
-    pytest.fail(f"never saw {text!r}:\n{Path(path).read_text()[-3000:]}")
+    pytest.fail(f"never saw {what}:\n{Path(path).read_text()[-3000:]}")
+
+
+def wait_for_line(path, text, proc, timeout=300):
+    return wait_for(path, proc, lambda content: text in content, repr(text), timeout)
 
 
 def run_args(tiny_tree_tgz, cache_dir, name, output, epochs):
@@ -85,15 +90,8 @@ def test_job_submit_runs_on_two_nodes_with_checkpoints_and_outputs_in_s3(cluster
 
 def wait_for_epoch_after(path, marker, proc, timeout=300):
     """The output of ``proc`` once an epoch line follows the last ``marker`` line (a resumed group trained one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = Path(path).read_text()
-        if marker in content and "epoch " in content[content.rindex(marker):]:
-            return content
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    pytest.fail(f"never saw an epoch after {marker!r}:\n{Path(path).read_text()[-3000:]}")
+    return wait_for(path, proc, lambda out: marker in out and "epoch " in out[out.rindex(marker):],
+                    f"an epoch after {marker!r}", timeout)
 
 
 def test_a_dead_node_and_then_a_killed_driver_lose_nothing(cluster, s3, tiny_tree_tgz, cache_dir, tmp_path):
