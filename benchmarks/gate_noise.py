@@ -22,6 +22,7 @@ Tables in benchmarks/results/gate_noise.{json,md}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -45,9 +46,9 @@ VARIANT = "int8"
 def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int]) -> dict:
     from toolkit.config import TrainConfig
 
-    defaults = TrainConfig()  # the kept predictions belong to the defaults they were trained with
-    recipe = f"{defaults.optimizer}-{defaults.schedule}"
-    kept = Path(cache_dir) / "gate_noise" / f"{recipe}-epochs{epochs or 'default'}-seed{seed}.npz"
+    # The kept predictions belong to the defaults they were trained with: any change of a default is a new key.
+    defaults = hashlib.sha256(json.dumps(TrainConfig().to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    kept = Path(cache_dir) / "gate_noise" / f"defaults-{defaults}-epochs{epochs or 'default'}-seed{seed}.npz"
     if kept.exists():
         with np.load(kept) as z:
             return {k: z[k].astype(np.int64) for k in z.files}

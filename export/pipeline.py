@@ -89,6 +89,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     log(f"  model: {info.format}" + (f" (Keras {info.keras})" if info.keras else "")
         + f", input {'x'.join(map(str, info.input_shape))}, {info.units} output unit(s): {info.output_kind}"
         + (f" (last activation {info.output_activation})" if info.output_activation else ""))
+    for rewrite in info.rewrites:  # what the converters get instead of the saved model, each checked
+        log(f"  rewritten: {rewrite}")
     float_acc = float(np.mean(arrays["ref_pred"] == ds.y_test))
     float_val_acc = float(np.mean(class_predictions(source.predict(arrays["x_val"]), info.output_kind) == arrays["y_val"]))
     log(f"  float model: accuracy {float_acc:.4f} (held-out training images {float_val_acc:.4f})")

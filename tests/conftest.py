@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import subprocess
@@ -197,35 +198,42 @@ def export_in_process(module: str, args: list[str]) -> subprocess.CompletedProce
     """``python -m MODULE ARGS`` as its main() in this process (TensorFlow is imported already; the export's
     own worker process still builds the variants): exit status, stdout and stderr as a process would give
     them. tests/test_export.py keeps one case through a real process."""
-    import contextlib
-    import io
-
     from export.cli import main
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main(args, formats=EXPORT_FORMATS[module], prog=f"python -m {module}")
-        except SystemExit as e:  # argparse: --help, or a bad option
-            status = e.code
-    return subprocess.CompletedProcess([module, *args], status, out.getvalue(), err.getvalue())
+    return main_in_process(lambda: main(args, formats=EXPORT_FORMATS[module], prog=f"python -m {module}"),
+                           [module, *args])
 
 
 def train_in_process(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python jobs/train.py ARGS`` as its main() in this process, run from ``cwd``: for refusals, which end
     before any worker starts (a fresh process would spend its seconds importing TensorFlow again).
     tests/test_own_data.py keeps a refusal through a real process."""
-    import contextlib
+    job = train_job()
+    return main_in_process(lambda: job.main(args), ["jobs/train.py", *args], cwd)
+
+
+@functools.cache
+def train_job():
+    """jobs/train.py as a module, loaded once."""
     import importlib.util
-    import io
 
     spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def main_in_process(main, argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """A command's ``main()`` called here (from ``cwd`` when given), as a CompletedProcess: its exit status
+    (argparse's SystemExit included), stdout and stderr."""
+    import contextlib
+    import io
+
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    where = contextlib.chdir(cwd) if cwd else contextlib.nullcontext()
+    with where, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            status = job.main(args)
-        except SystemExit as e:  # argparse: a bad option
+            status = main()
+        except SystemExit as e:  # argparse: --help, or a bad option
             status = e.code
-    return subprocess.CompletedProcess(["jobs/train.py", *args], status, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())

@@ -44,11 +44,7 @@ def exported(zoo, tmp_path_factory, cache_dir):
     read the results (latencies measured side by side are noisier: no test here compares them to a figure)."""
     def export_one(name):
         out = tmp_path_factory.mktemp(f"export-{name}") / "out"
-        m = zoo[name]  # benchmarks/export_zoo.py's export_one, as the command
-        proc = subprocess.run([sys.executable, "-m", "export", m.path, "--data", m.data, "--out", str(out),
-                               "--cache-dir", cache_dir, *m.export_args, *EXPORT_ARGS],
-                              capture_output=True, text=True, cwd=ROOT, timeout=900)
-        report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+        proc, report = export_zoo.export_one(zoo[name], out, cache_dir, EXPORT_ARGS)  # the command, as the benchmark
         return out, proc, report
 
     with ThreadPoolExecutor(max_workers=2) as pool:

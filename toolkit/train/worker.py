@@ -150,8 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(cfg.cpus_per_worker)  # Ray pins OMP_NUM_THREADS=1; TF's pools are sized before it starts
-    tf = import_tf()
-    import_keras().utils.set_random_seed(cfg.seed)
+    tf, keras = import_tf(), import_keras()
+    keras.utils.set_random_seed(cfg.seed)
     quiet_tf_logs()
     quiet_ray_train_reports()
     data, num_classes, class_weights = config["inputs"], int(config["num_classes"]), config.get("class_weights")
@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # give the same ratios, and no worker waits on a shorter shard.
     val_batch = max(per_worker_batch, 256)
     policy, why = resolve_compute_dtype(cfg.compute_dtype, cfg.use_gpu)
-    import_keras().mixed_precision.set_global_policy(policy)  # before the model is built (a restored one keeps its own)
+    keras.mixed_precision.set_global_policy(policy)  # before the model is built (a restored one keeps its own)
     if rank == 0:
         progress(f"compute dtype: {policy} ({why})")
     run = WorkerRun(cfg, rank, steps, tracker=config.get("tracker"), record={
