@@ -3,6 +3,8 @@ training step as Keras compiles it, with XLA (``jit_compile=True``), under the `
 AVX512-BF16 / AMX when it has them), and both; each for a model and batch size.
 
     python benchmarks/step_speed.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz --models seed_cnn,resnet8
+    python benchmarks/step_speed.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz --modes plain,bf16 \\
+        --models mobilenet_v3_small,depthwise_k3_s1,depthwise_k3_s2,depthwise_k5_s1,separable_k3_s2 --name bf16_layers
 
 Each mode trains ``--warmup`` untimed epochs (tracing, XLA compilation), then ``--epochs`` timed ones on the same
 ``--images`` images; rounds alternate the modes so that a noisy minute hits all of them. Prints a table of images/s
@@ -28,9 +30,33 @@ MODES = {"plain": (False, "float32"), "xla": (True, "float32"), "bf16": (False, 
          "xla+bf16": (True, "mixed_bfloat16")}
 
 
+def build(name: str):
+    """A registry model, ``mobilenet_v3_small`` (keras.applications, weights=None), or ``depthwise_kK_sS`` /
+    ``separable_kK_sS``: a 3x3 convolution to 32 channels, then two such layers (kernel K, stride S) with batch
+    norm and ReLU, pooled into a 10-way softmax: one layer kind, timed in isolation."""
+    from toolkit.models import make_model
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    if name == "mobilenet_v3_small":
+        return keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10)
+    kind, _, rest = name.partition("_")
+    if kind not in ("depthwise", "separable"):
+        return make_model(name)
+    k, s = (int(part[1:]) for part in rest.split("_"))
+    layers = keras.layers
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(32, 3, padding="same")(inputs)
+    for _ in range(2):
+        x = (layers.DepthwiseConv2D(k, strides=s, padding="same", use_bias=False) if kind == "depthwise"
+             else layers.SeparableConv2D(32, k, strides=s, padding="same", use_bias=False))(x)
+        x = layers.ReLU()(layers.BatchNormalization()(x))
+    outputs = layers.Dense(10, activation="softmax", dtype="float32")(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
 def measure(model_name: str, mode: str, x, y, batch: int, warmup: int, epochs: int) -> float:
     """Images/s of ``epochs`` epochs of model.fit in ``mode``, after ``warmup`` untimed ones."""
-    from toolkit.models import make_model
     from toolkit.tf import import_keras
 
     keras = import_keras()
@@ -38,7 +64,7 @@ def measure(model_name: str, mode: str, x, y, batch: int, warmup: int, epochs: i
     keras.mixed_precision.set_global_policy(policy)
     try:
         keras.utils.set_random_seed(0)
-        model = make_model(model_name)
+        model = build(model_name)
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
                       loss="sparse_categorical_crossentropy", jit_compile=jit)
         model.fit(x, y, batch_size=batch, epochs=warmup, verbose=0)

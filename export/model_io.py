@@ -77,8 +77,8 @@ class SourceModel:
 
     @property
     def compute_dtype(self) -> str:
-        """What the saved model computes in (export.rewrite.compute_dtype): its outputs carry that rounding."""
-        from export.rewrite import compute_dtype
+        """What the saved model computes in (toolkit.tf.compute_dtype): its outputs carry that rounding."""
+        from toolkit.tf import compute_dtype
 
         return compute_dtype(self._keras) if self._keras is not None else "float32"
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from export.errors import ExportInputError
 from toolkit.errors import one_line
-from toolkit.tf import import_keras, import_tf
+from toolkit.tf import all_layers, import_keras, import_tf
 
 IDENTITY = "identity"  # what a replace function returns for a layer to drop (its input passes through)
 
@@ -115,21 +115,7 @@ def has_nested(model) -> bool:
     return any(isinstance(layer, keras.Model) for layer in model.layers)
 
 
-def all_layers(model) -> list:
-    """Every layer, nested models' layers included (the nested models themselves not); tf_keras or Keras 3."""
-    out = []
-    for layer in model.layers:
-        out.extend(all_layers(layer) if isinstance(getattr(layer, "layers", None), list) else [layer])
-    return out
-
-
 # -- the rewrites ------------------------------------------------------------------------------
-
-
-def compute_dtype(model) -> str:
-    """The dtype ``model``'s layers compute in: float32, or a mixed policy's float16 or bfloat16."""
-    policy = float16_policy(model)
-    return "bfloat16" if policy and "bfloat16" in policy else "float16" if policy else "float32"
 
 
 def float16_policy(model) -> Optional[str]:

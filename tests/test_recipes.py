@@ -116,3 +116,34 @@ def test_the_compute_dtype_follows_the_cpu():
     with pytest.raises(ValueError, match="compute_dtype must be one of auto, float32, bfloat16"):
         TrainConfig(compute_dtype="float8")
 
+
+def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32():
+    """Strided and 5x5 depthwise convolutions train 2-3.5x slower in bfloat16 (benchmarks/results/bf16_layers.md):
+    under auto, MobileNetV3Small trains in float32, the 3x3-stride-1 nets in bfloat16 where the CPU has it."""
+    from types import SimpleNamespace
+
+    from toolkit.models import make_model
+    from toolkit.tf import cpu_has_bf16, import_keras, slow_in_bfloat16
+    from toolkit.train.worker import build_in_compute_dtype
+
+    keras = import_keras()
+
+    def mobilenet():
+        return keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10)
+
+    def seed_cnn():
+        return make_model("seed_cnn", input_shape=(32, 32, 3), num_classes=10)
+
+    slow = slow_in_bfloat16(mobilenet())
+    assert slow and all("depthwise" in name for name in slow), slow
+    assert slow_in_bfloat16(seed_cnn()) == [] and slow_in_bfloat16(make_model("resnet8", (32, 32, 3), 10)) == []
+    run = SimpleNamespace(cfg=TrainConfig(compute_dtype="auto"), rank=1)
+    try:
+        assert build_in_compute_dtype(run, mobilenet).layers[-1].compute_dtype == "float32"
+        expected = "bfloat16" if cpu_has_bf16() else "float32"
+        assert build_in_compute_dtype(run, seed_cnn).layers[1].compute_dtype == expected
+        run.cfg = TrainConfig(compute_dtype="bfloat16")  # asked for: the user's choice stands
+        assert build_in_compute_dtype(run, mobilenet).layers[-2].compute_dtype == "bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+

@@ -139,6 +139,38 @@ def resolve_compute_dtype(compute_dtype: str, use_gpu: bool) -> tuple[str, str]:
     return "float32", "auto: this CPU has no native bfloat16"
 
 
+# Depthwise convolutions other than 3x3 at stride 1 (MobileNets' strided and 5x5 ones, the depthwise half of a
+# SeparableConv2D) train 2-3.5x slower in bfloat16 than in float32 on a CPU with native bfloat16, where every
+# other layer measured is as fast or faster (benchmarks/results/bf16_layers.md, by benchmarks/step_speed.py): with them
+# MobileNetV3Small trains at 0.34x. ``auto`` keeps such models in float32.
+FAST_BF16_DEPTHWISE = {"kernel_size": (3, 3), "strides": (1, 1)}
+
+
+def all_layers(model) -> list:
+    """Every layer, nested models' layers included (the nested models themselves not); tf_keras or Keras 3."""
+    out = []
+    for layer in model.layers:
+        out.extend(all_layers(layer) if isinstance(getattr(layer, "layers", None), list) else [layer])
+    return out
+
+
+def compute_dtype(model) -> str:
+    """The dtype ``model``'s layers compute in: float32, or a mixed policy's float16 or bfloat16."""
+    for layer in all_layers(model):
+        policy = getattr(layer, "dtype_policy", None)
+        if policy is not None and policy.compute_dtype in ("float16", "bfloat16"):
+            return policy.compute_dtype
+    return "float32"
+
+
+def slow_in_bfloat16(model) -> list[str]:
+    """The names of ``model``'s layers that train slower in bfloat16 than in float32 on a CPU
+    (FAST_BF16_DEPTHWISE's measurement)."""
+    return [layer.name for layer in all_layers(model) if hasattr(layer, "depthwise_kernel") or
+            type(layer).__name__ in ("DepthwiseConv2D", "SeparableConv2D")
+            if any(tuple(getattr(layer, key, value)) != value for key, value in FAST_BF16_DEPTHWISE.items())]
+
+
 def save_model(model, path: str) -> None:
     """Save in the native ``.keras`` format. Explicit, because tf_keras decides the format from
     a thread-local flag that its own first save in a non-main thread (Ray Train runs the loop in

@@ -16,7 +16,8 @@ from typing import Any, Optional
 from toolkit.cluster import worker_node_id
 from toolkit.config import TrainConfig
 from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
-from toolkit.tf import import_keras, import_tf, quiet_tf_logs, resolve_compute_dtype, set_threads
+from toolkit.tf import (compute_dtype, import_keras, import_tf, quiet_tf_logs, resolve_compute_dtype, set_threads,
+                        slow_in_bfloat16)
 from toolkit.train.checkpoint import RunState, report, restore
 from toolkit.train.raysupport import progress, quiet_ray_train_reports
 
@@ -121,11 +122,35 @@ def build_or_restore(run: WorkerRun, config: dict, image_shape, num_classes: int
     else:
         content = config.get("model_file")
         content = ray.get(content) if isinstance(content, ray.ObjectRef) else content
-        model = build_model(run.cfg.model, image_shape, num_classes, content, run.cfg.custom_objects)
+        model = build_in_compute_dtype(run, lambda: build_model(run.cfg.model, image_shape, num_classes, content,
+                                                                run.cfg.custom_objects))
         compile_model(model, make_optimizer(run.cfg, run.steps_per_epoch), run.cfg.steps_per_execution,
                       label_smoothing=run.cfg.label_smoothing)
     install_train_step(model, accumulate_steps=run.cfg.accumulate_steps, grad_dtype=run.cfg.grad_dtype, options=options,
                        deferred_metrics=False if run.cfg.step_metrics else None)
+    return model
+
+
+def build_in_compute_dtype(run: WorkerRun, build):
+    """``build()`` under the Keras dtype policy TrainConfig.compute_dtype resolves to on this worker; under
+    ``auto``, a model with layers that train slower in bfloat16 (toolkit.tf.slow_in_bfloat16) is built again
+    in float32. A model file keeps the policy it was saved with."""
+    keras = import_keras()
+    policy, why = resolve_compute_dtype(run.cfg.compute_dtype, run.cfg.use_gpu)
+    keras.mixed_precision.set_global_policy(policy)
+    model = build()
+    slow = slow_in_bfloat16(model) if run.cfg.compute_dtype == "auto" and policy != "float32" else []
+    if slow:
+        policy = "float32"
+        why = (f"auto: {len(slow)} depthwise layer(s) ({', '.join(slow[:2])}{', ...' if len(slow) > 2 else ''}) "
+               "train slower in bfloat16")
+        keras.mixed_precision.set_global_policy(policy)
+        model = build()
+    built = compute_dtype(model)
+    if built != keras.mixed_precision.Policy(policy).compute_dtype:
+        why = "the model file's own"
+    if run.rank == 0:
+        progress(f"compute dtype: {built} ({why})")
     return model
 
 
@@ -166,13 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # training batch is small. Every worker evaluates the whole validation set: the summed metric counts
     # give the same ratios, and no worker waits on a shorter shard.
     val_batch = max(per_worker_batch, 256)
-    policy, why = resolve_compute_dtype(cfg.compute_dtype, cfg.use_gpu)
-    keras.mixed_precision.set_global_policy(policy)  # before the model is built (a restored one keeps its own)
-    if rank == 0:
-        progress(f"compute dtype: {policy} ({why})")
     run = WorkerRun(cfg, rank, steps, tracker=config.get("tracker"), record={
         "rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node_id": worker_node_id(),
-        "compute_dtype": policy,
         "cpus": cfg.cpus_per_worker, "batches": 0, "batch_size": per_worker_batch,
         "micro_batch_size": per_worker_batch // cfg.accumulate_steps})
     train_ds = strategy.distribute_datasets_from_function(lambda input_ctx: data.train_dataset(
@@ -181,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_ds = strategy.distribute_datasets_from_function(lambda _: data.validation_dataset(val_batch, num_classes))
     with strategy.scope():
         model = build_or_restore(run, config, data.image_shape, num_classes, options)
+    run.record["compute_dtype"] = compute_dtype(model)
     tell_tracker(run)
     start, best = run.state.epoch, run.state.best_epoch
     if start < cfg.epochs and not (cfg.patience and best and start - best >= cfg.patience):
