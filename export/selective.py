@@ -10,6 +10,10 @@ back within the budget.
 2. Keep the worst tensor's op in float, re-quantise (no new calibration), measure accuracy on held-out
    images from the training split, and repeat with the next worst until the drop is within budget or
    the step limit is reached (NNCF's accuracy-control loop, for TFLite).
+3. Still over: whole op types, worst first by their tensors' mean error (every LOGISTIC and MUL of
+   EfficientNet's sixteen squeeze-and-excitation gates, say), one more type per step, up to
+   ``max_op_types``. A deep net loses its points a little in each of many blocks, where one tensor a
+   step stops at the step limit long before the error is gone.
 
 The model keeps float32 input and output (raw 0-255 pixels in, the model's own output out): with float
 ops inside, the converter's integer-only I/O does not apply.
@@ -62,6 +66,25 @@ def _nmse(float_values, quant_values, scale, zero_point) -> float:
     return float(np.mean(np.mean(err ** 2, axis=0)[live] / power[live])) if live.any() else 0.0
 
 
+def denylists(ranked: list[dict], names: list[str], max_steps: int, max_op_types: int):
+    """The tensors to keep in float at each step: none; the worst one, two, ... ``max_steps``; then those plus
+    every tensor of the worst op type, of the two worst, ... ``max_op_types`` (types ranked by their tensors'
+    mean error)."""
+    for step in range(0, min(max_steps, len(names)) + 1):
+        yield names[:step]
+    errors: dict[str, list[float]] = {}
+    for r in ranked:
+        if r["nmse"] not in ("", "nan"):
+            errors.setdefault(r["op_name"], []).append(float(r["nmse"]))
+    types = sorted(errors, key=lambda op: -float(np.mean(errors[op])))
+    keep = list(names[:max_steps])
+    for op in types[:max_op_types]:
+        more = [r["tensor_name"] for r in ranked if r["op_name"] == op and r["tensor_name"] not in keep]
+        if more:
+            keep = keep + list(dict.fromkeys(more))
+            yield keep
+
+
 def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
     from export.runtime import TFLiteModel
 
@@ -70,7 +93,7 @@ def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
 
 def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
                          output_kind: str, float_val_accuracy: float, max_drop_pp: float, max_steps: int = 8,
-                         debug_images: int = 64, log: Callable[[str], None] = print,
+                         max_op_types: int = 3, debug_images: int = 64, log: Callable[[str], None] = print,
                          heartbeat: Callable[[], None] = lambda: None) -> SelectiveResult:
     """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
     ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images."""
@@ -101,9 +124,8 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
     best = None
-    for step in range(0, min(max_steps, len(names)) + 1):  # step 0: the full-integer body, float I/O
+    for step, keep in enumerate(denylists(ranked, names, max_steps, max_op_types)):
         heartbeat()
-        keep = names[:step]
         with quiet_converter():
             try:
                 debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
@@ -116,7 +138,7 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
             blob = debugger.get_nondebug_quantized_model()
         acc = _accuracy(blob, x_val, y_val, output_kind)
         drop = (float_val_accuracy - acc) * 100
-        log(f"  int8_selective step {step}: {step} tensor(s) in float"
+        log(f"  int8_selective step {step}: {len(keep)} tensor(s) in float"
             + (f" (+{layer_of(keep[-1])})" if keep else "") + f", held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
         if best is None or acc > best.val_accuracy:
             best = SelectiveResult(blob, list(keep), acc, drop, step, ranking, drop <= max_drop_pp)

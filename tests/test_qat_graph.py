@@ -170,6 +170,19 @@ def test_int8_selective_runs_to_every_op_in_float():
     assert not res.within_budget and res.blob
 
 
+def test_int8_selective_goes_on_to_whole_op_types_after_its_single_tensors():
+    """Past --selective-steps single tensors, whole op types, worst mean error first (EfficientNet loses its
+    points a little in each of sixteen squeeze-and-excitation gates: one tensor a step never got there)."""
+    from export.selective import denylists
+
+    ranked = [{"tensor_name": t, "op_name": op, "nmse": e} for t, op, e in [
+        ("a", "MUL", "0.5"), ("b", "CONV_2D", "0.3"), ("c", "MUL", "0.2"), ("d", "LOGISTIC", "0.1"),
+        ("e", "CONV_2D", "0.01"), ("f", "ADD", "nan")]]
+    names = [r["tensor_name"] for r in ranked]
+    assert list(denylists(ranked, names, max_steps=1, max_op_types=2)) == [[], ["a"], ["a", "c"], ["a", "c", "b", "e"]]
+    assert list(denylists(ranked, names, max_steps=2, max_op_types=0)) == [[], ["a"], ["a", "b"]]
+
+
 def test_a_keras3_normalization_converts_to_onnx_with_one_input(tmp_path):
     """A Keras 3 Normalization (as in keras.applications' EfficientNet) is captured by its SavedModel function as
     constant tensors; frozen before tf2onnx, the ONNX model has the image as its only input (the zoo's
