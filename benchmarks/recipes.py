@@ -111,6 +111,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="recipes")
+    p.add_argument("--keep", default=None, help="a folder where each run's model and export stay (default: deleted; "
+                   "keep them to export other variants, e.g. qat_int8, afterwards)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from toolkit.config import default_cache_dir
@@ -118,8 +120,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep or tmp)
         for spec in args.runs.split(","):
-            rows.append(run_one(spec, args.data, args.epochs, args.cache_dir or default_cache_dir(), Path(tmp)))
+            rows.append(run_one(spec, args.data, args.epochs, args.cache_dir or default_cache_dir(), work))
             print(markdown(rows[-1:], args.target).splitlines()[-1], flush=True)
     table = markdown(rows, args.target)
     print(table)

@@ -140,9 +140,9 @@ def resolve_compute_dtype(compute_dtype: str, use_gpu: bool) -> tuple[str, str]:
 
 
 # Depthwise convolutions other than 3x3 at stride 1 (MobileNets' strided and 5x5 ones, the depthwise half of a
-# SeparableConv2D) train 2-3.5x slower in bfloat16 than in float32 on a CPU with native bfloat16, where every
-# other layer measured is as fast or faster (benchmarks/results/bf16_layers.md, by benchmarks/step_speed.py): with them
-# MobileNetV3Small trains at 0.34x. ``auto`` keeps such models in float32.
+# SeparableConv2D) train slower in bfloat16 than in float32 on a CPU with native bfloat16 (stride 2: 0.58x,
+# separable stride 2: 0.25x, 5x5: 0.53x, 7x7: 1.06x; 3x3 stride 1: 1.25x; benchmarks/results/bf16_layers.md, by
+# benchmarks/step_speed.py): with them MobileNetV3Small trains at 0.38x. ``auto`` keeps such models in float32.
 FAST_BF16_DEPTHWISE = {"kernel_size": (3, 3), "strides": (1, 1)}
 
 
