@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -156,6 +157,31 @@ def s3_json(s3, key):
 def s3_keys(s3, prefix):
     pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def ray_node():
+    """One single-node Ray cluster for the session (`ray start --head` with this machine's CPUs), unadvertised: a
+    plain ray.init() elsewhere still starts its own Ray, as on a user's laptop. Yields the variables that join it."""
+    from toolkit.localcluster import LocalCluster
+
+    with LocalCluster(nodes=0, cpus_per_node=0, head_cpus=os.cpu_count() or 1, advertise=False) as cluster:
+        yield {k: v for k, v in cluster.env.items() if k != "PATH" and os.environ.get(k) != v}
+
+
+@pytest.fixture(scope="module")
+def joined_ray_node(ray_node):
+    """Every jobs/train.py the module runs joins ray_node (RAY_ADDRESS and its token in the environment it
+    inherits) instead of starting and stopping a Ray of its own, about 8 s each on CI's two cores. For modules
+    whose subject is not Ray's start (test_train_ray keeps the laptop path, a local Ray per run)."""
+    saved = {k: os.environ.get(k) for k in ray_node}
+    os.environ.update(ray_node)
+    yield ray_node
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

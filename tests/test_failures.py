@@ -1,5 +1,5 @@
 """Runs that cannot be scheduled or cannot write their outputs stop early with one line and exit 2
-(real jobs/train.py processes, real local Ray)."""
+(real jobs/train.py processes on a real Ray node)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 TRAIN = str(ROOT / "jobs" / "train.py")
+pytestmark = pytest.mark.usefixtures("joined_ray_node")  # one Ray for the module's runs
 
 
 def run(args, timeout=300):

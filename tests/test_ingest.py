@@ -16,6 +16,7 @@ import pytest
 from conftest import BUCKET, ROOT, require_shared_cifar
 
 TRAIN = str(ROOT / "jobs" / "train.py")
+pytestmark = pytest.mark.usefixtures("joined_ray_node")  # one Ray for the module's runs
 PER_CLASS = {"train": 200, "test": 100}
 
 
@@ -153,7 +154,7 @@ def test_streamed_images_are_the_in_memory_images_pixel_for_pixel(cifar_tree, tm
     _, _, x_val, y_val = mem.train_val(0.1, 0)
     np.testing.assert_array_equal(val_labels, y_val)
     np.testing.assert_array_equal(np.stack([decode_image(stream.tree.read(p), p) for p in val_paths]), x_val)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(logging_level="ERROR", log_to_driver=False)  # the module's Ray node (joined_ray_node)
     try:
         batches = list(stream.iter_test(batch_size=256))
     finally:

@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, train_in_process
 
 TRAIN = str(ROOT / "jobs" / "train.py")
+pytestmark = pytest.mark.usefixtures("joined_ray_node")  # one Ray for the module's runs
 
 
 def train(args, cwd=ROOT, timeout=900):

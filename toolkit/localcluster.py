@@ -81,6 +81,12 @@ class LocalCluster:
     nodes: int
     cpus_per_node: int
     pin: bool = True
+    # CPUs of the head itself: 0 as on a real cluster (it runs no training workers); a one-node cluster for
+    # drivers to join instead of each starting its own Ray (tests/conftest.py's ray_node) gives it the machine's.
+    head_cpus: int = 0
+    # Whether a plain ray.init() on this machine joins this cluster (`ray start --head` records itself in
+    # ADDRESS_FILE); without, the previous record is put back at once and only RAY_ADDRESS (``env``) reaches it.
+    advertise: bool = True
     # The head's dashboard serves `ray job submit`; off by default (it costs a process and memory).
     dashboard: bool = False
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
@@ -124,9 +130,11 @@ class LocalCluster:
         self.previous_address = _read(ADDRESS_FILE)
         dash = ([f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
                 if self.dashboard else ["--include-dashboard=false"])
-        self._run(["start", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0", *dash,
+        self._run(["start", "--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0", *dash,
                    "--disable-usage-stats",
                    f"--ray-client-server-port={free_port()}"])
+        if not self.advertise:
+            self._put_back_address_file()
         for _ in range(self.nodes):
             self.add_node()
         return self
@@ -205,8 +213,12 @@ class LocalCluster:
                 left = self.pids()
             if not left:
                 break
+        self._put_back_address_file()
+
+    def _put_back_address_file(self) -> None:
+        """ADDRESS_FILE as it was before start(), if it still names this cluster."""
         recorded = _read(ADDRESS_FILE)
-        if recorded and recorded.rsplit(":", 1)[-1] == str(self.port):  # still names this (now stopped) cluster
+        if recorded and recorded.rsplit(":", 1)[-1] == str(self.port):
             previous = getattr(self, "previous_address", None)
             try:
                 if previous and _gcs_running(previous.rsplit(":", 1)[-1]):  # never restore a dead cluster's
