@@ -26,6 +26,21 @@ def error_lines(proc):
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
 
+def test_the_runs_here_join_the_session_ray_node_only_through_its_address(ray_node):
+    """This module's runs join conftest.ray_node through RAY_ADDRESS; a plain ray.init() elsewhere on the machine
+    does not find it (`ray start --head` records itself in Ray's address file; LocalCluster(advertise=False) puts
+    the previous record back), so test_train_ray's runs still start a Ray of their own, as on a laptop."""
+    import os
+    from pathlib import Path
+
+    from toolkit.localcluster import ADDRESS_FILE
+
+    assert os.environ["RAY_ADDRESS"] == ray_node["RAY_ADDRESS"]
+    port = ray_node["RAY_ADDRESS"].rsplit(":", 1)[-1]
+    recorded = Path(ADDRESS_FILE).read_text().strip() if Path(ADDRESS_FILE).exists() else ""
+    assert not recorded.endswith(f":{port}"), recorded
+
+
 def test_gpus_that_do_not_exist_fail_fast(tmp_path, tiny_tree_tgz, cache_dir):
     proc, seconds = run(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--use-gpu", "--resource-timeout", "2",
                          "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"), "--no-export"])
