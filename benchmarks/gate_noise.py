@@ -104,7 +104,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     gate = GateConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        cache = args.cache_dir or str(Path(tmp) / "cache")
+        # The toolkit's cache by default: the kept predictions must outlive this run (a temporary folder lost
+        # 8 x 30-epoch trainings once, when only the gate's margin was to change).
+        from toolkit.config import default_cache_dir
+
+        cache = args.cache_dir or default_cache_dir()
         runs = []
         for seed in range(1, 2 * args.pairs + 1):
             t0 = time.perf_counter()
