@@ -170,6 +170,25 @@ def test_int8_selective_runs_to_every_op_in_float():
     assert not res.within_budget and res.blob
 
 
+def test_the_selective_error_ignores_vanishing_channels_but_not_crushed_ones():
+    """int8_selective's ranking error: channels that carry (almost) nothing are not ranked (EfficientNetB0's
+    1e46 errors), while ordinary channels crushed by one outlier channel's range still count fully."""
+    from export.selective import _nmse
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(64, 8)).astype(np.float32)
+    scale = 0.01
+    q = np.round(f / scale)
+    assert _nmse(f, q, scale, 0) < 1e-3  # well quantised
+    tiny = f.copy()
+    tiny[:, 3] *= 1e-20  # a vanishing channel: exact zero after quantisation, its ratio would be 1.0 or worse
+    assert _nmse(tiny, np.round(tiny / scale), scale, 0) < 1e-3
+    outlier = f.copy()
+    outlier[:, 0] *= 1e4  # one huge channel sets the scale: the other seven round to zero
+    big = float(np.abs(outlier).max()) / 127
+    assert _nmse(outlier, np.round(outlier / big), big, 0) > 0.5
+
+
 def test_int8_selective_goes_on_to_whole_op_types_after_its_single_tensors():
     """Past --selective-steps single tensors, whole op types, worst mean error first (EfficientNet loses its
     points a little in each of sixteen squeeze-and-excitation gates: one tensor a step never got there)."""
