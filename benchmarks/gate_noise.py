@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.gate import GateConfig, judge  # noqa: E402
 from export.stats import compare  # noqa: E402
+from toolkit.config import default_cache_dir  # noqa: E402
 
 POLICIES = ("regression", "non_inferiority", "fixed")
 VARIANT = "int8"
@@ -106,8 +107,6 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # The toolkit's cache by default: the kept predictions must outlive this run (a temporary folder lost
         # 8 x 30-epoch trainings once, when only the gate's margin was to change).
-        from toolkit.config import default_cache_dir
-
         cache = args.cache_dir or default_cache_dir()
         runs = []
         for seed in range(1, 2 * args.pairs + 1):

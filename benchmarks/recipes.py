@@ -121,6 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for spec in args.runs.split(","):
             rows.append(run_one(spec, args.data, args.epochs, args.cache_dir or default_cache_dir(), work))
             print(markdown(rows[-1:], args.target).splitlines()[-1], flush=True)

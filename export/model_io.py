@@ -248,7 +248,8 @@ def _keras3_model(p: Path, path: str, objects: dict) -> tuple:
             raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
         raise ExportInputError(f"{path}: not a loadable Keras 3 model ({one_line(e)})") from e
     _check_single_io(model, path)
-    from export.rewrite import float16_policy, keras3_as_float32
+    from export.rewrite import keras3_as_float32
+    from toolkit.tf import float16_policy
 
     original, rewrites = model, []
     policy = float16_policy(model)

@@ -26,7 +26,7 @@ import numpy as np
 
 from export.errors import ExportInputError
 from toolkit.errors import one_line
-from toolkit.tf import all_layers, import_keras, import_tf
+from toolkit.tf import all_layers, float16_policy, import_keras, import_tf
 
 IDENTITY = "identity"  # what a replace function returns for a layer to drop (its input passes through)
 
@@ -116,15 +116,6 @@ def has_nested(model) -> bool:
 
 
 # -- the rewrites ------------------------------------------------------------------------------
-
-
-def float16_policy(model) -> Optional[str]:
-    """The reduced-precision compute policy the model was built under (``mixed_float16``...), or None."""
-    for layer in all_layers(model):
-        policy = getattr(layer, "dtype_policy", None)
-        if policy is not None and policy.compute_dtype in ("float16", "bfloat16"):
-            return policy.name
-    return None
 
 
 def as_float32(model):

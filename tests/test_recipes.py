@@ -117,7 +117,7 @@ def test_the_compute_dtype_follows_the_cpu():
         TrainConfig(compute_dtype="float8")
 
 
-def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32():
+def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32(tmp_path):
     """Strided and 5x5 depthwise convolutions train 2-3.5x slower in bfloat16 (benchmarks/results/bf16_layers.md):
     under auto, MobileNetV3Small trains in float32, the 3x3-stride-1 nets in bfloat16 where the CPU has it."""
     from types import SimpleNamespace
@@ -144,6 +144,18 @@ def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32():
         assert build_in_compute_dtype(run, seed_cnn).layers[1].compute_dtype == expected
         run.cfg = TrainConfig(compute_dtype="bfloat16")  # asked for: the user's choice stands
         assert build_in_compute_dtype(run, mobilenet).layers[-2].compute_dtype == "bfloat16"
+        # A float32 model file keeps its own policy under auto, loaded once (no rebuild for layers it does not
+        # compute in bfloat16).
+        keras.mixed_precision.set_global_policy("float32")
+        mobilenet().save(tmp_path / "m.keras", save_format="keras_v3")
+        loads = []
+
+        def model_file():
+            loads.append(1)
+            return keras.models.load_model(tmp_path / "m.keras")
+
+        run.cfg = TrainConfig(compute_dtype="auto")
+        assert build_in_compute_dtype(run, model_file).layers[-2].compute_dtype == "float32" and len(loads) == 1
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

@@ -154,13 +154,19 @@ def all_layers(model) -> list:
     return out
 
 
-def compute_dtype(model) -> str:
-    """The dtype ``model``'s layers compute in: float32, or a mixed policy's float16 or bfloat16."""
+def float16_policy(model) -> Optional[str]:
+    """The reduced-precision compute policy the model was built under (``mixed_float16``...), or None."""
     for layer in all_layers(model):
         policy = getattr(layer, "dtype_policy", None)
         if policy is not None and policy.compute_dtype in ("float16", "bfloat16"):
-            return policy.compute_dtype
-    return "float32"
+            return policy.name
+    return None
+
+
+def compute_dtype(model) -> str:
+    """The dtype ``model``'s layers compute in: float32, or a mixed policy's float16 or bfloat16."""
+    policy = float16_policy(model)
+    return "bfloat16" if policy and "bfloat16" in policy else "float16" if policy else "float32"
 
 
 def slow_in_bfloat16(model) -> list[str]:

@@ -139,7 +139,8 @@ def build_in_compute_dtype(run: WorkerRun, build):
     policy, why = resolve_compute_dtype(run.cfg.compute_dtype, run.cfg.use_gpu)
     keras.mixed_precision.set_global_policy(policy)
     model = build()
-    slow = slow_in_bfloat16(model) if run.cfg.compute_dtype == "auto" and policy != "float32" else []
+    # Only a model that does compute in bfloat16 is checked (a model file keeps the policy it was saved with).
+    slow = slow_in_bfloat16(model) if run.cfg.compute_dtype == "auto" and compute_dtype(model) == "bfloat16" else []
     if slow:
         policy = "float32"
         why = (f"auto: {len(slow)} depthwise layer(s) ({', '.join(slow[:2])}{', ...' if len(slow) > 2 else ''}) "
