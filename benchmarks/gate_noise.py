@@ -6,7 +6,10 @@ curve simulated on their real predictions.
 1. Trains ``2 x --pairs`` models with the default recipe (jobs/train.py, seeds 1, 2, ...), each exported
    (``--variants int8``: the file that ships), keeping every export's per-image predictions.
 2. No false alarms: each pair gated both ways (the second as candidate, the first as baseline, and back) under
-   every policy, by export.gate's own checks on the stored predictions: a same-recipe retrain must pass.
+   every policy, by export.gate's own checks on the stored predictions: a same-recipe retrain must pass. The
+   default policy allows for the gate's default training noise; "McNemar alone" is the same policy without it
+   (is this file worse than that one). The class checks (``--max-class-drop 5``) allow for the class noise.
+   Then the runs' own training noise (export.stats.training_noise, as ``python -m export.noise`` prints it).
 3. Power: the first pair's real predictions (two seeds disagree on many images in both directions: the
    noise a gate lives with), the second seed's made exactly as accurate as the first (random flips of its
    surplus or deficit), then k points' worth of its correct predictions flipped to wrong: a candidate whose true
@@ -37,11 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.gate import GateConfig, judge  # noqa: E402
-from export.stats import compare  # noqa: E402
+from export.stats import compare, training_noise  # noqa: E402
 from toolkit.config import default_cache_dir  # noqa: E402
 
 POLICIES = ("regression", "non_inferiority", "fixed")
+ALONE = "regression, McNemar alone"  # the default policy without the training-noise allowance
 VARIANT = "int8"
+CLASS_DROP = 5.0  # the class checks' margin in the same-recipe table (--max-class-drop 5)
 
 
 def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int]) -> dict:
@@ -69,9 +74,23 @@ def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Op
     return run
 
 
-def verdicts(y, base, cand, margin: float, alpha: float, seed: int = 0) -> dict:
-    s = compare(y, base, cand, 1 - alpha, seed)
-    return {p: judge(p, margin, s, alpha)[0] for p in POLICIES} | {"delta_pp": s.delta_pp, "p": s.p_value}
+def verdicts(y, base, cand, gate: GateConfig, seed: int = 0) -> dict:
+    s = compare(y, base, cand, 1 - gate.alpha, seed, gate.training_noise)
+    alone = compare(y, base, cand, 1 - gate.alpha, seed)
+    return ({p: judge(p, gate.max_regression, s, gate.alpha)[0] for p in POLICIES}
+            | {ALONE: judge("regression", gate.max_regression, alone, gate.alpha)[0], "delta_pp": s.delta_pp,
+               "p": s.p_value, "mcnemar_p": s.mcnemar_p})
+
+
+def class_failures(y, base, cand, gate: GateConfig) -> list:
+    """Classes whose recall check against the baseline fails (margin CLASS_DROP, the gate's class noise)."""
+    out = []
+    for c in np.unique(y):
+        m = y == c
+        s = compare(y[m], base[m], cand[m], 1 - gate.alpha, gate.seed, gate.class_training_noise)
+        if not judge("regression", CLASS_DROP, s, gate.alpha)[0]:
+            out.append(f"{int(c)} ({s.delta_pp:+.1f})")
+    return out
 
 
 def planted(y, base, cand, k_pp: float, rng) -> np.ndarray:
@@ -118,23 +137,34 @@ def main(argv=None) -> int:
     for i in range(args.pairs):
         a, b = runs[2 * i], runs[2 * i + 1]
         for name, base, cand in ((f"{2 * i + 2} vs {2 * i + 1}", a, b), (f"{2 * i + 1} vs {2 * i + 2}", b, a)):
-            v = verdicts(a["labels"], base[VARIANT], cand[VARIANT], gate.max_regression, gate.alpha)
+            v = verdicts(a["labels"], base[VARIANT], cand[VARIANT], gate)
+            classes = class_failures(a["labels"], base[VARIANT], cand[VARIANT], gate)
             same.append({"candidate vs baseline (seeds)": name, "delta (pp)": f"{v['delta_pp']:+.2f}",
-                         "McNemar p": f"{v['p']:.3g}", **{pol: "pass" if v[pol] else "**FAIL**" for pol in POLICIES}})
+                         "McNemar p": f"{v['mcnemar_p']:.3g}", "p with noise": f"{v['p']:.3g}",
+                         **{pol: "pass" if v[pol] else "**FAIL**" for pol in (*POLICIES, ALONE)},
+                         f"class checks ({CLASS_DROP:g} pp)": "pass" if not classes else "**FAIL** " + ", ".join(classes)})
     rng = np.random.default_rng(0)
     y, base, cand = runs[0]["labels"], runs[0][VARIANT], runs[1][VARIANT]
     power = []
     for k in (0.0, 0.5, 1.0, 2.0):
-        fails = {pol: 0 for pol in POLICIES}
+        fails = {pol: 0 for pol in (*POLICIES, ALONE)}
         sim = planted(y, base, cand, k, rng)
         for r in range(args.reps):
             draw = rng.integers(0, len(y), len(y))  # a fresh test set of the same size
-            v = verdicts(y[draw], base[draw], sim[draw], gate.max_regression, gate.alpha, seed=r)
-            for pol in POLICIES:
+            v = verdicts(y[draw], base[draw], sim[draw], gate, seed=r)
+            for pol in fails:
                 fails[pol] += not v[pol]
-        power.append({"true drop (points)": k, **{pol: f"{fails[pol] / args.reps:.1%}" for pol in POLICIES}})
-    tables = (f"Same-recipe retrains, gated both ways (margin {gate.max_regression} pp, alpha {gate.alpha}):\n\n"
-              + markdown(same) + f"\n\nShare of simulated candidates failed ({args.reps} resampled test sets per row; the "
+        power.append({"true drop (points)": k, **{pol: f"{n / args.reps:.1%}" for pol, n in fails.items()}})
+    noise = training_noise(runs[0]["labels"], [r[VARIANT] for r in runs])
+    noise_row = {"runs": noise["runs"], "pairs": noise["pairs"], "accuracy sd": f"{noise['accuracy_sd_pp']:.2f}",
+                 "difference rms": f"{noise['difference_rms_pp']:.2f}", "test images' part": f"{noise['images_sd_pp']:.2f}",
+                 "training noise": f"{noise['training_noise']:.2f}",
+                 "class difference rms": f"{noise['class_difference_rms_pp']:.2f}",
+                 "class training noise": f"{noise['class_training_noise']:.2f}"}
+    tables = (f"Same-recipe retrains, gated both ways (margin {gate.max_regression} pp, alpha {gate.alpha}, training "
+              f"noise {gate.training_noise} pp, class noise {gate.class_training_noise} pp):\n\n"
+              + markdown(same) + f"\n\nThese runs' own training noise ({VARIANT}, points; export.stats.training_noise):"
+              f"\n\n" + markdown([noise_row]) + f"\n\nShare of simulated candidates failed ({args.reps} resampled test sets per row; the "
               f"second seed's predictions made as accurate as the first's, then k points of its correct ones "
               f"flipped):\n\n" + markdown(power))
     print(tables)
@@ -144,7 +174,7 @@ def main(argv=None) -> int:
             "command": "python benchmarks/gate_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gate_noise.json").write_text(json.dumps({"meta": meta, "same_recipe": same, "power": power}, indent=2))
+    (out / "gate_noise.json").write_text(json.dumps({"meta": meta, "same_recipe": same, "noise": noise, "power": power}, indent=2))
     (out / "gate_noise.md").write_text(f"`{meta['command']}` ({meta['date']}, git {meta['git_revision']}, "
                                        f"{meta['machine']})\n\n{tables}\n")
     return 0

@@ -34,17 +34,28 @@ def load_baseline(path: str, digest: str, x_test: np.ndarray, num_classes: int, 
                                                                                info.output_kind).astype(np.int64)}}
 
 
-def _from_export(folder: Path, digest: str) -> dict:
+def read_export(folder: Path) -> tuple[str, dict, np.ndarray]:
+    """(test images' sha256, {variant or "float": top-1 class ids}, labels) stored by an export in ``folder``;
+    ExportInputError (one line) when it has none."""
     try:
         report = json.loads((folder / "report.json").read_text())
         stored = report["predictions"]
         with np.load(folder / stored["file"]) as z:
             preds = {k: z[k].astype(np.int64) for k in z.files if not k.endswith("_scores") and k != "labels"}
+            labels = z["labels"].astype(np.int64)
     except (OSError, KeyError, ValueError) as e:
-        raise ExportInputError(f"--baseline {folder}: an export folder without its per-image predictions "
-                               f"({type(e).__name__}: {e}); export the baseline model again with this version") from None
-    if stored.get("test_images_sha256") != digest:
-        raise ExportInputError(f"--baseline {folder}: made on other test images (sha256 {str(stored.get('test_images_sha256'))[:12]} "
+        raise ExportInputError(f"{folder}: an export folder without its per-image predictions "
+                               f"({type(e).__name__}: {e}); export the model again with this version") from None
+    return str(stored.get("test_images_sha256")), preds, labels
+
+
+def _from_export(folder: Path, digest: str) -> dict:
+    try:
+        stored_digest, preds, _ = read_export(folder)
+    except ExportInputError as e:
+        raise ExportInputError(f"--baseline {e}") from None
+    if stored_digest != digest:
+        raise ExportInputError(f"--baseline {folder}: made on other test images (sha256 {stored_digest[:12]} "
                                f"here {digest[:12]}): a paired comparison needs the same images; pass the baseline "
                                "model file to evaluate it on these")
     return {"source": f"export {folder}", "predictions": preds}

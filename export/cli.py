@@ -76,13 +76,20 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
                    help="the model on the device today: a previous export folder (its stored per-image predictions) "
                         "or a model file, compared image by image on the same test images")
     g.add_argument("--gate", default=None, metavar="FILE", help="a TOML gate file committed with the model: policy, "
-                   "max_regression, float_policy, alpha, max_drop, max_class_drop, [class_floors]")
+                   "max_regression, training_noise, class_training_noise, float_policy, alpha, max_drop, max_class_drop, "
+                   "[class_floors]")
     g.add_argument("--policy", choices=POLICIES, default=None,
                    help=f"how the baseline check decides (default {GateConfig.policy}): fixed, regression (the drop "
                         "exceeds --max-regression and is significant at --alpha) or non_inferiority (the confidence "
                         "interval shows the drop is under the margin)")
     g.add_argument("--max-regression", type=float, default=None,
                    help=f"points a variant may lose against the baseline (default {GateConfig.max_regression})")
+    g.add_argument("--training-noise", type=float, default=None, metavar="PP",
+                   help="points a retrain of the same recipe moves accuracy beyond the test images' noise, allowed for "
+                        f"by the baseline check (default {GateConfig.training_noise}, the default recipe's; 0: is "
+                        "this file worse than that one; measure yours with python -m export.noise)")
+    g.add_argument("--class-training-noise", type=float, default=None, metavar="PP",
+                   help=f"the same for a class's recall (default {GateConfig.class_training_noise})")
     g.add_argument("--float-policy", choices=POLICIES, default=None,
                    help=f"how each variant's drift from its float model decides (default {GateConfig.float_policy})")
     g.add_argument("--alpha", type=float, default=None, help=f"significance level (default {GateConfig.alpha})")
@@ -117,7 +124,8 @@ def gate_config(args: argparse.Namespace) -> tuple[GateConfig, Optional[float]]:
         unknown = set(values) - {f.name for f in dataclasses.fields(GateConfig)} - {"max_drop"}
         if unknown:
             raise ExportInputError(f"--gate {args.gate}: unknown key(s) {', '.join(sorted(unknown))}")
-    for key in ("policy", "max_regression", "float_policy", "alpha", "max_class_drop"):
+    for key in ("policy", "max_regression", "training_noise", "class_training_noise", "float_policy", "alpha",
+                "max_class_drop"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     floors = dict(values.get("class_floors", {}))

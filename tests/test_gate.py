@@ -37,7 +37,8 @@ def planted(regression_run, tmp_path_factory):
     return path
 
 
-def test_the_same_model_passes_against_its_own_export(full_export, regression_run, tmp_path, cache_dir, monkeypatch):
+def test_the_same_model_passes_against_its_own_export(full_export, regression_run, tmp_path, cache_dir, monkeypatch,
+                                                      capsys):
     """Every export stores its per-image predictions; a later export reads them as its baseline without running
     the baseline again, and the same model passes, with the JUnit file and the step summary saying so."""
     baseline, _ = full_export
@@ -59,6 +60,15 @@ def test_the_same_model_passes_against_its_own_export(full_export, regression_ru
     names = [case.name for case in suite]
     assert "int8 vs float model" in names and "int8 vs baseline int8" in names and "int8 class cat recall vs baseline" in names
     assert suite.failures == 0 and suite.tests == len(names) == len(report["checks"])
+    # Two exports of the same weights: python -m export.noise finds no training noise in them, and says so as
+    # gate-file lines; one export is not enough (exit 2, one line).
+    from export.noise import main as noise_main
+
+    assert noise_main([str(baseline), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| int8 | 2 | 1 | 0.00 | 0.00 | 0.00 | **0.00** |" in out and "training_noise = 0.00" in out, out
+    assert noise_main([str(baseline)]) == 2
+    assert capsys.readouterr().err.strip() == "error: exports: need at least 2 exports of retrains of one recipe, got 1"
 
 
 def test_a_planted_regression_fails_and_names_the_class(full_export, planted, tmp_path, cache_dir, monkeypatch):
@@ -118,3 +128,46 @@ def test_the_bootstrap_is_seeded_and_covers_the_difference():
     s1, s2 = compare(y, a, b, seed=7), compare(y, a, b, seed=7)
     assert s1 == s2  # the same inputs give the same decision
     assert s1.ci_low_pp < s1.delta_pp < s1.ci_high_pp and s1.ci_high_pp - s1.ci_low_pp < 4
+
+
+def test_a_retrain_within_the_training_noise_passes_where_mcnemar_alone_fails():
+    """A candidate 1 point under its baseline on 10,000 images, 7.5% vs 6.5% of them right only in one: McNemar
+    calls it real (p < 0.01), as it is for these two files; a same-recipe retrain moves accuracy that much (the
+    default recipe's 0.5 points of training noise), so the default gate passes it and still fails 2 points."""
+    from export.gate import GateConfig, judge
+    from export.stats import compare
+
+    n = 10_000
+    y = np.zeros(n, np.int64)
+    base = np.where(np.arange(n) < 750, 0, 1)  # the first 750 right only in the baseline
+    for drop_pp, default_passes in ((1.0, True), (2.0, False)):
+        extra = 750 - int(drop_pp * 100)
+        cand = np.where((np.arange(n) >= 750) & (np.arange(n) < 750 + extra), 0, 1)
+        gate = GateConfig()
+        s = compare(y, base, cand, 1 - gate.alpha, gate.seed, gate.training_noise)
+        alone = compare(y, base, cand, 1 - gate.alpha, gate.seed)
+        assert s.delta_pp == pytest.approx(-drop_pp) and s.mcnemar_p == alone.p_value < 0.01
+        assert judge("regression", gate.max_regression, s, gate.alpha)[0] is default_passes, s
+        assert judge("regression", gate.max_regression, alone, gate.alpha)[0] is False
+        assert s.ci_high_pp - s.ci_low_pp > alone.ci_high_pp - alone.ci_low_pp  # the interval allows for it too
+
+
+@pytest.mark.parametrize("noise_pp", [0.0, 0.5, 1.5])
+def test_training_noise_recovers_the_spread_of_simulated_retrains(noise_pp):
+    """30 simulated retrains on 10,000 images of mixed difficulty, each shifted by its own seed's luck (a
+    difference between two of them has a spread of noise_pp points): the estimate finds it, beyond the test
+    images' own noise, and finds about none when there is none."""
+    from export.stats import training_noise
+
+    rng = np.random.default_rng(1)
+    n, classes = 10_000, 10
+    y = rng.integers(0, classes, n)
+    difficulty = rng.beta(4, 2, n)
+    runs = []
+    for _ in range(30):
+        luck = rng.normal(0, noise_pp / np.sqrt(2)) / 100
+        right = rng.random(n) < np.clip(difficulty + luck, 0, 1)
+        runs.append(np.where(right, y, (y + 1) % classes))
+    est = training_noise(y, runs)
+    assert est["pairs"] == 435 and est["images_sd_pp"] > 0.5
+    assert est["training_noise"] == pytest.approx(noise_pp, abs=0.25), est

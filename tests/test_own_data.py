@@ -220,7 +220,7 @@ def test_a_factory_model_trains_and_bad_factories_are_refused(digits_tree, tmp_p
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["config"]["model"] == "my_models:tiny" and m["epochs"] == 1
     saved = str(tmp_path / "out" / "model.keras")
-    assert one_error(train([*common, "--model", saved], cwd=tmp_path)) == (
+    assert one_error(train_in_process([*common, "--model", saved], cwd=tmp_path)) == (
         f"error: --model {saved}: cannot be loaded (custom layer(s) Swishy (module my_models) not known to Keras: "
         "name the module that defines them with --custom-objects my_models)")
     monkeypatch.chdir(tmp_path)  # where --custom-objects finds my_models, as the command does
