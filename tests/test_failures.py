@@ -103,7 +103,7 @@ def test_ctrl_c_then_a_killed_worker_lose_nothing(tmp_path, tiny_tree_tgz, cache
 
     args = [sys.executable, TRAIN, "--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--epochs", "40",
             "--batch-size", "32", "--output", str(tmp_path / "out"), "--storage-path", str(tmp_path / "ray"),
-            "--name", "ctrlc", "--no-export"]
+            "--name", "ctrlc", "--no-export", "--num-workers", "2", "--recipe", "adam"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     deadline = time.monotonic() + 300
@@ -143,6 +143,12 @@ def test_ctrl_c_then_a_killed_worker_lose_nothing(tmp_path, tiny_tree_tgz, cache
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert len(history["loss"]) == 12 and m["epochs"] == 12 and m["test_accuracy"] > 0.5
     assert killed not in {w["pid"] for w in m["workers"]}, "the finished run ran on replacement workers"
+    # Two workers, each running every step of the last start on its own half of the batch, on the one node.
+    workers = m["workers"]
+    assert m["num_workers"] == 2 and sorted(w["rank"] for w in workers) == [0, 1]
+    assert len({w["pid"] for w in workers}) == 2, "two separate processes"
+    assert workers[0]["batches"] == workers[1]["batches"] > 0 and workers[0]["batch_size"] == workers[1]["batch_size"] == 16
+    assert workers[0]["node_id"] and workers[0]["node_id"] == workers[1]["node_id"], "both on the local Ray node"
 
 
 BAD_DATA = ("missing split", "empty class folder", "undecodable image", "label out of range", "mixed sizes",
