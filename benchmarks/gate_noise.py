@@ -10,6 +10,8 @@ curve simulated on their real predictions.
    default policy allows for the gate's default training noise; "McNemar alone" is the same policy without it
    (is this file worse than that one). The class checks (``--max-class-drop 5``) allow for the class noise.
    Then the runs' own training noise (export.stats.training_noise, as ``python -m export.noise`` prints it).
+   Planted regressions (``--planted``, on by default): the recipe trained for a third of its epochs, and trained
+   on a copy of the data with cat's training images cut to a tenth, each gated against seed 1.
 3. Power: the first pair's real predictions (two seeds disagree on many images in both directions: the
    noise a gate lives with), the second seed's made exactly as accurate as the first (random flips of its
    surplus or deficit), then k points' worth of its correct predictions flipped to wrong: a candidate whose true
@@ -41,20 +43,20 @@ sys.path.insert(0, str(ROOT))
 
 from export.gate import GateConfig, judge  # noqa: E402
 from export.stats import compare, training_noise  # noqa: E402
-from toolkit.config import default_cache_dir  # noqa: E402
+from toolkit.config import TrainConfig, default_cache_dir  # noqa: E402
 
 POLICIES = ("regression", "non_inferiority", "fixed")
 ALONE = "regression, McNemar alone"  # the default policy without the training-noise allowance
 VARIANT = "int8"
 CLASS_DROP = 5.0  # the class checks' margin in the same-recipe table (--max-class-drop 5)
+CUT_CLASS = "cat"  # the planted class regression: its training images cut to a tenth
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int]) -> dict:
-    from toolkit.config import TrainConfig
-
+def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int], tag: str = "") -> dict:
     # The kept predictions belong to the defaults they were trained with: any change of a default is a new key.
     defaults = hashlib.sha256(json.dumps(TrainConfig().to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    kept = Path(cache_dir) / "gate_noise" / f"defaults-{defaults}-epochs{epochs or 'default'}-seed{seed}.npz"
+    kept = Path(cache_dir) / "gate_noise" / f"defaults-{defaults}-epochs{epochs or 'default'}-seed{seed}{tag}.npz"
     if kept.exists():
         with np.load(kept) as z:
             return {k: z[k].astype(np.int64) for k in z.files}
@@ -74,6 +76,27 @@ def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Op
     return run
 
 
+def cut_class(data: str, cls: str, keep: float, folder: Path) -> str:
+    """A copy of the .tar.gz ``data`` with class ``cls``'s training images cut to ``keep`` of them (the first;
+    its test images all kept): a planted regression of one class, as a lost share of a class's data makes."""
+    import tarfile
+
+    target = folder / f"{Path(data).name.split('.')[0]}-{cls}-{keep:g}.tar.gz"
+    if target.exists():
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(data) as src:
+        members = [m for m in src.getmembers() if m.isfile()]
+        ours = sorted(m.name for m in members if m.name.lstrip("./").startswith(f"train/{cls}/"))
+        dropped = set(ours[int(len(ours) * keep):])
+        with tarfile.open(str(target) + ".part", "w:gz") as dst:
+            for m in members:
+                if m.name not in dropped:
+                    dst.addfile(m, src.extractfile(m))
+    Path(str(target) + ".part").rename(target)
+    return str(target)
+
+
 def verdicts(y, base, cand, gate: GateConfig, seed: int = 0) -> dict:
     s = compare(y, base, cand, 1 - gate.alpha, seed, gate.training_noise)
     alone = compare(y, base, cand, 1 - gate.alpha, seed)
@@ -82,14 +105,14 @@ def verdicts(y, base, cand, gate: GateConfig, seed: int = 0) -> dict:
                "p": s.p_value, "mcnemar_p": s.mcnemar_p})
 
 
-def class_failures(y, base, cand, gate: GateConfig) -> list:
+def class_failures(y, base, cand, gate: GateConfig, names=None) -> list:
     """Classes whose recall check against the baseline fails (margin CLASS_DROP, the gate's class noise)."""
     out = []
     for c in np.unique(y):
         m = y == c
         s = compare(y[m], base[m], cand[m], 1 - gate.alpha, gate.seed, gate.class_training_noise)
         if not judge("regression", CLASS_DROP, s, gate.alpha)[0]:
-            out.append(f"{int(c)} ({s.delta_pp:+.1f})")
+            out.append(f"{names[int(c)] if names else int(c)} ({s.delta_pp:+.1f})")
     return out
 
 
@@ -119,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's own")
     p.add_argument("--reps", type=int, default=500, help="simulated candidates per drop size")
+    p.add_argument("--planted", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train two planted regressions (a third of the epochs; cat's training images cut to a "
+                        "tenth) and gate them against seed 1")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -133,6 +159,18 @@ def main(argv=None) -> int:
             runs.append(train_and_export(args.data, seed, Path(tmp) / f"seed{seed}", cache, args.epochs))
             acc = float(np.mean(runs[-1][VARIANT] == runs[-1]["labels"]))
             print(f"seed {seed}: {VARIANT} accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        # Planted regressions, each gated against seed 1 (the baseline): the recipe's training cut short, and one
+        # class's training images cut to a tenth.
+        planted_runs = []
+        if args.planted:
+            short = max(1, (args.epochs or TrainConfig().epochs) // 3)
+            t0 = time.perf_counter()
+            planted_runs.append((f"shorter training ({short} epochs, seed 1)", train_and_export(
+                args.data, 1, Path(tmp) / "short", cache, short)))
+            cut = cut_class(args.data, CUT_CLASS, 0.1, Path(cache) / "gate_noise")
+            planted_runs.append((f"{CUT_CLASS} training images cut to a tenth (seed 1)", train_and_export(
+                cut, 1, Path(tmp) / "cut", cache, args.epochs, tag=f"-{CUT_CLASS}-tenth")))
+            print(f"planted regressions trained ({time.perf_counter() - t0:.0f} s)", flush=True)
     same = []
     for i in range(args.pairs):
         a, b = runs[2 * i], runs[2 * i + 1]
@@ -155,6 +193,15 @@ def main(argv=None) -> int:
             for pol in fails:
                 fails[pol] += not v[pol]
         power.append({"true drop (points)": k, **{pol: f"{n / args.reps:.1%}" for pol, n in fails.items()}})
+    caught = []
+    for name, run in planted_runs:
+        y, base = runs[0]["labels"], runs[0][VARIANT]
+        assert np.array_equal(run["labels"], y), f"{name}: other test images than seed 1's"
+        v = verdicts(y, base, run[VARIANT], gate)
+        classes = class_failures(y, base, run[VARIANT], gate, CLASS_NAMES)
+        caught.append({"planted regression (candidate vs seed 1)": name, "delta (pp)": f"{v['delta_pp']:+.2f}",
+                       "p with noise": f"{v['p']:.3g}", "regression": "pass" if v["regression"] else "**FAIL**",
+                       f"class checks ({CLASS_DROP:g} pp)": "pass" if not classes else "**FAIL** " + ", ".join(classes)})
     noise = training_noise(runs[0]["labels"], [r[VARIANT] for r in runs])
     noise_row = {"runs": noise["runs"], "pairs": noise["pairs"], "accuracy sd": f"{noise['accuracy_sd_pp']:.2f}",
                  "difference rms": f"{noise['difference_rms_pp']:.2f}", "test images' part": f"{noise['images_sd_pp']:.2f}",
@@ -163,7 +210,8 @@ def main(argv=None) -> int:
                  "class training noise": f"{noise['class_training_noise']:.2f}"}
     tables = (f"Same-recipe retrains, gated both ways (margin {gate.max_regression} pp, alpha {gate.alpha}, training "
               f"noise {gate.training_noise} pp, class noise {gate.class_training_noise} pp):\n\n"
-              + markdown(same) + f"\n\nThese runs' own training noise ({VARIANT}, points; export.stats.training_noise):"
+              + markdown(same) + ("\n\nPlanted regressions, gated against seed 1:\n\n" + markdown(caught) if caught else "")
+              + f"\n\nThese runs' own training noise ({VARIANT}, points; export.stats.training_noise):"
               f"\n\n" + markdown([noise_row]) + f"\n\nShare of simulated candidates failed ({args.reps} resampled test sets per row; the "
               f"second seed's predictions made as accurate as the first's, then k points of its correct ones "
               f"flipped):\n\n" + markdown(power))
@@ -174,7 +222,7 @@ def main(argv=None) -> int:
             "command": "python benchmarks/gate_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gate_noise.json").write_text(json.dumps({"meta": meta, "same_recipe": same, "noise": noise, "power": power}, indent=2))
+    (out / "gate_noise.json").write_text(json.dumps({"meta": meta, "same_recipe": same, "planted": caught, "noise": noise, "power": power}, indent=2))
     (out / "gate_noise.md").write_text(f"`{meta['command']}` ({meta['date']}, git {meta['git_revision']}, "
                                        f"{meta['machine']})\n\n{tables}\n")
     return 0
