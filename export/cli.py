@@ -54,6 +54,8 @@ def build_parser(formats: Sequence[str], prog: str) -> argparse.ArgumentParser:
     p.add_argument("--calibration-data", default=None,
                    help="take calibration images from this source's training split instead of --data's")
     p.add_argument("--qat-epochs", type=int, default=d["qat_epochs"], help="quantisation-aware fine-tuning epochs")
+    p.add_argument("--qat-images", type=int, default=d["qat_images"], metavar="N",
+                   help="fine-tune QAT on a seeded N of the training images (default: all but the held-out ones)")
     p.add_argument("--selective-steps", type=int, default=d["selective_steps"],
                    help="int8_selective: most tensors kept in float before it gives up")
     p.add_argument("--stall-timeout", type=float, default=d["stall_timeout"],
@@ -162,7 +164,7 @@ def config_from_args(args: argparse.Namespace, formats: Sequence[str]) -> Export
         max_drop=args.max_drop if args.max_drop is not None else gate_max_drop if gate_max_drop is not None else
         ExportConfig.max_drop,
         calibration_size=args.calibration_size, calibration_data=args.calibration_data,
-        qat_epochs=args.qat_epochs, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
+        qat_epochs=args.qat_epochs, qat_images=args.qat_images, selective_steps=args.selective_steps, latency_runs=args.latency_runs,
         stall_timeout=args.stall_timeout, qat_build_timeout=args.qat_build_timeout, cache_dir=args.cache_dir,
         image_size=args.image_size, resize=args.resize, channels=args.channels, seed=args.seed, debug=args.debug,
         explicit_variants=explicit,

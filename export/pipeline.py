@@ -58,6 +58,9 @@ def prepare_inputs(cfg: ExportConfig, source, ds) -> dict:
     else:
         pool = x_fit  # calibration never uses the held-out images
     calibration = pool[seeded_subset(len(pool), cfg.calibration_size, np.random.default_rng(cfg.seed))]
+    if cfg.qat_images is not None and cfg.qat_images < len(x_fit):  # what QAT fine-tunes on
+        keep = np.sort(seeded_subset(len(x_fit), cfg.qat_images, np.random.default_rng(cfg.seed + 1)))
+        x_fit, y_fit = x_fit[keep], y_fit[keep]
     ref_pred = class_predictions(source.predict(ds.x_test), info.output_kind)
     return {"info": info, "arrays": {"x_test": ds.x_test, "y_test": ds.y_test, "ref_pred": ref_pred,
                                      "x_fit": x_fit, "y_fit": y_fit, "x_val": x_val, "y_val": y_val,

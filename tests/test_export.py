@@ -4,6 +4,7 @@ model, fails when it should, other architectures export, and bad input exits 2 l
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,8 @@ def test_default_variants_within_one_point_and_small(full_export):
     for name in ("int8", "qat_int8"):
         assert by[name]["size_bytes"] <= 0.30 * by["float32"]["size_bytes"], name
     assert by["qat_int8"]["qat"]["scheme"] == "default"
+    # --qat-images 5000: QAT fine-tuned on a seeded 5,000 of the training images, not all 45,000
+    assert re.search(r"quantisation-aware fine-tuning \(\d+ epochs on 5,000 images", proc.stdout), proc.stdout[-3000:]
     assert by["qat_int8"]["qat"]["quantized_layers"] == by["qat_int8"]["qat"]["weighted_layers"] == 4
     assert by["onnx_int8"]["route"] in ("ort_static", "from_tflite")
     assert set(by["onnx_int8"]["candidates"]) == {"ort_static", "from_tflite"}
