@@ -168,10 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export gate: largest allowed accuracy drop of any edge variant, in points")
     g.add_argument("--qat-epochs", type=int, default=d["qat_epochs"].default,
                    help="export: quantisation-aware fine-tuning epochs")
+    g.add_argument("--export-variants", type=variant_list, default=None, metavar="LIST",
+                   help="export: only these variants, comma-separated (default: all, as python -m export)")
     g.add_argument("--limit", type=int, default=None, help="use only a seeded random N of each split's images (smoke runs, tries)")
     g.add_argument("--smoke-test", action="store_true",
                    help=f"a fast run through every stage: defaults become {SMOKE_TEST}")
     return p
+
+
+def variant_list(text: str) -> str:
+    """--export-variants: known variant names, checked before any training."""
+    from export.variants import ALL_VARIANTS
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in ALL_VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(ALL_VARIANTS)}")
+    return ",".join(names)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -268,6 +282,7 @@ def export(cfg: TrainConfig, ds, local_out: str) -> int:
     report = run_export(
         ExportConfig(model=os.path.join(local_out, "model.keras"), data=cfg.data, out=os.path.join(local_out, "export"),
                      max_drop=cfg.max_drop, qat_epochs=cfg.qat_epochs, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                     variants=tuple(cfg.export_variants.split(",")) if cfg.export_variants else None,
                      image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels,
                      custom_objects=cfg.custom_objects),
         log=lambda line: print(line, flush=True), dataset=export_ds)

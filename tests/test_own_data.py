@@ -95,7 +95,8 @@ def test_digits_train_and_export_end_to_end(digits_tree, tmp_path, cache_dir):
     out = tmp_path / "out"
     proc = train(["--data", str(digits_tree), "--image-size", "32", "--recipe", "adam", "--epochs", "8",
                   "--batch-size", "64", "--learning-rate", "3e-3", "--no-augment", "--cache-dir", cache_dir,
-                  "--output", str(out), "--storage-path", str(tmp_path / "ray"), "--max-drop", "2"])
+                  "--output", str(out), "--storage-path", str(tmp_path / "ray"), "--max-drop", "2",
+                  "--export-variants", "float32,int8,onnx_float32"])  # (every variant: the smoke test's)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "images of 32x32x1" in proc.stdout
     m = json.loads((out / "metrics.json").read_text())
@@ -104,6 +105,7 @@ def test_digits_train_and_export_end_to_end(digits_tree, tmp_path, cache_dir):
     assert m["test_accuracy"] > 0.85, m["test_accuracy"]
     report = json.loads((out / "export" / "report.json").read_text())
     rows = {r["name"]: r for r in report["variants"]}
+    assert list(rows) == ["float32", "int8", "onnx_float32"]  # --export-variants
     assert rows["int8"]["status"] == "ok" and rows["onnx_float32"]["status"] == "ok"
     assert abs(rows["float32"]["accuracy"] - m["test_accuracy"]) < 0.01 and report["passed"]
 
@@ -243,3 +245,6 @@ def test_bad_image_options_are_one_line(digits_tree, cache_dir):
     assert proc.returncode == 2 and "between 1x1 and 4096x4096" in proc.stderr and "Traceback" not in proc.stderr
     proc = train_in_process(["--data", str(digits_tree), "--image-size", "big", "--no-export"])
     assert proc.returncode == 2 and "H or HxW" in proc.stderr and "Traceback" not in proc.stderr
+    proc = train_in_process(["--data", str(digits_tree), "--image-size", "32", "--export-variants", "int8,int9"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "layout:" not in proc.stdout, proc.stderr
+    assert "argument --export-variants: unknown variant(s) int9; choose from float32, dynamic" in proc.stderr

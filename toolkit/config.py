@@ -166,6 +166,8 @@ class TrainConfig:
     max_drop: float = 1.0
     # Quantisation-aware fine-tuning epochs in the export (qat_int8 variant).
     qat_epochs: int = 2
+    # The export's variants, comma-separated (None: every variant, as python -m export builds them).
+    export_variants: Optional[str] = None
     # Use only this many training/test images (None = all); for smoke tests.
     limit: Optional[int] = None
 
