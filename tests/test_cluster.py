@@ -209,7 +209,7 @@ def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
 
     ours = cluster.pids()
     assert ours and any(pid in raylet_pids() for pid in ours), "the module's cluster is up"
-    other = LocalCluster(nodes=1, cpus_per_node=1, pin=False).start()
+    other = LocalCluster(nodes=0, cpus_per_node=0, head_cpus=1, pin=False).start()  # a head alone: one `ray start`
     theirs = other.pids()
     assert theirs and not theirs & ours
     other.stop()
