@@ -275,6 +275,8 @@ def _bad_model_case(tmp_path, case, regression_model):
         return ["export", str(regression_model), "--variants", "int8,int4"], "unknown variant(s) int4"
     if case == "variant of the other format":
         return ["export.tflite", str(regression_model), "--variants", "onnx_int8"], "not produced by this command"
+    if case == "qat on no images":
+        return ["export", str(regression_model), "--qat-images", "0"], "qat_images: must be >= 1, got 0"
     if case == "bad data source":
         return ["export", str(regression_model), "--data", str(tmp_path / "missing.tar.gz")], "no such file"
     raise AssertionError(case)
@@ -282,7 +284,7 @@ def _bad_model_case(tmp_path, case, regression_model):
 
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "input shape mismatch", "NaN weights",
                                   "two inputs", "wrong class count", "unknown variant",
-                                  "variant of the other format", "bad data source"])
+                                  "variant of the other format", "qat on no images", "bad data source"])
 def test_bad_input_exits_2_and_leaves_nothing(tmp_path, case, tiny_tree_tgz, cache_dir):
     # A small stand-in model file for the cases that need a valid one (the fast path: no training).
     from toolkit.models import make_model
