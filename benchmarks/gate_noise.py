@@ -27,6 +27,7 @@ Tables in benchmarks/results/gate_noise.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from export.gate import GateConfig, judge  # noqa: E402
 from export.stats import compare, training_noise  # noqa: E402
 from toolkit.config import TrainConfig, default_cache_dir  # noqa: E402
+from toolkit.data.types import CIFAR10_CLASSES  # noqa: E402
 
 POLICIES = ("regression", "non_inferiority", "fixed")
 ALONE = "regression, McNemar alone"  # the default policy without the training-noise allowance
@@ -51,7 +53,6 @@ VARIANT = "int8"
 CLASS_DROP = 5.0  # the class checks' margin in the same-recipe table (--max-class-drop 5)
 EXPORT_ONLY = ("export_variants",)  # TrainConfig fields that leave the trained model as it is
 CUT_CLASS = "cat"  # the planted class regression: its training images cut to a tenth
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def train_and_export(data: str, seed: int, out: Path, cache_dir: str, epochs: Optional[int], tag: str = "") -> dict:
@@ -102,20 +103,20 @@ def cut_class(data: str, cls: str, keep: float, folder: Path) -> str:
 
 def verdicts(y, base, cand, gate: GateConfig, seed: int = 0) -> dict:
     s = compare(y, base, cand, 1 - gate.alpha, seed, gate.training_noise)
-    alone = compare(y, base, cand, 1 - gate.alpha, seed)
+    alone = dataclasses.replace(s, p_value=s.mcnemar_p, noise_pp=0.0)  # regression reads the p-value alone
     return ({p: judge(p, gate.max_regression, s, gate.alpha)[0] for p in POLICIES}
             | {ALONE: judge("regression", gate.max_regression, alone, gate.alpha)[0], "delta_pp": s.delta_pp,
                "p": s.p_value, "mcnemar_p": s.mcnemar_p})
 
 
-def class_failures(y, base, cand, gate: GateConfig, names=None) -> list:
+def class_failures(y, base, cand, gate: GateConfig, names) -> list:
     """Classes whose recall check against the baseline fails (margin CLASS_DROP, the gate's class noise)."""
     out = []
     for c in np.unique(y):
         m = y == c
         s = compare(y[m], base[m], cand[m], 1 - gate.alpha, gate.seed, gate.class_training_noise)
         if not judge("regression", CLASS_DROP, s, gate.alpha)[0]:
-            out.append(f"{names[int(c)] if names else int(c)} ({s.delta_pp:+.1f})")
+            out.append(f"{names[int(c)]} ({s.delta_pp:+.1f})")
     return out
 
 
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
         a, b = runs[2 * i], runs[2 * i + 1]
         for name, base, cand in ((f"{2 * i + 2} vs {2 * i + 1}", a, b), (f"{2 * i + 1} vs {2 * i + 2}", b, a)):
             v = verdicts(a["labels"], base[VARIANT], cand[VARIANT], gate)
-            classes = class_failures(a["labels"], base[VARIANT], cand[VARIANT], gate)
+            classes = class_failures(a["labels"], base[VARIANT], cand[VARIANT], gate, CIFAR10_CLASSES)
             same.append({"candidate vs baseline (seeds)": name, "delta (pp)": f"{v['delta_pp']:+.2f}",
                          "McNemar p": f"{v['mcnemar_p']:.3g}", "p with noise": f"{v['p']:.3g}",
                          **{pol: "pass" if v[pol] else "**FAIL**" for pol in (*POLICIES, ALONE)},
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
         y, base = runs[0]["labels"], runs[0][VARIANT]
         assert np.array_equal(run["labels"], y), f"{name}: other test images than seed 1's"
         v = verdicts(y, base, run[VARIANT], gate)
-        classes = class_failures(y, base, run[VARIANT], gate, CLASS_NAMES)
+        classes = class_failures(y, base, run[VARIANT], gate, CIFAR10_CLASSES)
         caught.append({"planted regression (candidate vs seed 1)": name, "delta (pp)": f"{v['delta_pp']:+.2f}",
                        "p with noise": f"{v['p']:.3g}", "regression": "pass" if v["regression"] else "**FAIL**",
                        f"class checks ({CLASS_DROP:g} pp)": "pass" if not classes else "**FAIL** " + ", ".join(classes)})

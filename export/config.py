@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from export.errors import ExportInputError
 from export.gate import GateConfig
-from export.variants import ALL_VARIANTS
+from export.variants import ALL_VARIANTS, variants_problem
 from toolkit.config import default_cache_dir
 
 
@@ -90,12 +90,9 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.variants is not None:
             self.variants = tuple(self.variants)
-            unknown = [v for v in self.variants if v not in ALL_VARIANTS]
-            if unknown:
-                raise ExportInputError(f"variants: unknown variant(s) {', '.join(unknown)}; "
-                                       f"choose from {', '.join(ALL_VARIANTS)}")
-            if not self.variants:
-                raise ExportInputError("variants: no variants selected")
+            problem = variants_problem(self.variants)
+            if problem:
+                raise ExportInputError(f"variants: {problem}")
         if self.max_drop < 0:
             raise ExportInputError(f"max_drop: must be >= 0, got {self.max_drop}")
         self.targets = tuple(self.targets)

@@ -5,8 +5,8 @@ Paired, because both models see the same images: what matters is where they disa
 accuracies' own sampling noise (which is several times larger, and would hide real drops).
 
 Training noise: two trainings of one recipe that differ only in their seed disagree on these images by more than
-test-image sampling explains (the default recipe: about 0.5 points of accuracy beyond it, and about 9 points of a
-class's recall; benchmarks/gate_noise.py). McNemar's test asks whether *this* file is worse than *that* one, and
+test-image sampling explains (the default recipe, 30 epochs: about 0.5-0.6 points of accuracy beyond it, and
+1.4 points of a class's recall, far more in short runs; benchmarks/gate_noise.py). McNemar's test asks whether *this* file is worse than *that* one, and
 finds a retrain of the same recipe "significantly" worse one time in eight. With ``noise_pp`` > 0 the test asks
 whether the candidate is worse by more than retraining explains: the paired difference's variance is the
 test-image part (from the disagreements) plus ``noise_pp`` squared, and the bootstrap draws add a normal draw of
@@ -56,6 +56,14 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def images_var_pp(only_a: int, only_b: int, n: int) -> float:
+    """Variance, in points squared, of the paired accuracy difference from sampling the ``n`` test images (of
+    which ``only_a`` only the reference gets right, ``only_b`` only the candidate)."""
+    if n == 0:
+        return 0.0
+    return ((only_a + only_b) / n - ((only_b - only_a) / n) ** 2) / n * 100 ** 2
+
+
 def noisy_p(only_a: int, only_b: int, n: int, noise_pp: float) -> float:
     """Two-sided p that the candidate is as accurate as the reference, when a retrain alone moves the paired
     difference by ``noise_pp`` points (standard deviation): a normal test on the difference, its variance the
@@ -63,8 +71,7 @@ def noisy_p(only_a: int, only_b: int, n: int, noise_pp: float) -> float:
     if n == 0:
         return 1.0
     delta = (only_b - only_a) / n * 100
-    var_images = ((only_a + only_b) / n - ((only_b - only_a) / n) ** 2) / n * 100 ** 2
-    sd = math.sqrt(var_images + noise_pp ** 2)
+    sd = math.sqrt(images_var_pp(only_a, only_b, n) + noise_pp ** 2)
     return 1.0 if sd == 0 else math.erfc(abs(delta) / sd / math.sqrt(2))
 
 
@@ -102,13 +109,10 @@ def compare(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, confidence: f
                   only_a, only_b, p, low, high, confidence, exact, noise_pp)
 
 
-def _images_var_pp(right_a: np.ndarray, right_b: np.ndarray) -> float:
-    """Variance, in points squared, of the paired accuracy difference from sampling the test images."""
-    n = len(right_a)
-    if n == 0:
-        return 0.0
-    only_a, only_b = np.sum(right_a & ~right_b), np.sum(~right_a & right_b)
-    return float(((only_a + only_b) / n - ((only_b - only_a) / n) ** 2) / n * 100 ** 2)
+def _difference_and_images_var(right_a: np.ndarray, right_b: np.ndarray) -> tuple[float, float]:
+    """Accuracy difference b - a in points, and its variance from sampling these images (points squared)."""
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    return (right_b.mean() - right_a.mean()) * 100, images_var_pp(only_a, only_b, len(right_a))
 
 
 def training_noise(y: np.ndarray, runs: list) -> dict:
@@ -124,12 +128,13 @@ def training_noise(y: np.ndarray, runs: list) -> dict:
     for i in range(len(runs)):
         for j in range(i + 1, len(runs)):
             a, b = runs[i] == y, runs[j] == y
-            diffs.append((b.mean() - a.mean()) * 100)
-            images.append(_images_var_pp(a, b))
+            d, v = _difference_and_images_var(a, b)
+            diffs.append(d)
+            images.append(v)
             for c in classes:
-                m = y == c
-                class_diffs.append((b[m].mean() - a[m].mean()) * 100)
-                class_images.append(_images_var_pp(a[m], b[m]))
+                d, v = _difference_and_images_var(a[y == c], b[y == c])
+                class_diffs.append(d)
+                class_images.append(v)
 
     def extra(d, v):
         return float(np.sqrt(max(0.0, np.mean(np.square(d)) - np.mean(v))))

@@ -30,6 +30,15 @@ ALL_VARIANTS = tuple(v.name for v in REGISTRY)
 FORMAT_OF = {v.name: v.format for v in REGISTRY}
 
 
+def variants_problem(names: Sequence[str]) -> str:
+    """What is wrong with a selection of variant names ("" when nothing): the one check of ``--variants``
+    (ExportConfig) and of jobs/train.py's ``--export-variants`` (before any training)."""
+    unknown = [v for v in names if v not in ALL_VARIANTS]
+    if unknown:
+        return f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}"
+    return "" if names else "no variants selected"
+
+
 def variants_of(formats: Sequence[str]) -> tuple[str, ...]:
     """The variant names of ``formats``, in report order."""
     return tuple(v.name for v in REGISTRY if v.format in formats)

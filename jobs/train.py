@@ -178,13 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def variant_list(text: str) -> str:
     """--export-variants: known variant names, checked before any training."""
-    from export.variants import ALL_VARIANTS
+    from export.variants import variants_problem
 
     names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in names if v not in ALL_VARIANTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or repr(text)}; choose from "
-                                         f"{', '.join(ALL_VARIANTS)}")
+    problem = variants_problem(names)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return ",".join(names)
 
 

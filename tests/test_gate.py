@@ -67,6 +67,7 @@ def test_the_same_model_passes_against_its_own_export(full_export, regression_ru
     assert noise_main([str(baseline), str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| int8 | 2 | 1 | 0.00 | 0.00 | 0.00 | **0.00** |" in out and "training_noise = 0.00" in out, out
+    assert "note: 2 runs (1 pair(s)) give a rough figure" in out
     assert noise_main([str(baseline)]) == 2
     assert capsys.readouterr().err.strip() == "error: exports: need at least 2 exports of retrains of one recipe, got 1"
 
