@@ -85,10 +85,15 @@ def cifar_sample(cache_dir):
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_recipe_learns(recipe, cifar_sample):
     """Each recipe's choices (optimizer, schedule, warm-up, decay, smoothing, augmentation; its model), on 4,000
-    real CIFAR-10 images for 3 epochs at a batch of at most 64: clearly above chance (10%) on 1,000 test images."""
+    real CIFAR-10 images for 3 epochs at a batch of at most 64: clearly above chance on 1,000 test images (chance is
+    10% +- 1 point there, so 20% is ten of its standard deviations). The threshold is set from a measured spread:
+    mlperf_tiny_fast (resnet8, SGD 0.1) gave 25.0-42.6% over 14 initial weights here and 22.8% once in CI, so 25%
+    failed about one run in ten; the weights are seeded so a run repeats on one machine."""
     from toolkit.data.pipeline import make_eval_dataset, make_train_dataset
     from toolkit.models import compile_model, make_model
+    from toolkit.tf import import_keras
 
+    import_keras().utils.set_random_seed(0)
     x, y, xt, yt = cifar_sample
     r = {**RECIPES[recipe], "epochs": 3}
     r["batch_size"] = min(r.get("batch_size", TrainConfig.batch_size), 64)
@@ -99,7 +104,7 @@ def test_each_recipe_learns(recipe, cifar_sample):
     model.fit(make_train_dataset(x, y, cfg.batch_size, num_classes=10, augment=cfg.augment, seed=0),
               epochs=cfg.epochs, steps_per_epoch=steps, verbose=0)
     acc = model.evaluate(make_eval_dataset(xt, yt, 250, num_classes=10), verbose=0)[1]
-    assert acc > 0.25, f"{recipe}: test accuracy {acc:.3f} after 3 epochs"
+    assert acc > 0.20, f"{recipe}: test accuracy {acc:.3f} after 3 epochs"
 
 
 def test_the_compute_dtype_follows_the_cpu():
