@@ -10,10 +10,11 @@ back within the budget.
 2. Keep the worst tensor's op in float, re-quantise (no new calibration), measure accuracy on held-out
    images from the training split, and repeat with the next worst until the drop is within budget or
    the step limit is reached (NNCF's accuracy-control loop, for TFLite).
-3. Still over: whole op types, worst first by their tensors' mean error (every LOGISTIC and MUL of
-   EfficientNet's sixteen squeeze-and-excitation gates, say), one more type per step, up to
-   ``max_op_types``. A deep net loses its points a little in each of many blocks, where one tensor a
-   step stops at the step limit long before the error is gone.
+3. Still over: whole op types (every LOGISTIC and MUL of EfficientNet's sixteen squeeze-and-excitation gates,
+   say), ranked by what each does to the held-out accuracy when it alone is kept in float on top of step 2's
+   tensors, then the best types together, up to ``max_op_types``. A deep net loses its points a little in each of
+   many blocks, where one tensor a step stops at the step limit long before the error is gone; and the debugger's
+   error is a poor guide there (1e19 on some EfficientNetB0 tensors), so the types are ranked by measurement.
 
 The model keeps float32 input and output (raw 0-255 pixels in, the model's own output out): with float
 ops inside, the converter's integer-only I/O does not apply.
@@ -70,23 +71,50 @@ def _nmse(float_values, quant_values, scale, zero_point) -> float:
     return float(np.mean(np.mean(err ** 2, axis=0)[live] / power[live])) if live.any() else 0.0
 
 
-def denylists(ranked: list[dict], names: list[str], max_steps: int, max_op_types: int):
-    """The tensors to keep in float at each step: none; the worst one, two, ... ``max_steps``; then those plus
-    every tensor of the worst op type, of the two worst, ... ``max_op_types`` (types ranked by their tensors'
-    mean error)."""
-    for step in range(0, min(max_steps, len(names)) + 1):
-        yield names[:step]
-    errors: dict[str, list[float]] = {}
+def tensors_by_op_type(ranked: list[dict], exclude: list[str]) -> dict[str, list[str]]:
+    """Each op type's quantised tensors (the debugger's rows, worst first), those in ``exclude`` left out; types
+    with none left are dropped, and the rest come fewest tensors first."""
+    by_type: dict[str, list[str]] = {}
     for r in ranked:
-        if r["nmse"] not in ("", "nan"):
-            errors.setdefault(r["op_name"], []).append(float(r["nmse"]))
-    types = sorted(errors, key=lambda op: -float(np.mean(errors[op])))
-    keep = list(names[:max_steps])
-    for op in types[:max_op_types]:
-        more = [r["tensor_name"] for r in ranked if r["op_name"] == op and r["tensor_name"] not in keep]
-        if more:
-            keep = keep + list(dict.fromkeys(more))
-            yield keep
+        if r["tensor_name"] not in exclude and r["tensor_name"] not in by_type.get(r["op_name"], []):
+            by_type.setdefault(r["op_name"], []).append(r["tensor_name"])
+    return dict(sorted(by_type.items(), key=lambda kv: len(kv[1])))
+
+
+def search_denylist(measure: Callable[[list[str]], tuple[float, bool]], names: list[str],
+                    by_type: dict[str, list[str]], max_steps: int, max_op_types: int) -> list[tuple[list[str], float]]:
+    """The denylists tried, each with its held-out accuracy, in order; the search stops at the first that
+    ``measure`` says is within budget (it is then the last one).
+
+    None; the worst one, two, ... ``max_steps`` tensors; then, on top of those, each op type alone (fewest
+    tensors first, so the first type within budget is the smallest file); then types together in the order of
+    their measured accuracy, up to ``max_op_types``. The types are ranked by what keeping them in float does to
+    the held-out accuracy, not by the debugger's error, which says little on some graphs (EfficientNetB0: 1e19
+    on tensors whose op keeps nothing of its float value, benchmarks/results/export_zoo_effnet.md)."""
+    tried: list[tuple[list[str], float]] = []
+
+    def attempt(keep: list[str]) -> bool:
+        acc, ok = measure(keep)
+        tried.append((keep, acc))
+        return ok
+
+    for n in range(min(max_steps, len(names)) + 1):
+        if attempt(names[:n]):
+            return tried
+    base = names[:max_steps]
+    alone: dict[str, float] = {}
+    for op, tensors in by_type.items():
+        if max_op_types < 1:
+            break
+        if attempt(base + tensors):
+            return tried
+        alone[op] = tried[-1][1]
+    keep = list(base)
+    for i, op in enumerate(sorted(alone, key=lambda o: -alone[o])[:max_op_types]):
+        keep = keep + by_type[op]
+        if i > 0 and attempt(keep):  # the first type alone was measured above
+            return tried
+    return tried
 
 
 def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
@@ -127,27 +155,46 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
                 "nmse": float(r["nmse"])} for r in ranked[:10]]
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
-    best = None
-    for step, keep in enumerate(denylists(ranked, names, max_steps, max_op_types)):
-        heartbeat()
+    probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat)
+    tried = search_denylist(probe.measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps,
+                            max_op_types)
+    if probe.best is None:
+        raise RuntimeError("the quantisation debugger found no quantised tensors to keep in float")
+    keep, acc, blob = probe.best
+    drop = (float_val_accuracy - acc) * 100
+    return SelectiveResult(blob, list(keep), acc, drop, len(tried) - 1, ranking, drop <= max_drop_pp)
+
+
+class _Probe:
+    """Re-quantises with a denylist (the debugger's calibration, not a new one) and measures held-out accuracy,
+    keeping the most accurate model seen."""
+
+    def __init__(self, debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat):
+        self.debugger, self.x_val, self.y_val, self.output_kind = debugger, x_val, y_val, output_kind
+        self.float_val_accuracy, self.max_drop_pp, self.log, self.heartbeat = float_val_accuracy, max_drop_pp, log, heartbeat
+        self.step, self.best = 0, None
+
+    def measure(self, keep: list[str]) -> tuple[float, bool]:
+        from export.tflite import quiet_converter
+        from toolkit.tf import import_tf
+
+        tf = import_tf()
+        self.heartbeat()
         with quiet_converter():
             try:
-                debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
+                self.debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
             except ValueError:
                 # The setter stores the options, then rebuilds its instrumented debug model and refuses one with
                 # nothing left to verify ("Please check if the quantized model is in debug mode") once every
                 # quantised op is denylisted: the model to ship needs no instrumentation (measured: a 3-epoch
                 # seed_cnn under --max-drop 0 failed its int8_selective here).
                 pass
-            blob = debugger.get_nondebug_quantized_model()
-        acc = _accuracy(blob, x_val, y_val, output_kind)
-        drop = (float_val_accuracy - acc) * 100
-        log(f"  int8_selective step {step}: {len(keep)} tensor(s) in float"
-            + (f" (+{layer_of(keep[-1])})" if keep else "") + f", held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
-        if best is None or acc > best.val_accuracy:
-            best = SelectiveResult(blob, list(keep), acc, drop, step, ranking, drop <= max_drop_pp)
-        if drop <= max_drop_pp:
-            break
-    if best is None:
-        raise RuntimeError("the quantisation debugger found no quantised tensors to keep in float")
-    return best
+            blob = self.debugger.get_nondebug_quantized_model()
+        acc = _accuracy(blob, self.x_val, self.y_val, self.output_kind)
+        drop = (self.float_val_accuracy - acc) * 100
+        self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float"
+                 + (f" (+{layer_of(keep[-1])})" if keep else "") + f", held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
+        self.step += 1
+        if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
+            self.best = (list(keep), acc, blob)
+        return acc, drop <= self.max_drop_pp

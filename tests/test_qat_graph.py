@@ -189,17 +189,34 @@ def test_the_selective_error_ignores_vanishing_channels_but_not_crushed_ones():
     assert _nmse(outlier, np.round(outlier / big), big, 0) > 0.5
 
 
-def test_int8_selective_goes_on_to_whole_op_types_after_its_single_tensors():
-    """Past --selective-steps single tensors, whole op types, worst mean error first (EfficientNet loses its
-    points a little in each of sixteen squeeze-and-excitation gates: one tensor a step never got there)."""
-    from export.selective import denylists
+def test_int8_selective_ranks_op_types_by_what_they_do_to_accuracy():
+    """Past --selective-steps single tensors, whole op types: each alone on top of those tensors (fewest tensors
+    first, so the smallest float part within budget wins), then the most accurate types together. The ranking is
+    the measured accuracy, not the debugger's error: here MUL has the worst error and LOGISTIC the effect."""
+    from export.selective import search_denylist, tensors_by_op_type
 
     ranked = [{"tensor_name": t, "op_name": op, "nmse": e} for t, op, e in [
         ("a", "MUL", "0.5"), ("b", "CONV_2D", "0.3"), ("c", "MUL", "0.2"), ("d", "LOGISTIC", "0.1"),
         ("e", "CONV_2D", "0.01"), ("f", "ADD", "nan")]]
     names = [r["tensor_name"] for r in ranked]
-    assert list(denylists(ranked, names, max_steps=1, max_op_types=2)) == [[], ["a"], ["a", "c"], ["a", "c", "b", "e"]]
-    assert list(denylists(ranked, names, max_steps=2, max_op_types=0)) == [[], ["a"], ["a", "b"]]
+    gain = {"a": 1.0, "b": 0.0, "c": 0.5, "d": 3.0, "e": 0.25, "f": 0.125}  # accuracy points each gives back
+
+    def search(need, max_steps=1, max_op_types=2):
+        def measure(keep):
+            acc = 90 + sum(gain[t] for t in keep)
+            return acc, acc >= need
+        return search_denylist(measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps,
+                               max_op_types)
+
+    assert tensors_by_op_type(ranked, ["a"]) == {"MUL": ["c"], "LOGISTIC": ["d"], "ADD": ["f"], "CONV_2D": ["b", "e"]}
+    assert [k for k, _ in search(91)] == [[], ["a"]]
+    assert [k for k, _ in search(94)] == [[], ["a"], ["a", "c"], ["a", "d"]]
+    never = search(99)  # every type alone, then LOGISTIC (94) and MUL (91.5) together, and no further
+    assert [k for k, _ in never] == [[], ["a"], ["a", "c"], ["a", "d"], ["a", "f"], ["a", "b", "e"], ["a", "d", "c"]]
+    assert never[-1][1] == 94.5
+    assert [k for k, _ in search(99, max_op_types=0)] == [[], ["a"]]
+    assert [k for k, _ in search(99, max_steps=6)] == [[], ["a"], ["a", "b"], ["a", "b", "c"], ["a", "b", "c", "d"],
+                                                       ["a", "b", "c", "d", "e"], names]
 
 
 def test_a_keras3_normalization_converts_to_onnx_with_one_input(tmp_path):
