@@ -38,6 +38,7 @@ model; keras3_modern, all of them in one Keras 3 model, is the test suite's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -399,6 +400,8 @@ def export_one(m: ZooModel, out: Path, cache_dir: str, extra: list[str]) -> tupl
                            "--cache-dir", cache_dir, *m.export_args, *extra], capture_output=True, text=True, cwd=ROOT,
                           timeout=3600)
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "export.log").write_text(proc.stdout + proc.stderr)  # the search's steps, with --keep
     return proc, report
 
 
@@ -461,11 +464,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--name", default="export_zoo", help="the results' file name (a run of some models: another name)")
     p.add_argument("--export-args", default="--qat-epochs 1 --latency-runs 50",
                    help="extra arguments for every python -m export")
+    p.add_argument("--keep", default=None, help="a folder where the models, data and exports (report, log) stay "
+                   "(default: a temporary folder, deleted)")
     args = p.parse_args(argv)
     from toolkit.tf import set_tf_env
 
     set_tf_env()
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
         cache = args.cache_dir or str(tmp / "cache")
         trees = make_datasets(args.data, cache, tmp / "data", args.n_train, args.n_test)
