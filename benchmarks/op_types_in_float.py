@@ -1,0 +1,96 @@
+"""What keeping each op type in float does to a full-integer int8 model: accuracy and agreement with the float32
+TFLite model on test images, for no op type, each type alone, the two activation types together (swish is
+LOGISTIC + MUL) and everything but the convolution and dense kernels.
+
+    python benchmarks/op_types_in_float.py MODEL.keras --data ../shared/data/cifar10/cifar10-jpeg.tar.gz
+
+int8_selective (export/selective.py) asks the same question on held-out training images, one denylist at a
+time; this prints the whole table on the test split, to see whether a model's int8 loss sits in some op types
+(keeping them in float restores agreement) or in every op of a fragile model (nothing short of float32 does).
+Calibration is ``--calibration`` training images (the export's default count), re-quantised with each denylist
+without a new calibration, as int8_selective does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+
+
+def denylists(ops: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The denylists to measure, by name."""
+    out = {"none (full int8)": []}
+    out.update({f"{op} ({len(ts)})": ts for op, ts in sorted(ops.items(), key=lambda kv: -len(kv[1]))})
+    out["LOGISTIC + MUL"] = ops.get("LOGISTIC", []) + ops.get("MUL", [])
+    out["all but the kernels"] = [t for op, ts in ops.items() if op not in KERNELS for t in ts]
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--calibration", type=int, default=200, help="training images to calibrate on")
+    p.add_argument("--images", type=int, default=2000, help="test images to measure on")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from export.model_io import load_source_model
+    from export.runtime import TFLiteModel
+    from export.tflite import quiet_converter, representative_dataset
+    from toolkit.config import default_cache_dir
+    from toolkit.data import load_dataset
+    from toolkit.tf import import_tf, set_tf_env
+
+    set_tf_env()
+    tf = import_tf()
+    ds = load_dataset(args.data, args.cache_dir or default_cache_dir())
+    rng = np.random.default_rng(0)
+    calibration = ds.x_train[rng.permutation(len(ds.x_train))[:args.calibration]]
+    test = rng.permutation(len(ds.x_test))[:args.images]
+    x, y = ds.x_test[test], ds.y_test[test]
+    source = load_source_model(args.model)
+    with quiet_converter():
+        float_blob = source.tflite_converter().convert()
+        converter = source.tflite_converter()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative_dataset(calibration)
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=representative_dataset(calibration[:16]))
+        debugger.run()
+    float_pred = TFLiteModel(content=float_blob).predict(x).argmax(-1)
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    dump.seek(0)
+    ops: dict[str, list[str]] = {}
+    for r in csv.DictReader(dump):
+        if r.get("tensor_name") and r["tensor_name"] not in ops.get(r["op_name"], []):
+            ops.setdefault(r["op_name"], []).append(r["tensor_name"])
+    print(f"{args.model}: float32 TFLite {np.mean(float_pred == y) * 100:.2f}% on {len(y)} test images\n")
+    print("| kept in float | tensors | accuracy | drop (pp) | agrees with float32 |")
+    print("|---|---:|---:|---:|---:|")
+    for name, keep in denylists(ops).items():
+        with quiet_converter():
+            try:
+                debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
+            except ValueError:  # nothing left to instrument: the model to measure needs none (export/selective.py)
+                pass
+            blob = debugger.get_nondebug_quantized_model()
+        pred = TFLiteModel(content=blob).predict(x).argmax(-1)
+        drop = (np.mean(float_pred == y) - np.mean(pred == y)) * 100
+        print(f"| {name} | {len(keep)} | {np.mean(pred == y) * 100:.2f}% | {drop:+.2f} | {np.mean(pred == float_pred) * 100:.1f}% |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
