@@ -81,10 +81,10 @@ def tensors_by_op_type(ranked: list[dict], exclude: list[str]) -> dict[str, list
     return dict(sorted(by_type.items(), key=lambda kv: len(kv[1])))
 
 
-def search_denylist(measure: Callable[[list[str]], tuple[float, bool]], names: list[str],
+def search_denylist(measure: Callable[[list[str], str], tuple[float, bool]], names: list[str],
                     by_type: dict[str, list[str]], max_steps: int, max_op_types: int) -> list[tuple[list[str], float]]:
     """The denylists tried, each with its held-out accuracy, in order; the search stops at the first that
-    ``measure`` says is within budget (it is then the last one).
+    ``measure(denylist, what_changed)`` says is within budget (it is then the last one).
 
     None; the worst one, two, ... ``max_steps`` tensors; then, on top of those, each op type alone (fewest
     tensors first, so the first type within budget is the smallest file); then types together in the order of
@@ -93,26 +93,26 @@ def search_denylist(measure: Callable[[list[str]], tuple[float, bool]], names: l
     on tensors whose op keeps nothing of its float value, benchmarks/results/export_zoo_effnet.md)."""
     tried: list[tuple[list[str], float]] = []
 
-    def attempt(keep: list[str]) -> bool:
-        acc, ok = measure(keep)
+    def attempt(keep: list[str], what: str) -> bool:
+        acc, ok = measure(keep, what)
         tried.append((keep, acc))
         return ok
 
     for n in range(min(max_steps, len(names)) + 1):
-        if attempt(names[:n]):
+        if attempt(names[:n], f"+{layer_of(names[n - 1])}" if n else "full int8"):
             return tried
     base = names[:max_steps]
     alone: dict[str, float] = {}
     for op, tensors in by_type.items():
         if max_op_types < 1:
             break
-        if attempt(base + tensors):
+        if attempt(base + tensors, f"+every {op} ({len(tensors)})"):
             return tried
         alone[op] = tried[-1][1]
-    keep = list(base)
-    for i, op in enumerate(sorted(alone, key=lambda o: -alone[o])[:max_op_types]):
-        keep = keep + by_type[op]
-        if i > 0 and attempt(keep):  # the first type alone was measured above
+    keep, types = list(base), []
+    for op in sorted(alone, key=lambda o: -alone[o])[:max_op_types]:
+        keep, types = keep + by_type[op], types + [op]
+        if len(types) > 1 and attempt(keep, "+every " + " and ".join(types)):  # one type alone was measured above
             return tried
     return tried
 
@@ -174,7 +174,7 @@ class _Probe:
         self.float_val_accuracy, self.max_drop_pp, self.log, self.heartbeat = float_val_accuracy, max_drop_pp, log, heartbeat
         self.step, self.best = 0, None
 
-    def measure(self, keep: list[str]) -> tuple[float, bool]:
+    def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
         from export.tflite import quiet_converter
         from toolkit.tf import import_tf
 
@@ -192,8 +192,8 @@ class _Probe:
             blob = self.debugger.get_nondebug_quantized_model()
         acc = _accuracy(blob, self.x_val, self.y_val, self.output_kind)
         drop = (self.float_val_accuracy - acc) * 100
-        self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float"
-                 + (f" (+{layer_of(keep[-1])})" if keep else "") + f", held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
+        self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float ({what}), "
+                 f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
         self.step += 1
         if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
             self.best = (list(keep), acc, blob)

@@ -201,9 +201,13 @@ def test_int8_selective_ranks_op_types_by_what_they_do_to_accuracy():
     names = [r["tensor_name"] for r in ranked]
     gain = {"a": 1.0, "b": 0.0, "c": 0.5, "d": 3.0, "e": 0.25, "f": 0.125}  # accuracy points each gives back
 
+    whats = []
+
     def search(need, max_steps=1, max_op_types=2):
-        def measure(keep):
+        whats.clear()
+        def measure(keep, what):
             acc = 90 + sum(gain[t] for t in keep)
+            whats.append(what)
             return acc, acc >= need
         return search_denylist(measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps,
                                max_op_types)
@@ -214,6 +218,8 @@ def test_int8_selective_ranks_op_types_by_what_they_do_to_accuracy():
     never = search(99)  # every type alone, then LOGISTIC (94) and MUL (91.5) together, and no further
     assert [k for k, _ in never] == [[], ["a"], ["a", "c"], ["a", "d"], ["a", "f"], ["a", "b", "e"], ["a", "d", "c"]]
     assert never[-1][1] == 94.5
+    assert whats == ["full int8", "+a", "+every MUL (1)", "+every LOGISTIC (1)", "+every ADD (1)", "+every CONV_2D (2)",
+                     "+every LOGISTIC and MUL"]
     assert [k for k, _ in search(99, max_op_types=0)] == [[], ["a"]]
     assert [k for k, _ in search(99, max_steps=6)] == [[], ["a"], ["a", "b"], ["a", "b", "c"], ["a", "b", "c", "d"],
                                                        ["a", "b", "c", "d", "e"], names]
