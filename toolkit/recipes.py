@@ -35,10 +35,10 @@ RECIPES: dict[str, dict] = {
     # MLPerf Tiny's resnet8 in the fast recipe, in CI's 45 minutes on 2 cores: its step 0.1 (this batch-normalised
     # net, 12 epochs: 74.45% test at 0.1, 71.12% at 0.05, benchmarks/results/resnet8_probe.md; weight decay 1e-4
     # instead of 5e-4 changed nothing, 74.34%), at batch 128 for 105 epochs: 85.14% test, int8 85.11%, jobs/train.py
-    # 40.2 min (benchmarks/results/resnet8_b128.md; seed 1: 85.14% / 85.09%, resnet8_b128_seed1.md). Batch 256 for 120 epochs gave 84.58% / int8 84.60% in 41.1 min
-    # (resnet8_120.md): twice the steps per epoch for this 78k-parameter net, each epoch only a little slower
-    # (22.5 s against 20.1 under jobs/train.py, from those two files); the step kept at 0.1, not halved, as the
-    # probe favoured the larger step.
+    # 40.2 min (benchmarks/results/resnet8_b128.md; seed 1: 85.14% / 85.09%, resnet8_b128_seed1.md). Batch 256 for
+    # 120 epochs gave 84.58% / int8 84.60% in 41.1 min (resnet8_120.md): batch 128 gives this 78k-parameter net twice
+    # the steps for an epoch only a little slower (22.5 s against 20.1 under jobs/train.py, from those files); the
+    # step kept at 0.1, not halved, as the probe favoured the larger step.
     "mlperf_tiny_fast": {"model": "resnet8", "optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.9,
                          "batch_size": 128, "epochs": 105, "augment": True, "schedule": "cosine",
                          "warmup_epochs": 2.0, "weight_decay": 5e-4, "label_smoothing": 0.1},
