@@ -87,8 +87,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             blob = debugger.get_nondebug_quantized_model()
         pred = TFLiteModel(content=blob).predict(x).argmax(-1)
         drop = (np.mean(float_pred == y) - np.mean(pred == y)) * 100
-        print(f"| {name} | {len(keep)} | {np.mean(pred == y) * 100:.2f}% | {drop:+.2f} | {np.mean(pred == float_pred) * 100:.1f}% |",
-              flush=True)
+        agree = np.mean(pred == float_pred) * 100
+        print(f"| {name} | {len(keep)} | {np.mean(pred == y) * 100:.2f}% | {drop:+.2f} | {agree:.1f}% |", flush=True)
     return 0
 
 

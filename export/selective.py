@@ -171,7 +171,8 @@ class _Probe:
 
     def __init__(self, debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat):
         self.debugger, self.x_val, self.y_val, self.output_kind = debugger, x_val, y_val, output_kind
-        self.float_val_accuracy, self.max_drop_pp, self.log, self.heartbeat = float_val_accuracy, max_drop_pp, log, heartbeat
+        self.float_val_accuracy, self.max_drop_pp = float_val_accuracy, max_drop_pp
+        self.log, self.heartbeat = log, heartbeat
         self.step, self.best = 0, None
 
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
