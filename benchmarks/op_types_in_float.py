@@ -14,8 +14,6 @@ without a new calibration, as int8_selective does.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,8 +28,9 @@ def denylists(ops: dict[str, list[str]]) -> dict[str, list[str]]:
     """The denylists to measure, by name."""
     out = {"none (full int8)": []}
     out.update({f"{op} ({len(ts)})": ts for op, ts in sorted(ops.items(), key=lambda kv: -len(kv[1]))})
-    out["LOGISTIC + MUL"] = ops.get("LOGISTIC", []) + ops.get("MUL", [])
-    out["all but the kernels"] = [t for op, ts in ops.items() if op not in KERNELS for t in ts]
+    together = {"LOGISTIC + MUL": ops.get("LOGISTIC", []) + ops.get("MUL", []),
+                "all but the kernels": [t for op, ts in ops.items() if op not in KERNELS for t in ts]}
+    out.update({name: keep for name, keep in together.items() if keep})  # a model without swish has no swish row
     return out
 
 
@@ -45,7 +44,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from export.model_io import load_source_model
+    from export.outputs import class_predictions
     from export.runtime import TFLiteModel
+    from export.selective import debugger_rows, requantize, tensors_by_op_type
     from export.tflite import quiet_converter, representative_dataset
     from toolkit.config import default_cache_dir
     from toolkit.data import load_dataset
@@ -67,25 +68,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=representative_dataset(calibration[:16]))
         debugger.run()
-    float_pred = TFLiteModel(content=float_blob).predict(x).argmax(-1)
-    dump = io.StringIO()
-    debugger.layer_statistics_dump(dump)
-    dump.seek(0)
-    ops: dict[str, list[str]] = {}
-    for r in csv.DictReader(dump):
-        if r.get("tensor_name") and r["tensor_name"] not in ops.get(r["op_name"], []):
-            ops.setdefault(r["op_name"], []).append(r["tensor_name"])
+    kind = source.info.output_kind
+    float_pred = class_predictions(TFLiteModel(content=float_blob).predict(x), kind)
+    ops = tensors_by_op_type(debugger_rows(debugger), exclude=[])
     print(f"{args.model}: float32 TFLite {np.mean(float_pred == y) * 100:.2f}% on {len(y)} test images\n")
     print("| kept in float | tensors | accuracy | drop (pp) | agrees with float32 |")
     print("|---|---:|---:|---:|---:|")
     for name, keep in denylists(ops).items():
-        with quiet_converter():
-            try:
-                debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
-            except ValueError:  # nothing left to instrument: the model to measure needs none (export/selective.py)
-                pass
-            blob = debugger.get_nondebug_quantized_model()
-        pred = TFLiteModel(content=blob).predict(x).argmax(-1)
+        pred = class_predictions(TFLiteModel(content=requantize(debugger, keep)).predict(x), kind)
         drop = (np.mean(float_pred == y) - np.mean(pred == y)) * 100
         agree = np.mean(pred == float_pred) * 100
         print(f"| {name} | {len(keep)} | {np.mean(pred == y) * 100:.2f}% | {drop:+.2f} | {agree:.1f}% |", flush=True)

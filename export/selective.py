@@ -103,9 +103,7 @@ def search_denylist(measure: Callable[[list[str], str], tuple[float, bool]], nam
             return tried
     base = names[:max_steps]
     alone: dict[str, float] = {}
-    for op, tensors in by_type.items():
-        if max_op_types < 1:
-            break
+    for op, tensors in (by_type if max_op_types > 0 else {}).items():
         if attempt(base + tensors, f"+every {op} ({len(tensors)})"):
             return tried
         alone[op] = tried[-1][1]
@@ -115,6 +113,31 @@ def search_denylist(measure: Callable[[list[str], str], tuple[float, bool]], nam
         if len(types) > 1 and attempt(keep, "+every " + " and ".join(types)):  # one type alone was measured above
             return tried
     return tried
+
+
+def debugger_rows(debugger) -> list[dict]:
+    """The QuantizationDebugger's per-tensor statistics, one dict per quantised tensor (tensor_name, op_name, ...)."""
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    dump.seek(0)
+    return [r for r in csv.DictReader(dump) if r.get("tensor_name")]
+
+
+def requantize(debugger, keep: list[str]) -> bytes:
+    """The debugger's model re-quantised (its calibration, not a new one) with the ops of ``keep`` in float."""
+    from export.tflite import quiet_converter
+    from toolkit.tf import import_tf
+
+    with quiet_converter():
+        try:
+            debugger.options = import_tf().lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
+        except ValueError:
+            # The setter stores the options, then rebuilds its instrumented debug model and refuses one with
+            # nothing left to verify ("Please check if the quantized model is in debug mode") once every
+            # quantised op is denylisted: the model to ship needs no instrumentation (measured: a 3-epoch
+            # seed_cnn under --max-drop 0 failed its int8_selective here).
+            pass
+        return debugger.get_nondebug_quantized_model()
 
 
 def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
@@ -142,11 +165,7 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
             debug_options=tf.lite.experimental.QuantizationDebugOptions(
                 layer_direct_compare_metrics={"nmse": _nmse}))
         debugger.run()
-    dump = io.StringIO()
-    debugger.layer_statistics_dump(dump)
-    dump.seek(0)
-    stats = [r for r in csv.DictReader(dump) if r.get("tensor_name")]
-    ranked = sorted(stats, key=lambda r: -float(r["nmse"]) if r["nmse"] not in ("", "nan") else 0.0)
+    ranked = sorted(debugger_rows(debugger), key=lambda r: -float(r["nmse"]) if r["nmse"] not in ("", "nan") else 0.0)
     names: list[str] = []
     for r in ranked:  # one entry per tensor, worst first
         if r["tensor_name"] not in names:
@@ -176,21 +195,8 @@ class _Probe:
         self.step, self.best = 0, None
 
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
-        from export.tflite import quiet_converter
-        from toolkit.tf import import_tf
-
-        tf = import_tf()
         self.heartbeat()
-        with quiet_converter():
-            try:
-                self.debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep)
-            except ValueError:
-                # The setter stores the options, then rebuilds its instrumented debug model and refuses one with
-                # nothing left to verify ("Please check if the quantized model is in debug mode") once every
-                # quantised op is denylisted: the model to ship needs no instrumentation (measured: a 3-epoch
-                # seed_cnn under --max-drop 0 failed its int8_selective here).
-                pass
-            blob = self.debugger.get_nondebug_quantized_model()
+        blob = requantize(self.debugger, keep)
         acc = _accuracy(blob, self.x_val, self.y_val, self.output_kind)
         drop = (self.float_val_accuracy - acc) * 100
         self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float ({what}), "
