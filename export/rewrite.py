@@ -268,22 +268,31 @@ def rewrite_for_conversion(model, path: str) -> tuple:
     return model, rewrites
 
 
-# How far a saved model's outputs may be from its float32 rebuild, as a fraction of their range: float16 rounds
-# to 11 bits (about 0.1% an op), bfloat16 to 8 (about 0.8%): a seed_cnn trained 10 epochs under mixed_bfloat16 was
-# 1.1% off its float32 rebuild, every decided top-1 the same (measured once by hand; an export prints its own
-# figure on its "rewritten:" line).
-OUTPUT_TOLERANCE = {"float32": 0.01, "float16": 0.01, "bfloat16": 0.04}
+# How far a saved model's outputs may be from its float32 rebuild, as a fraction of their range: the largest
+# difference, and the mean over every output. float16 rounds to 11 bits (about 0.1% an op): 1% covers both. bfloat16
+# rounds to 8 (about 0.4% an op), and its largest difference is set by the one image nearest a decision, where the
+# softmax turns a logit's rounding into a large step: six seeds of tests/test_own_data.py's 64x64 defect model,
+# 6 epochs under mixed_bfloat16, gave largest differences of 0.0007-0.032 over 745 images and CI's machine 0.044 on
+# 165, while their means stayed at 0.0004-0.0014 (/tmp script over load_source_model, 2026-11-29). So bfloat16
+# allows 0.15 at most (a confident top-1 cannot move that far by rounding) and 0.01 on average; a rewrite that
+# computes something else moves every output (the mean) and the top-1s, which are checked on every image the
+# saved model decides by more than the largest tolerance.
+OUTPUT_TOLERANCE = {"float32": 0.01, "float16": 0.01, "bfloat16": 0.15}
+MEAN_TOLERANCE = {"float32": 0.01, "float16": 0.01, "bfloat16": 0.01}
 
 
 def outputs_close(reference: np.ndarray, rewritten: np.ndarray, compute_dtype: str = "float32") -> tuple[bool, str]:
     """Whether a rewritten model computes what the saved one (computing in ``compute_dtype``) does on a batch:
-    every output within OUTPUT_TOLERANCE of the outputs' range, and the same top-1 on at least 99% of the images
-    whose top-1 the saved model decides by more than that tolerance (a near-uniform output, as an untrained
-    EfficientNet's, has a top-1 that float16 rounding alone reorders). Returns (close, what was measured)."""
+    every output within OUTPUT_TOLERANCE of the outputs' range and their mean within MEAN_TOLERANCE, and the same
+    top-1 on at least 99% of the images whose top-1 the saved model decides by more than OUTPUT_TOLERANCE (a
+    near-uniform output, as an untrained EfficientNet's, has a top-1 that float16 rounding alone reorders).
+    Returns (close, what was measured)."""
     if not reference.size:
         return True, "no images to compare on"
-    diff = float(np.max(np.abs(reference - rewritten)))
-    tolerance = OUTPUT_TOLERANCE[compute_dtype] * max(1.0, float(np.max(np.abs(reference))))
+    scale = max(1.0, float(np.max(np.abs(reference))))
+    difference = np.abs(reference - rewritten)
+    diff, mean = float(np.max(difference)), float(np.mean(difference))
+    tolerance = OUTPUT_TOLERANCE[compute_dtype] * scale
     if reference.shape[-1] > 1:
         top2 = np.sort(reference, axis=-1)[:, -2:]
         margin, same = top2[:, 1] - top2[:, 0], reference.argmax(-1) == rewritten.argmax(-1)
@@ -292,6 +301,6 @@ def outputs_close(reference: np.ndarray, rewritten: np.ndarray, compute_dtype: s
         margin, same = np.abs(flat - 0.5), (flat > 0.5) == (new > 0.5)
     decided = margin > tolerance
     agree = float(np.mean(same[decided])) if decided.any() else 1.0
-    close = agree >= 0.99 and diff <= tolerance
-    return close, (f"max output difference {diff:.2g}, top-1 the same on {agree:.1%} of {len(reference)} images "
-                   f"({int((~decided).sum())} with a top-1 lead under the tolerance not counted)")
+    close = agree >= 0.99 and diff <= tolerance and mean <= MEAN_TOLERANCE[compute_dtype] * scale
+    return close, (f"max output difference {diff:.2g} (mean {mean:.2g}), top-1 the same on {agree:.1%} of "
+                   f"{len(reference)} images ({int((~decided).sum())} with a top-1 lead under the tolerance not counted)")
