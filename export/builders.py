@@ -14,13 +14,49 @@ from toolkit.errors import one_line
 
 
 def build_plain_tflite(ctx: Context, attempt: int):
-    """float32, dynamic, float16 and int8: one converter call each."""
+    """float32, dynamic, float16 and int8: one converter call each (int8's ranges then checked: int8_ranges)."""
     from export import tflite
 
     variant = ctx.variant
     ctx.phase(f"converting {variant}")
     path = ctx.tflite_file(variant, lambda: tflite.convert_variant(variant, ctx.source, calibration=ctx.calibration))
-    return path, ctx.measure(path), {}
+    extra = {"ranges": int8_ranges(ctx, path)} if variant == "int8" else {}
+    return path, ctx.measure(path), extra
+
+
+def int8_ranges(ctx: Context, path: Path) -> dict:
+    """int8 with the converter's min/max activation ranges, measured on the held-out images; over --max-drop there,
+    the same calibration with every activation's range clipped at each of export.ranges.CLIP_PERCENTILES in turn,
+    widest first, and the first within budget replaces ``path`` (none within: the converter's file stays, and
+    int8_selective's search starts from the best of them). Returns the report's ``ranges``: which the file has, and
+    each one's held-out drop."""
+    from export import ranges
+    from export.outputs import tflite_accuracy
+
+    budget, float_acc = ctx.job["config"]["max_drop"], ctx.job["float_val_accuracy"]
+
+    def drop(blob: bytes) -> float:
+        return (float_acc - tflite_accuracy(blob, ctx.x_val, ctx.y_val, ctx.info.output_kind)) * 100
+
+    held_out = {"min/max": drop(path.read_bytes())}
+    if held_out["min/max"] <= budget:
+        return {"clip_percentile": None, "held_out_drop_pp": held_out}
+    ctx.phase("int8: over budget on the held-out images; clipping activation ranges")
+    calibrated = ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration)
+    values = ranges.activation_values(calibrated, ctx.calibration[:64])
+    for p in ranges.CLIP_PERCENTILES:
+        ctx.beat()
+        blob = ranges.quantize(ranges.clip_ranges(calibrated, values, p))
+        held_out[f"{p:g}"] = d = drop(blob)
+        ctx.log(f"  int8 ranges clipped at the {p:g}th percentile: held-out drop {d:+.2f} pp "
+                f"(min/max {held_out['min/max']:+.2f})")
+        if d <= budget:
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+            ctx.log(f"  int8: activation ranges clipped at the {p:g}th percentile")
+            return {"clip_percentile": p, "held_out_drop_pp": held_out}
+    return {"clip_percentile": None, "held_out_drop_pp": held_out}
 
 
 def build_int8_selective(ctx: Context, attempt: int):
@@ -43,13 +79,15 @@ def build_int8_selective(ctx: Context, attempt: int):
     from export.selective import layer_of
 
     extra = {"float_tensors": res.float_tensors, "float_layers": [layer_of(t) for t in res.float_tensors],
-             "selective_steps": res.steps,
+             "clip_percentile": res.clip_percentile, "selective_steps": res.steps,
              "selective_val_drop_pp": res.val_drop_pp, "selective_ranking": res.ranking}
     if not res.within_budget:
         path.unlink()
         raise RuntimeError(f"still {res.val_drop_pp:.2f} pp below float on held-out images with "
                            f"{len(res.float_tensors)} tensors in float (--selective-steps {cfg['selective_steps']})")
-    ctx.log(f"  int8_selective: {len(res.float_tensors)} tensor(s) kept in float"
+    ranges = f"activation ranges clipped at the {res.clip_percentile:g}th percentile" if res.clip_percentile \
+        else "min/max activation ranges"
+    ctx.log(f"  int8_selective: {ranges}, {len(res.float_tensors)} tensor(s) kept in float"
             + (f", from layers {', '.join(extra['float_layers'])}" if res.float_tensors else ""))
     return path, ctx.measure(path), extra
 
@@ -180,14 +218,24 @@ def build_onnx_int8(ctx: Context, attempt: int):
         candidates["ort_static"] = (p, {})
     except Exception as e:  # any converter error fails this route only
         errors["ort_static"] = one_line(e)
-    selective = ctx.rows.get("int8_selective", {})
-    if selective.get("status") == "ok" and selective.get("float_layers"):
+    clipped = (ctx.rows.get("int8", {}).get("ranges") or {}).get("clip_percentile")
+    if clipped:
         try:
-            ctx.phase("onnx_int8: static quantisation with int8_selective's float layers left in float")
+            ctx.phase(f"onnx_int8: static quantisation with int8's ranges (clipped at the {clipped:g}th percentile)")
+            p = ctx.stage / "onnx_int8.ort_static_clipped.onnx"
+            onnx_export.quantize_static(str(_onnx_float(ctx)), ctx.calibration, str(p), percentile=clipped)
+            candidates["ort_static_clipped"] = (p, {})
+        except Exception as e:  # any converter error fails this route only
+            errors["ort_static_clipped"] = one_line(e)
+    selective = ctx.rows.get("int8_selective", {})
+    if selective.get("status") == "ok" and (selective.get("float_layers") or selective.get("clip_percentile")):
+        try:
+            ctx.phase("onnx_int8: static quantisation with int8_selective's ranges and float layers")
             float_onnx = _onnx_float(ctx)
             p = ctx.stage / "onnx_int8.ort_static_selective.onnx"
             onnx_export.quantize_static(str(float_onnx), ctx.calibration, str(p),
-                                        float_layers=selective["float_layers"])
+                                        float_layers=selective["float_layers"],
+                                        percentile=selective.get("clip_percentile"))
             candidates["ort_static_selective"] = (p, {})
         except Exception as e:  # any converter error fails this route only
             errors["ort_static_selective"] = one_line(e)

@@ -36,6 +36,13 @@ def class_predictions(outputs: np.ndarray, kind: str) -> np.ndarray:
     return outputs.argmax(-1)
 
 
+def tflite_accuracy(blob: bytes, x: np.ndarray, y: np.ndarray, kind: str) -> float:
+    """Top-1 accuracy of a TFLite flatbuffer (its bytes) on images ``x`` with labels ``y``, in LiteRT."""
+    from export.runtime import TFLiteModel
+
+    return float(np.mean(class_predictions(TFLiteModel(content=blob).predict(x), kind) == y))
+
+
 def check_finite_weights(model: SourceModel) -> None:
     """Refuse NaN or infinite weights up front, naming the first layer that has them."""
     for name, w in model.weights():

@@ -1,6 +1,11 @@
 """``int8_selective``: full-integer int8 with the fewest layers kept in float that brings the accuracy
 back within the budget.
 
+0. Narrow the activation ranges. The converter takes each activation's range from its minimum and maximum on the
+   calibration images, and one rare outlier then leaves a few of the 256 steps for every ordinary value. Each
+   tensor's range is clipped to a percentile of its values (CLIP_PERCENTILES, widest first) and the model
+   re-quantised and measured on held-out images; within budget, the file is integer throughout (no op in float,
+   as a microcontroller or an int8-only accelerator needs). Otherwise the most accurate ranges carry on.
 1. Calibrate once and let TFLite's QuantizationDebugger compare every quantised tensor with its float
    value on calibration images. Each tensor is ranked by its normalised error, the mean squared
    quantisation error over the mean squared float value: scale-free, so a tensor whose range is blown
@@ -25,11 +30,12 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
-from export.outputs import class_predictions
+from export.outputs import tflite_accuracy
+from export.ranges import CLIP_PERCENTILES, activation_values, clip_ranges
 
 
 @dataclass
@@ -41,6 +47,7 @@ class SelectiveResult:
     steps: int
     ranking: list[dict] = field(default_factory=list)  # the worst tensors with their normalised error
     within_budget: bool = True
+    clip_percentile: Optional[float] = None  # the activations' ranges, clipped at this percentile; None: min/max
 
 
 def layer_of(tensor_name: str) -> str:
@@ -82,11 +89,12 @@ def tensors_by_op_type(ranked: list[dict], exclude: list[str]) -> dict[str, list
 
 
 def search_denylist(measure: Callable[[list[str], str], tuple[float, bool]], names: list[str],
-                    by_type: dict[str, list[str]], max_steps: int, max_op_types: int) -> list[tuple[list[str], float]]:
+                    by_type: dict[str, list[str]], max_steps: int, max_op_types: int,
+                    first: int = 0) -> list[tuple[list[str], float]]:
     """The denylists tried, each with its held-out accuracy, in order; the search stops at the first that
     ``measure(denylist, what_changed)`` says is within budget (it is then the last one).
 
-    None; the worst one, two, ... ``max_steps`` tensors; then, on top of those, each op type alone (fewest
+    None (unless ``first`` > 0: full int8 was measured already); the worst one, two, ... ``max_steps`` tensors; then, on top of those, each op type alone (fewest
     tensors first, so the first type within budget is the smallest file); then types together in the order of
     their measured accuracy, up to ``max_op_types``. The types are ranked by what keeping them in float does to
     the held-out accuracy, not by the debugger's error, which says little on some graphs (EfficientNetB0: 1e19
@@ -98,7 +106,7 @@ def search_denylist(measure: Callable[[list[str], str], tuple[float, bool]], nam
         tried.append((keep, acc))
         return ok
 
-    for n in range(min(max_steps, len(names)) + 1):
+    for n in range(first, min(max_steps, len(names)) + 1):
         if attempt(names[:n], f"+{layer_of(names[n - 1])}" if n else "full int8"):
             return tried
     base = names[:max_steps]
@@ -140,12 +148,6 @@ def requantize(debugger, keep: list[str]) -> bytes:
         return debugger.get_nondebug_quantized_model()
 
 
-def _accuracy(blob: bytes, x, y, output_kind: str) -> float:
-    from export.runtime import TFLiteModel
-
-    return float(np.mean(class_predictions(TFLiteModel(content=blob).predict(x), output_kind) == y))
-
-
 def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
                          output_kind: str, float_val_accuracy: float, max_drop_pp: float, max_steps: int = 8,
                          max_op_types: int = 3, debug_images: int = 64, log: Callable[[str], None] = print,
@@ -175,13 +177,32 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
     probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat)
-    tried = search_denylist(probe.measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps,
-                            max_op_types)
-    if probe.best is None:
-        raise RuntimeError("the quantisation debugger found no quantised tensors to keep in float")
-    keep, acc, blob = probe.best
-    drop = (float_val_accuracy - acc) * 100
-    return SelectiveResult(blob, list(keep), acc, drop, len(tried) - 1, ranking, drop <= max_drop_pp)
+    if choose_ranges(probe, calibration[:debug_images]):
+        return probe.result(ranking)
+    search_denylist(probe.measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps, max_op_types,
+                    first=1)
+    return probe.result(ranking)
+
+
+def choose_ranges(probe: "_Probe", images: np.ndarray) -> bool:
+    """Step 0: full int8 with the converter's min/max ranges, then with each of CLIP_PERCENTILES; the debugger
+    is left with the most accurate ranges. True when one is within budget (the search ends there)."""
+    debugger = probe.debugger
+    minmax = debugger.calibrated_model
+    if probe.measure([], "full int8, min/max ranges")[1]:
+        return True
+    values = activation_values(minmax, images)
+    best = (probe.best[1], None, minmax)
+    for p in CLIP_PERCENTILES:
+        debugger.calibrated_model = clip_ranges(minmax, values, p)
+        probe.percentile = p
+        acc, ok = probe.measure([], f"full int8, ranges clipped at the {p:g}th percentile")
+        if ok:
+            return True
+        if acc > best[0]:
+            best = (acc, p, debugger.calibrated_model)
+    _, probe.percentile, debugger.calibrated_model = best
+    return False
 
 
 class _Probe:
@@ -193,15 +214,22 @@ class _Probe:
         self.float_val_accuracy, self.max_drop_pp = float_val_accuracy, max_drop_pp
         self.log, self.heartbeat = log, heartbeat
         self.step, self.best = 0, None
+        self.percentile: Optional[float] = None  # the debugger's ranges now: None for min/max, else clipped
 
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
         self.heartbeat()
         blob = requantize(self.debugger, keep)
-        acc = _accuracy(blob, self.x_val, self.y_val, self.output_kind)
+        acc = tflite_accuracy(blob, self.x_val, self.y_val, self.output_kind)
         drop = (self.float_val_accuracy - acc) * 100
         self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float ({what}), "
                  f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
         self.step += 1
         if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
-            self.best = (list(keep), acc, blob)
+            self.best = (list(keep), acc, blob, self.percentile)
         return acc, drop <= self.max_drop_pp
+
+    def result(self, ranking: list[dict]) -> SelectiveResult:
+        keep, acc, blob, percentile = self.best
+        drop = (self.float_val_accuracy - acc) * 100
+        return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, drop <= self.max_drop_pp,
+                               percentile)

@@ -6,12 +6,14 @@
   ``ort_static``   ONNX Runtime static quantisation of the float ONNX model (QDQ, per-channel
                    int8 weights, uint8 activations), calibrated on the same images as TFLite int8;
   ``from_tflite``  tf2onnx conversion of the int8 TFLite model (its quantisation carried over);
-  ``ort_static_selective``  when int8_selective had to keep layers in float: ``ort_static`` with the
-                   same layers' nodes left in float.
+  ``ort_static_selective``  when int8_selective had to clip ranges or keep layers in float: ``ort_static``
+                   with the same percentile ranges and the same layers' nodes left in float.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
 import warnings
@@ -101,23 +103,29 @@ def nodes_of_layers(float_path: str, layers: list[str]) -> list[str]:
 
 
 def quantize_static(float_path: str, calibration: np.ndarray, path: str,
-                    float_layers: Optional[list[str]] = None) -> None:
+                    float_layers: Optional[list[str]] = None, percentile: Optional[float] = None) -> None:
     """ONNX Runtime static QDQ quantisation calibrated on ``calibration`` (uint8 images); the nodes
-    made from the Keras layers ``float_layers`` stay in float."""
+    made from the Keras layers ``float_layers`` stay in float. ``percentile``: each activation's range is that
+    percentile of its values (ONNX Runtime's Percentile calibration, as int8_selective's clipped ranges) instead
+    of its minimum and maximum."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     input_name = onnx.load(float_path).graph.input[0].name
 
+    # Batches of one size: ONNX Runtime's percentile calibrater stacks every batch's outputs and refuses a shorter
+    # last one ("inhomogeneous shape"); the largest size up to 32 that divides the images.
+    batch = max(b for b in range(1, 33) if len(calibration) % b == 0)
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter(range(0, len(calibration), 32))
+            self._it = iter(range(0, len(calibration), batch))
 
         def get_next(self):
             i = next(self._it, None)
-            return None if i is None else {input_name: calibration[i:i + 32].astype(np.float32)}
+            return None if i is None else {input_name: calibration[i:i + batch].astype(np.float32)}
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = os.path.join(tmp, "pre.onnx")
@@ -126,9 +134,13 @@ def quantize_static(float_path: str, calibration: np.ndarray, path: str,
         exclude = nodes_of_layers(pre, float_layers) if float_layers else []
         if float_layers and not exclude:
             raise ValueError(f"float_layers: no ONNX nodes found for layers {', '.join(float_layers)}")
-        ort_quantize_static(
-            pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its percentile calibrater prints its histograms' sizes
+            ort_quantize_static(
+                pre, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                # ONNX Runtime's percentile cuts (100 - p) / 2 off each side; clip_ranges cuts (100 - p) off each
+                **({"calibrate_method": CalibrationMethod.Percentile,
+                    "extra_options": {"CalibPercentile": 100 - 2 * (100 - percentile)}} if percentile else {}),
+            )
     onnx.checker.check_model(onnx.load(path), full_check=True)
