@@ -210,6 +210,20 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
     assert float(minmax.split("drop ")[1].split(" pp")[0]) > 10, lines  # the outlier ruins plain int8
     assert res.within_budget and res.float_tensors == [] and res.clip_percentile in CLIP_PERCENTILES, lines
 
+    # The int8 variant's own path (export.builders.int8_ranges): the converter's calibration, clipped, finished
+    # as the converter finishes int8 (uint8 in and out, every op integer: what TFLite Micro runs).
+    from export import ranges
+    from export.outputs import tflite_accuracy
+    from export.runtime import TFLiteModel
+
+    calibrated = ranges.calibrate(import_tf().lite.TFLiteConverter.from_keras_model(model), x[:500])
+    clipped = ranges.quantize(ranges.clip_ranges(calibrated, ranges.activation_values(calibrated, x[:64]),
+                                                 res.clip_percentile))
+    assert tflite_accuracy(ranges.quantize(calibrated), x_val, y_val, "probabilities") < float_acc - 0.1
+    assert tflite_accuracy(clipped, x_val, y_val, "probabilities") >= float_acc - 0.01
+    io = TFLiteModel(content=clipped)
+    assert io.input.dtype == "uint8" and io.input.scale == pytest.approx(1.0, abs=0.01) and io.output.dtype == "uint8"
+
     import onnxruntime as ort
 
     from export import onnx as onnx_export
