@@ -303,4 +303,5 @@ def outputs_close(reference: np.ndarray, rewritten: np.ndarray, compute_dtype: s
     agree = float(np.mean(same[decided])) if decided.any() else 1.0
     close = agree >= 0.99 and diff <= tolerance and mean <= MEAN_TOLERANCE[compute_dtype] * scale
     return close, (f"max output difference {diff:.2g} (mean {mean:.2g}), top-1 the same on {agree:.1%} of "
-                   f"{len(reference)} images ({int((~decided).sum())} with a top-1 lead under the tolerance not counted)")
+                   f"{len(reference)} images ({int((~decided).sum())} with a top-1 lead under the tolerance "
+                   "not counted)")

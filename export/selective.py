@@ -94,8 +94,9 @@ def search_denylist(measure: Callable[[list[str], str], tuple[float, bool]], nam
     """The denylists tried, each with its held-out accuracy, in order; the search stops at the first that
     ``measure(denylist, what_changed)`` says is within budget (it is then the last one).
 
-    None (unless ``first`` > 0: full int8 was measured already); the worst one, two, ... ``max_steps`` tensors; then, on top of those, each op type alone (fewest
-    tensors first, so the first type within budget is the smallest file); then types together in the order of
+    None (unless ``first`` > 0: full int8 was measured already); the worst one, two, ... ``max_steps`` tensors;
+    then, on top of those, each op type alone (fewest tensors first, so the first type within budget is the
+    smallest file); then types together in the order of
     their measured accuracy, up to ``max_op_types``. The types are ranked by what keeping them in float does to
     the held-out accuracy, not by the debugger's error, which says little on some graphs (EfficientNetB0: 1e19
     on tensors whose op keeps nothing of its float value, benchmarks/results/export_zoo_effnet.md)."""

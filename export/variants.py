@@ -19,7 +19,7 @@ REGISTRY = (
     Variant("float32", "tflite", "build_plain_tflite", "the float model in LiteRT"),
     Variant("dynamic", "tflite", "build_plain_tflite", "dynamic-range quantisation: int8 weights, float activations"),
     Variant("float16", "tflite", "build_plain_tflite", "float16 weights"),
-    Variant("int8", "tflite", "build_plain_tflite", "full-integer quantisation, calibrated (ranges clipped if over budget), uint8 in and out"),
+    Variant("int8", "tflite", "build_plain_tflite", "full-integer quantisation, calibrated, uint8 in and out"),
     Variant("int8_selective", "tflite", "build_int8_selective", "int8 with the worst tensors kept in float"),
     Variant("qat_int8", "tflite", "build_qat", "int8 after quantisation-aware fine-tuning (tfmot)"),
     Variant("onnx_float32", "onnx", "build_onnx_float32", "the float model in ONNX Runtime"),
