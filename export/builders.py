@@ -203,51 +203,50 @@ def _onnx_float(ctx: Context) -> Path:
     return path
 
 
-def build_onnx_int8(ctx: Context, attempt: int):
-    """Both int8 ONNX candidates, measured; the more accurate (then the faster) kept. One route
-    failing leaves the other."""
+def onnx_int8_routes(ctx: Context) -> dict:
+    """The int8 ONNX routes this export has, each a (what it does, build(path) -> measure keywords): ONNX Runtime's
+    static quantisation; with int8's clipped ranges, the same at that percentile; with int8_selective's ranges or
+    float layers, the same with those; tf2onnx from the int8 TFLite file."""
     from export import onnx as onnx_export
     from export.runtime import open_model
 
-    candidates, errors = {}, {}
-    try:
-        float_onnx = _onnx_float(ctx)
-        ctx.phase("onnx_int8: ONNX Runtime static quantisation")
-        p = ctx.stage / "onnx_int8.ort_static.onnx"
-        onnx_export.quantize_static(str(float_onnx), ctx.calibration, str(p))
-        candidates["ort_static"] = (p, {})
-    except Exception as e:  # any converter error fails this route only
-        errors["ort_static"] = one_line(e)
+    def static(**kw):
+        def build(path: Path) -> dict:
+            onnx_export.quantize_static(str(_onnx_float(ctx)), ctx.calibration, str(path), **kw)
+            return {}
+        return build
+
+    def from_tflite(path: Path) -> dict:
+        int8 = ctx.int8_file()
+        onnx_export.convert_from_tflite(str(int8), str(path))
+        out_q = open_model(str(int8)).output
+        return {"output_quantization": (out_q.scale, out_q.zero_point)}
+
+    routes = {"ort_static": ("ONNX Runtime static quantisation", static())}
     clipped = (ctx.rows.get("int8", {}).get("ranges") or {}).get("clip_percentile")
     if clipped:
-        try:
-            ctx.phase(f"onnx_int8: static quantisation with int8's ranges (clipped at the {clipped:g}th percentile)")
-            p = ctx.stage / "onnx_int8.ort_static_clipped.onnx"
-            onnx_export.quantize_static(str(_onnx_float(ctx)), ctx.calibration, str(p), percentile=clipped)
-            candidates["ort_static_clipped"] = (p, {})
-        except Exception as e:  # any converter error fails this route only
-            errors["ort_static_clipped"] = one_line(e)
+        routes["ort_static_clipped"] = (f"static quantisation with int8's ranges (clipped at the {clipped:g}th "
+                                        "percentile)", static(percentile=clipped))
     selective = ctx.rows.get("int8_selective", {})
     if selective.get("status") == "ok" and (selective.get("float_layers") or selective.get("clip_percentile")):
+        routes["ort_static_selective"] = ("static quantisation with int8_selective's ranges and float layers",
+                                          static(float_layers=selective["float_layers"],
+                                                 percentile=selective.get("clip_percentile")))
+    routes["from_tflite"] = ("converting the int8 TFLite model", from_tflite)
+    return routes
+
+
+def build_onnx_int8(ctx: Context, attempt: int):
+    """Every int8 ONNX route (onnx_int8_routes), measured; the most accurate (then the faster) kept. One route
+    failing leaves the others."""
+    candidates, errors = {}, {}
+    for route, (what, build) in onnx_int8_routes(ctx).items():
         try:
-            ctx.phase("onnx_int8: static quantisation with int8_selective's ranges and float layers")
-            float_onnx = _onnx_float(ctx)
-            p = ctx.stage / "onnx_int8.ort_static_selective.onnx"
-            onnx_export.quantize_static(str(float_onnx), ctx.calibration, str(p),
-                                        float_layers=selective["float_layers"],
-                                        percentile=selective.get("clip_percentile"))
-            candidates["ort_static_selective"] = (p, {})
+            ctx.phase(f"onnx_int8: {what}")
+            path = ctx.stage / f"onnx_int8.{route}.onnx"
+            candidates[route] = (path, build(path))
         except Exception as e:  # any converter error fails this route only
-            errors["ort_static_selective"] = one_line(e)
-    try:
-        ctx.phase("onnx_int8: converting the int8 TFLite model")
-        int8 = ctx.int8_file()
-        p = ctx.stage / "onnx_int8.from_tflite.onnx"
-        onnx_export.convert_from_tflite(str(int8), str(p))
-        out_q = open_model(str(int8)).output
-        candidates["from_tflite"] = (p, {"output_quantization": (out_q.scale, out_q.zero_point)})
-    except Exception as e:  # any converter error fails this route only
-        errors["from_tflite"] = one_line(e)
+            errors[route] = one_line(e)
     if not candidates:
         raise RuntimeError("; ".join(f"{k}: {v}" for k, v in errors.items()))
     measured = {}
