@@ -73,7 +73,8 @@ def build_int8_selective(ctx: Context, attempt: int):
                                output_kind=ctx.info.output_kind,
                                float_val_accuracy=ctx.job["float_val_accuracy"],
                                max_drop_pp=cfg["max_drop"], max_steps=cfg["selective_steps"],
-                               log=ctx.log, heartbeat=ctx.beat)
+                               log=ctx.log, heartbeat=ctx.beat,
+                               ranges_measured=((int8_row or {}).get("ranges") or {}).get("held_out_drop_pp"))
     path = ctx.stage / "int8_selective.tflite"
     path.write_bytes(res.blob)
     from export.selective import layer_of

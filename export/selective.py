@@ -5,7 +5,9 @@ back within the budget.
    calibration images, and one rare outlier then leaves a few of the 256 steps for every ordinary value. Each
    tensor's range is clipped to a percentile of its values (CLIP_PERCENTILES, widest first) and the model
    re-quantised and measured on held-out images; within budget, the file is integer throughout (no op in float,
-   as a microcontroller or an int8-only accelerator needs). Otherwise the most accurate ranges carry on.
+   as a microcontroller or an int8-only accelerator needs). Otherwise the most accurate ranges carry on. In an
+   export the int8 variant has measured these already (export.builders.int8_ranges), and they are not measured
+   twice: step 0 takes its figures.
 1. Calibrate once and let TFLite's QuantizationDebugger compare every quantised tensor with its float
    value on calibration images. Each tensor is ranked by its normalised error, the mean squared
    quantisation error over the mean squared float value: scale-free, so a tensor whose range is blown
@@ -152,9 +154,13 @@ def requantize(debugger, keep: list[str]) -> bytes:
 def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
                          output_kind: str, float_val_accuracy: float, max_drop_pp: float, max_steps: int = 8,
                          max_op_types: int = 3, debug_images: int = 64, log: Callable[[str], None] = print,
-                         heartbeat: Callable[[], None] = lambda: None) -> SelectiveResult:
+                         heartbeat: Callable[[], None] = lambda: None,
+                         ranges_measured: Optional[dict] = None) -> SelectiveResult:
     """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
-    ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images."""
+    ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images. ``ranges_measured``: the int8
+    variant's held-out drop for each range on these calibration and held-out images (its report row's
+    ``ranges.held_out_drop_pp``); when it tried every clip and none was within budget, step 0 takes the best of them
+    instead of measuring them again."""
     from export.tflite import quiet_converter, representative_dataset
     from toolkit.tf import import_tf
 
@@ -178,11 +184,25 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
     probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat)
-    if choose_ranges(probe, calibration[:debug_images]):
+    tried_by_int8 = ranges_measured and all(f"{p:g}" in ranges_measured for p in CLIP_PERCENTILES)
+    if tried_by_int8:
+        take_measured_ranges(probe, calibration[:debug_images], ranges_measured)
+    elif choose_ranges(probe, calibration[:debug_images]):
         return probe.result(ranking)
     search_denylist(probe.measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps, max_op_types,
-                    first=1)
+                    first=0 if tried_by_int8 else 1)
     return probe.result(ranking)
+
+
+def take_measured_ranges(probe: "_Probe", images: np.ndarray, measured: dict) -> None:
+    """Step 0 from the int8 variant's measurements: the debugger gets the ranges with the smallest held-out drop."""
+    best = min(measured, key=measured.get)
+    if best != "min/max":
+        probe.percentile = float(best)
+        minmax = probe.debugger.calibrated_model
+        probe.debugger.calibrated_model = clip_ranges(minmax, activation_values(minmax, images), probe.percentile)
+    probe.log(f"  int8_selective: from {best} ranges (int8's held-out drops: "
+              + ", ".join(f"{k} {v:+.2f} pp" for k, v in measured.items()) + ")")
 
 
 def choose_ranges(probe: "_Probe", images: np.ndarray) -> bool:

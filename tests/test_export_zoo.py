@@ -81,6 +81,7 @@ def test_zoo_model_exports_every_variant(name, zoo, exported):
         # Clipped activation ranges were tried first and cannot help: the outlier is in every image.
         clipped = rows["int8"]["ranges"]
         assert clipped["clip_percentile"] is None and len(clipped["held_out_drop_pp"]) == 4, clipped
+        assert "int8_selective: from min/max ranges (int8's held-out drops" in proc.stdout, "not measured twice"
         assert report["failed"] == ["int8"] and proc.returncode == 1
         assert "FAIL int8: accuracy" in proc.stderr
         sel = rows["int8_selective"]
