@@ -26,11 +26,12 @@ from typing import Optional
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 
 
 def denylists(ops: dict[str, list[str]], together: tuple = ()) -> dict[str, list[str]]:
     """The denylists to measure, by name; ``together``: more lists of op types, each kept in float at once."""
+    from export.fast_int8 import KERNELS
+
     out = {"none (full int8)": []}
     out.update({f"{op} ({len(ts)})": ts for op, ts in sorted(ops.items(), key=lambda kv: -len(kv[1]))})
     combined = {"LOGISTIC + MUL": ops.get("LOGISTIC", []) + ops.get("MUL", []),

@@ -24,6 +24,14 @@ def build_plain_tflite(ctx: Context, attempt: int):
     return path, ctx.measure(path), extra
 
 
+def held_out_drop(ctx: Context, blob: bytes) -> float:
+    """A TFLite file's accuracy drop from the float model on the held-out training images, in points."""
+    from export.outputs import tflite_accuracy
+
+    acc = tflite_accuracy(blob, ctx.x_val, ctx.y_val, ctx.info.output_kind)
+    return (ctx.job["float_val_accuracy"] - acc) * 100
+
+
 def int8_ranges(ctx: Context, path: Path) -> dict:
     """int8 with the converter's min/max activation ranges, measured on the held-out images; over --max-drop there,
     the same calibration with every activation's range clipped at each of export.ranges.CLIP_PERCENTILES in turn,
@@ -31,14 +39,9 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
     int8_selective's search starts from the best of them). Returns the report's ``ranges``: which the file has, and
     each one's held-out drop."""
     from export import ranges
-    from export.outputs import tflite_accuracy
 
-    budget, float_acc = ctx.job["config"]["max_drop"], ctx.job["float_val_accuracy"]
-
-    def drop(blob: bytes) -> float:
-        return (float_acc - tflite_accuracy(blob, ctx.x_val, ctx.y_val, ctx.info.output_kind)) * 100
-
-    held_out = {"min/max": drop(path.read_bytes())}
+    budget = ctx.job["config"]["max_drop"]
+    held_out = {"min/max": held_out_drop(ctx, path.read_bytes())}
     if held_out["min/max"] <= budget:
         return {"clip_percentile": None, "held_out_drop_pp": held_out}
     ctx.phase("int8: over budget on the held-out images; clipping activation ranges")
@@ -47,7 +50,7 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
     for p in ranges.CLIP_PERCENTILES:
         ctx.beat()
         blob = ranges.quantize(ranges.clip_ranges(calibrated, values, p))
-        held_out[f"{p:g}"] = d = drop(blob)
+        held_out[f"{p:g}"] = d = held_out_drop(ctx, blob)
         ctx.log(f"  int8 ranges clipped at the {p:g}th percentile: held-out drop {d:+.2f} pp "
                 f"(min/max {held_out['min/max']:+.2f})")
         if d <= budget:
@@ -59,38 +62,92 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
     return {"clip_percentile": None, "held_out_drop_pp": held_out}
 
 
+def int8_calibration(ctx: Context, clip_percentile) -> bytes:
+    """The calibrated float model int8 was quantised from: the converter's ranges, clipped as int8's were."""
+    from export import ranges
+
+    calibrated = ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration)
+    if clip_percentile:
+        calibrated = ranges.clip_ranges(calibrated, ranges.activation_values(calibrated, ctx.calibration[:64]),
+                                        clip_percentile)
+    return calibrated
+
+
 def build_int8_selective(ctx: Context, attempt: int):
+    """int8 within --max-drop on the held-out images with the fewest ops in float (export.selective), then, when
+    that file is slower than float32 at batch 1, the op types XNNPACK does not run in int8 kept in float as well
+    (export.fast_int8). With int8 within --max-drop already (and int8_selective not named), only the second: the
+    variant is built when it makes int8 faster, and skipped, saying so, otherwise."""
+    from export import fast_int8, ranges, tflite
+    from export.selective import SelectiveResult
+
+    cfg = ctx.job["config"]
+    int8_row = ctx.rows.get("int8") or {}
+    for_speed = int8_row.get("status") == "ok" and int8_row["drop_pp"] <= cfg["max_drop"] \
+        and "int8_selective" not in ctx.job["explicit"]
+    if for_speed:
+        measured = int8_row.get("ranges") or {}
+        clip = measured.get("clip_percentile")
+        drop = (measured.get("held_out_drop_pp") or {}).get(f"{clip:g}" if clip else "min/max", 0.0)
+        start = SelectiveResult(ctx.int8_file().read_bytes(), [], ctx.job["float_val_accuracy"] - drop / 100, drop,
+                                0, clip_percentile=clip)
+    else:
+        start = selective_for_accuracy(ctx, int8_row)
+    float32 = ctx.tflite_file("float32", lambda: tflite.convert_variant("float32", ctx.source)).read_bytes()
+
+    def requantize(op_types) -> bytes:
+        if start.calibrated is None:  # int8's own: calibrated only when int8 is slower
+            start.calibrated = int8_calibration(ctx, start.clip_percentile)
+        return ranges.quantize(start.calibrated, "float32", op_types, start.float_tensors)
+
+    ctx.phase("int8_selective: timing int8 against float32 at batch 1")
+    speed = fast_int8.speed_up(start.blob, float32, requantize, lambda b: held_out_drop(ctx, b), cfg["max_drop"],
+                               np.asarray(ctx.x_test[:1]), cfg["latency_threads"], log=ctx.log)
+    if for_speed and speed.kept is None:
+        raise Skip(f"int8 is within --max-drop ({int8_row['drop_pp']:+.2f} pp) and " + not_faster(speed)
+                   + ": int8.tflite is the model to ship")
+    path = ctx.stage / "int8_selective.tflite"
+    path.write_bytes(speed.blob)
+    from export.selective import layer_of
+
+    extra = {"float_tensors": start.float_tensors, "float_layers": [layer_of(t) for t in start.float_tensors],
+             "float_op_types": speed.float_ops, "clip_percentile": start.clip_percentile,
+             "selective_steps": start.steps, "selective_val_drop_pp": start.val_drop_pp,
+             "selective_ranking": start.ranking, "speed": speed.summary()}
+    ranges_used = f"activation ranges clipped at the {start.clip_percentile:g}th percentile" \
+        if start.clip_percentile else "min/max activation ranges"
+    ctx.log(f"  int8_selective: {ranges_used}, {len(start.float_tensors)} tensor(s) kept in float"
+            + (f", from layers {', '.join(extra['float_layers'])}" if start.float_tensors else "")
+            + (f"; op types in float for speed: {', '.join(speed.float_ops)} ({speed.ratio():.2f}x float32 at "
+               f"batch 1, was {speed.ratio('before'):.2f}x)" if speed.kept else ""))
+    return path, ctx.measure(path), extra
+
+
+def not_faster(speed) -> str:
+    """Why the speed step kept nothing, in words: int8 was not slower, or no candidate was faster within budget."""
+    if not speed.held_out_drop_pp:
+        return f"not slower than float32 at batch 1 ({speed.ratio('before'):.2f}x, side by side)"
+    tried = "; ".join(f"{what} in float {speed.ratio(what):.2f}x" if what in speed.latency_ms
+                      else f"{what} in float {drop:+.2f} pp on the held-out images, over budget"
+                      for what, drop in speed.held_out_drop_pp.items())
+    return (f"{speed.ratio('before'):.2f}x float32 at batch 1, and keeping ops in float makes it no faster "
+            f"within budget ({tried})")
+
+
+def selective_for_accuracy(ctx: Context, int8_row: dict):
+    """export.selective's search: int8 within --max-drop on the held-out images with the fewest tensors in float."""
     from export.selective import build_int8_selective as search
 
     cfg = ctx.job["config"]
-    int8_row = ctx.rows.get("int8")
-    explicit = "int8_selective" in ctx.job["explicit"]
-    if int8_row is not None and int8_row.get("status") == "ok" and int8_row["drop_pp"] <= cfg["max_drop"] \
-            and not explicit:
-        raise Skip(f"int8 is within --max-drop ({int8_row['drop_pp']:+.2f} pp): int8.tflite is the model to ship")
     ctx.phase("ranking quantised tensors and keeping the worst in float")
     res = search(ctx.source.tflite_converter(), ctx.calibration, ctx.x_val, ctx.y_val,
-                               output_kind=ctx.info.output_kind,
-                               float_val_accuracy=ctx.job["float_val_accuracy"],
-                               max_drop_pp=cfg["max_drop"], max_steps=cfg["selective_steps"],
-                               log=ctx.log, heartbeat=ctx.beat,
-                               ranges_measured=((int8_row or {}).get("ranges") or {}).get("held_out_drop_pp"))
-    path = ctx.stage / "int8_selective.tflite"
-    path.write_bytes(res.blob)
-    from export.selective import layer_of
-
-    extra = {"float_tensors": res.float_tensors, "float_layers": [layer_of(t) for t in res.float_tensors],
-             "clip_percentile": res.clip_percentile, "selective_steps": res.steps,
-             "selective_val_drop_pp": res.val_drop_pp, "selective_ranking": res.ranking}
+                 output_kind=ctx.info.output_kind, float_val_accuracy=ctx.job["float_val_accuracy"],
+                 max_drop_pp=cfg["max_drop"], max_steps=cfg["selective_steps"], log=ctx.log, heartbeat=ctx.beat,
+                 ranges_measured=(int8_row.get("ranges") or {}).get("held_out_drop_pp"))
     if not res.within_budget:
-        path.unlink()
         raise RuntimeError(f"still {res.val_drop_pp:.2f} pp below float on held-out images with "
                            f"{len(res.float_tensors)} tensors in float (--selective-steps {cfg['selective_steps']})")
-    ranges = f"activation ranges clipped at the {res.clip_percentile:g}th percentile" if res.clip_percentile \
-        else "min/max activation ranges"
-    ctx.log(f"  int8_selective: {ranges}, {len(res.float_tensors)} tensor(s) kept in float"
-            + (f", from layers {', '.join(extra['float_layers'])}" if res.float_tensors else ""))
-    return path, ctx.measure(path), extra
+    return res
 
 
 def build_qat(ctx: Context, attempt: int):

@@ -36,13 +36,13 @@ def _delegated(ops: list[dict]) -> set[int]:
     return inside
 
 
-def tflite_ops(path: str) -> dict:
-    """{"ops": {op: count}, "float_ops": {op: count} (ops reading a float32 tensor, casts aside),
-    "casts": number of QUANTIZE/DEQUANTIZE ops, "not_delegated": {op: count}} of ``path`` in
-    LiteRT with its default delegates, one thread."""
+def tflite_ops(path: Optional[str] = None, content: Optional[bytes] = None) -> dict:
+    """{"ops": {op: count}, "float_ops": {op: count} (ops reading a float32 tensor, casts aside), "int8_ops": {op:
+    count} (ops writing an integer activation: what a denylist can keep in float), "casts": number of QUANTIZE/DEQUANTIZE ops, "not_delegated": {op: count}} of the file at ``path`` (or its
+    bytes, ``content``) in LiteRT with its default delegates, one thread."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interp = Interpreter(model_path=str(path), num_threads=1)
+    interp = Interpreter(model_path=None if path is None else str(path), model_content=content, num_threads=1)
     interp.allocate_tensors()
     ops = interp._get_ops_details()
     dtype = {t["index"]: t["dtype"].__name__ for t in interp.get_tensor_details()}
@@ -52,10 +52,15 @@ def tflite_ops(path: str) -> dict:
     def first_input(op) -> Optional[str]:
         return next((dtype.get(t) for t in op["inputs"] if t >= 0), None)
 
+    def first_output(op) -> Optional[str]:
+        return next((dtype.get(t) for t in op["outputs"] if t >= 0), None)
+
     return {
         "ops": dict(Counter(op["op_name"] for _, op in plain)),
         "float_ops": dict(Counter(op["op_name"] for _, op in plain
                                   if op["op_name"] not in CASTS and first_input(op) == "float32")),
+        "int8_ops": dict(Counter(op["op_name"] for _, op in plain
+                                 if op["op_name"] not in CASTS and first_output(op) in ("int8", "uint8", "int16"))),
         "casts": sum(1 for _, op in plain if op["op_name"] in CASTS),
         "not_delegated": dict(Counter(op["op_name"] for i, op in plain if i not in inside)),
     }
@@ -96,6 +101,10 @@ def speed_notes(rows: list[dict]) -> dict:
         if not why:
             why.append("every op runs in the XNNPACK delegate, as float32's do: its quantised kernels themselves are "
                        "slower on this CPU at batch 1")
+        fast = (ok.get("int8_selective") or {}).get("speed") or {}
+        if fast.get("kept") and name != "int8_selective":
+            why.append(f"`int8_selective` keeps {', '.join(fast['float_op_types'])} in float: "
+                       f"{fast['ratio_vs_float32']:.2f}x float32, timed side by side")
         notes[name] = {"latency_ms_p50": r["latency_ms_p50"], "float32_latency_ms_p50": base,
                        "ratio": r["latency_ms_p50"] / base, "not_delegated": ops["not_delegated"],
                        "float_ops": ops["float_ops"], "casts": ops["casts"],

@@ -12,6 +12,7 @@ and ``quantize`` (the int8 model, as the converter would finish it).
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import numpy as np
 
@@ -87,15 +88,19 @@ def calibrate(converter, calibration: np.ndarray) -> bytes:
         return converter.convert()
 
 
-def quantize(calibrated: bytes, io_type: str = "uint8") -> bytes:
-    """The full-integer int8 model of a calibrated one, finished as the converter finishes ``convert_int8``'s
-    (``io_type`` input and output, per-channel weights): the same file for the same ranges."""
+def quantize(calibrated: bytes, io_type: str = "uint8", float_ops: Sequence[str] = (),
+             float_tensors: Sequence[str] = ()) -> bytes:
+    """The int8 model of a calibrated one, finished as the converter finishes ``convert_int8``'s (``io_type``
+    input and output, per-channel weights): the same file for the same ranges. ``float_ops`` (op types, as LiteRT
+    names them: "HARD_SWISH") and ``float_tensors`` (ops' output tensors) stay in float; ``io_type`` "float32"
+    keeps float input and output (with float ops inside, the integer ones do not apply)."""
     from tensorflow.lite.python import convert
 
     from toolkit.tf import import_tf
 
     tf = import_tf()
-    if io_type not in ("uint8", "int8"):
-        raise ValueError(f"io_type: expected 'uint8' or 'int8', got {io_type!r}")
+    if io_type not in ("uint8", "int8", "float32"):
+        raise ValueError(f"io_type: expected 'uint8', 'int8' or 'float32', got {io_type!r}")
     return convert.mlir_quantize(calibrated, input_data_type=getattr(tf, io_type),
-                                 output_data_type=getattr(tf, io_type))
+                                 output_data_type=getattr(tf, io_type), denylisted_ops=list(float_ops) or None,
+                                 denylisted_nodes=list(float_tensors) or None)

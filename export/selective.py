@@ -50,6 +50,7 @@ class SelectiveResult:
     ranking: list[dict] = field(default_factory=list)  # the worst tensors with their normalised error
     within_budget: bool = True
     clip_percentile: Optional[float] = None  # the activations' ranges, clipped at this percentile; None: min/max
+    calibrated: Optional[bytes] = None  # the calibrated float model it was quantised from (those ranges)
 
 
 def layer_of(tensor_name: str) -> str:
@@ -246,11 +247,11 @@ class _Probe:
                  f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
         self.step += 1
         if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
-            self.best = (list(keep), acc, blob, self.percentile)
+            self.best = (list(keep), acc, blob, self.percentile, self.debugger.calibrated_model)
         return acc, drop <= self.max_drop_pp
 
     def result(self, ranking: list[dict]) -> SelectiveResult:
-        keep, acc, blob, percentile = self.best
+        keep, acc, blob, percentile, calibrated = self.best
         drop = (self.float_val_accuracy - acc) * 100
         return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, drop <= self.max_drop_pp,
-                               percentile)
+                               percentile, calibrated)
