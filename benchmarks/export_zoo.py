@@ -425,14 +425,22 @@ def report_line(name: str, rc: int, report: dict) -> dict:
         "rewrites": "; ".join(r.split(" (checked")[0] for r in report.get("model_info", {}).get("rewrites", [])) or "-",
         "float layers (selective)": ", ".join(by.get("int8_selective", {}).get("float_layers", [])) or "-",
         "onnx_int8 %": acc("onnx_int8"), "onnx_int8 route": by.get("onnx_int8", {}).get("route") or "-",
-        "int8 / float32 p50": f"{by['int8']['latency_ms_p50'] / by['float32']['latency_ms_p50']:.2f}x"
-        if by.get("int8", {}).get("status") == "ok" and by.get("float32", {}).get("status") == "ok" else "-",
+        "int8 / float32 p50": p50_ratio(by, "int8"),
+        "int8_selective / float32 p50": p50_ratio(by, "int8_selective"),
+        "float op types (speed)": ", ".join(by.get("int8_selective", {}).get("float_op_types") or []) or "-",
+        "fastest within gate": report.get("fastest_within_gate") or "-",
         "int8 in TFLite Micro": micro_cell(by.get("int8", {}).get("micro")),
         "speed notes": "; ".join(v["speed_note"]["text"].replace("`", "") for v in report.get("variants", [])
                                  if v.get("speed_note")) or "-",
         "why skipped or failed": "; ".join(f"{v['name']}: {v['reason']}" for v in report.get("variants", [])
                                            if v["status"] != "ok" and v["name"] != "int8_selective") or "-",
     }
+
+
+def p50_ratio(by: dict, name: str) -> str:
+    """A variant's batch-1 median latency over float32's, as the report measured them."""
+    ok = by.get(name, {}).get("status") == "ok" and by.get("float32", {}).get("status") == "ok"
+    return f"{by[name]['latency_ms_p50'] / by['float32']['latency_ms_p50']:.2f}x" if ok else "-"
 
 
 def micro_cell(m) -> str:

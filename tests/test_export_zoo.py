@@ -218,7 +218,7 @@ def test_modern_architectures(zoo, exported):
     assert {"HARD_SWISH", "GELU"} <= set(speed["float_op_types"]) and sel["float_op_types"] == speed["float_op_types"]
     assert speed["held_out_drop_pp"][speed["kept"]] <= 1.0 and sel["drop_pp"] <= 1.0, speed
     assert re.search(r"`int8_selective` keeps .*`HARD_SWISH`.* in float for speed", (out / "report.md").read_text())
-    assert "int8_selective keeps" in rows["int8"]["speed_note"]["text"], rows["int8"]["speed_note"]
+    assert "`int8_selective` keeps" in rows["int8"]["speed_note"]["text"], rows["int8"]["speed_note"]
     assert report["fastest_within_gate"] in rows
     # TFLite Micro has no GELU kernel: the int8 file is measured there all the same, and the op named.
     m = rows["int8"]["micro"]
