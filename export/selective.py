@@ -6,8 +6,9 @@ back within the budget.
    tensor's range is clipped to a percentile of its values (CLIP_PERCENTILES, widest first) and the model
    re-quantised and measured on held-out images; within budget, the file is integer throughout (no op in float,
    as a microcontroller or an int8-only accelerator needs). Otherwise the most accurate ranges carry on. In an
-   export the int8 variant has measured these already (export.builders.int8_ranges), and they are not measured
-   twice: step 0 takes its figures.
+   export the int8 variant has measured these already, on several sets of calibration images
+   (export.builders.int8_ranges), and they are not measured twice: step 0 takes the ranges int8 kept, or the most
+   accurate of those it tried.
 1. Calibrate once and let TFLite's QuantizationDebugger compare every quantised tensor with its float
    value on calibration images. Each tensor is ranked by its normalised error, the mean squared
    quantisation error over the mean squared float value: scale-free, so a tensor whose range is blown
@@ -37,7 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from export.outputs import tflite_accuracy
-from export.ranges import CLIP_PERCENTILES, activation_values, clip_ranges
+from export.ranges import CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, parse_clip_key, range_images
 
 
 @dataclass
@@ -51,6 +52,7 @@ class SelectiveResult:
     within_budget: bool = True
     clip_percentile: Optional[float] = None  # the activations' ranges, clipped at this percentile; None: min/max
     calibrated: Optional[bytes] = None  # the calibrated float model it was quantised from (those ranges)
+    clip: Optional[str] = None  # those ranges' export.ranges.clip_key ("99.9/2"); None: min/max
 
 
 def layer_of(tensor_name: str) -> str:
@@ -159,9 +161,9 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
                          ranges_measured: Optional[dict] = None) -> SelectiveResult:
     """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
     ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images. ``ranges_measured``: the int8
-    variant's held-out drop for each range on these calibration and held-out images (its report row's
-    ``ranges.held_out_drop_pp``); when it tried every clip and none was within budget, step 0 takes the best of them
-    instead of measuring them again."""
+    variant's report row ``ranges`` for these calibration and held-out images (export.builders.int8_ranges); step 0
+    then takes int8's ranges (the clipped ones it kept, or, none within budget, the most accurate) instead of
+    measuring them again."""
     from export.tflite import quiet_converter, representative_dataset
     from toolkit.tf import import_tf
 
@@ -185,25 +187,29 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
     probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat)
-    tried_by_int8 = ranges_measured and all(f"{p:g}" in ranges_measured for p in CLIP_PERCENTILES)
+    tried_by_int8 = bool((ranges_measured or {}).get("held_out_drop_pp"))
     if tried_by_int8:
-        take_measured_ranges(probe, calibration[:debug_images], ranges_measured)
-    elif choose_ranges(probe, calibration[:debug_images]):
+        take_measured_ranges(probe, calibration, ranges_measured)
+    elif choose_ranges(probe, range_images(calibration)):
         return probe.result(ranking)
     search_denylist(probe.measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps, max_op_types,
                     first=0 if tried_by_int8 else 1)
     return probe.result(ranking)
 
 
-def take_measured_ranges(probe: "_Probe", images: np.ndarray, measured: dict) -> None:
-    """Step 0 from the int8 variant's measurements: the debugger gets the ranges with the smallest held-out drop."""
-    best = min(measured, key=measured.get)
-    if best != "min/max":
-        probe.percentile = float(best)
+def take_measured_ranges(probe: "_Probe", calibration: np.ndarray, measured: dict) -> None:
+    """Step 0 from the int8 variant's ranges: the ones it kept (``clip``), or, none within budget, the ones with the
+    smallest held-out drop."""
+    drops = measured["held_out_drop_pp"]
+    best = measured.get("clip") or min(drops, key=drops.get)
+    percentile, k = parse_clip_key(best)
+    if percentile is not None:
+        probe.percentile, probe.clip = percentile, best
         minmax = probe.debugger.calibrated_model
-        probe.debugger.calibrated_model = clip_ranges(minmax, activation_values(minmax, images), probe.percentile)
-    probe.log(f"  int8_selective: from {best} ranges (int8's held-out drops: "
-              + ", ".join(f"{k} {v:+.2f} pp" for k, v in measured.items()) + ")")
+        values = activation_values(minmax, range_images(calibration, k))
+        probe.debugger.calibrated_model = clip_ranges(minmax, values, percentile)
+    shown = ", ".join(f"{k} {v:+.2f} pp" for k, v in list(drops.items())[:7]) + (", ..." if len(drops) > 7 else "")
+    probe.log(f"  int8_selective: from {best} ranges (int8's held-out drops: {shown})")
 
 
 def choose_ranges(probe: "_Probe", images: np.ndarray) -> bool:
@@ -217,13 +223,14 @@ def choose_ranges(probe: "_Probe", images: np.ndarray) -> bool:
     best = (probe.best[1], None, minmax)
     for p in CLIP_PERCENTILES:
         debugger.calibrated_model = clip_ranges(minmax, values, p)
-        probe.percentile = p
+        probe.percentile, probe.clip = p, clip_key(p)
         acc, ok = probe.measure([], f"full int8, ranges clipped at the {p:g}th percentile")
         if ok:
             return True
         if acc > best[0]:
             best = (acc, p, debugger.calibrated_model)
     _, probe.percentile, debugger.calibrated_model = best
+    probe.clip = clip_key(probe.percentile)
     return False
 
 
@@ -237,6 +244,7 @@ class _Probe:
         self.log, self.heartbeat = log, heartbeat
         self.step, self.best = 0, None
         self.percentile: Optional[float] = None  # the debugger's ranges now: None for min/max, else clipped
+        self.clip: Optional[str] = None  # and their export.ranges.clip_key
 
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
         self.heartbeat()
@@ -247,11 +255,11 @@ class _Probe:
                  f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
         self.step += 1
         if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
-            self.best = (list(keep), acc, blob, self.percentile, self.debugger.calibrated_model)
+            self.best = (list(keep), acc, blob, (self.percentile, self.clip), self.debugger.calibrated_model)
         return acc, drop <= self.max_drop_pp
 
     def result(self, ranking: list[dict]) -> SelectiveResult:
-        keep, acc, blob, percentile, calibrated = self.best
+        keep, acc, blob, (percentile, clip), calibrated = self.best
         drop = (self.float_val_accuracy - acc) * 100
         return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, drop <= self.max_drop_pp,
-                               percentile, calibrated)
+                               percentile, calibrated, clip)
