@@ -42,6 +42,7 @@ class Context:
         self.x_test, self.y_test, self.ref_pred = load("x_test"), load("y_test"), load("ref_pred")
         self.x_fit, self.y_fit = load("x_fit"), load("y_fit")
         self.x_val, self.y_val = np.asarray(load("x_val")), np.asarray(load("y_val"))
+        self.val_pred = np.asarray(load("val_pred"))  # the float model's classes on the held-out images
         self.calibration = np.asarray(load("calibration"))
         self.rows: dict[str, dict] = dict(job.get("prior_rows", {}))
         self.variant = ""

@@ -75,12 +75,15 @@ class SpeedUp:
     latency_ms: dict[str, float]  # float32, the file it started from ("before"), and each candidate
     held_out_drop_pp: dict[str, float] = field(default_factory=dict)  # each candidate's
     kept: Optional[str] = None  # the candidate kept, None: none was faster within budget
+    error: Optional[str] = None  # why the step did not run (the file it started from is kept)
 
     def ratio(self, name: Optional[str] = None) -> float:
         """A file's latency over float32's: the kept one's (or the starting one's) by default."""
         return self.latency_ms[name or self.kept or "before"] / self.latency_ms["float32"]
 
     def summary(self) -> dict:
+        if self.error:
+            return {"kept": None, "float_op_types": [], "error": self.error}
         return {"kept": self.kept, "float_op_types": self.float_ops, "latency_ms": self.latency_ms,
                 "held_out_drop_pp": self.held_out_drop_pp, "ratio_vs_float32": self.ratio(),
                 "before_ratio_vs_float32": self.ratio("before")}

@@ -62,9 +62,10 @@ def prepare_inputs(cfg: ExportConfig, source, ds) -> dict:
         keep = np.sort(seeded_subset(len(x_fit), cfg.qat_images, np.random.default_rng(cfg.seed + 1)))
         x_fit, y_fit = x_fit[keep], y_fit[keep]
     ref_pred = class_predictions(source.predict(ds.x_test), info.output_kind)
+    val_pred = class_predictions(source.predict(x_val), info.output_kind)  # what int8's ranges must agree with
     return {"info": info, "arrays": {"x_test": ds.x_test, "y_test": ds.y_test, "ref_pred": ref_pred,
                                      "x_fit": x_fit, "y_fit": y_fit, "x_val": x_val, "y_val": y_val,
-                                     "calibration": calibration}}
+                                     "val_pred": val_pred, "calibration": calibration}}
 
 
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=None) -> dict:
@@ -95,7 +96,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
     for rewrite in info.rewrites:  # what the converters get instead of the saved model, each checked
         log(f"  rewritten: {rewrite}")
     float_acc = float(np.mean(arrays["ref_pred"] == ds.y_test))
-    float_val_acc = float(np.mean(class_predictions(source.predict(arrays["x_val"]), info.output_kind) == arrays["y_val"]))
+    float_val_acc = float(np.mean(arrays["val_pred"] == arrays["y_val"]))
     log(f"  float model: accuracy {float_acc:.4f} (held-out training images {float_val_acc:.4f})")
     # The worker loads its own copy; a Keras 3 model from the SavedModel exported here (what it converts),
     # and from its file only to rebuild it in tf_keras for QAT.

@@ -3,7 +3,7 @@ calibration images) or narrower ones, clipped to a percentile of each activation
 
 A rare outlier stretches a min/max range until every ordinary value falls within a step or two of int8's 256;
 clipping saturates the outlier instead and keeps the steps for the values that carry the decision. Which is better
-is measured, not assumed (``export.builders``' int8 and ``export.selective``'s step 0 try CLIP_PERCENTILES on
+is measured, not assumed (``export.int8_variants``' int8 and ``export.selective``'s step 0 try CLIP_PERCENTILES on
 held-out images). The pieces: ``calibrate`` (the converter's calibrated float model, ranges recorded),
 ``activation_values`` (what each activation holds on some images), ``clip_ranges`` (the recorded ranges narrowed)
 and ``quantize`` (the int8 model, as the converter would finish it).
@@ -29,7 +29,7 @@ CLIP_PERCENTILES = (99.99, 99.9, 99.0)
 # agreed with float32 on 64.9-80.9% of 2,000 test images (test accuracy 21.50-23.40%), and 500 held-out training
 # images ranked them alike (agreement 64.2-81.0%) where their accuracy did not; reading the percentiles from 256
 # images at once agreed less (47-61% over three calibrations). So int8 tries RANGE_SETS sets and keeps the one that
-# agrees most with float32 on the held-out images (export.builders.int8_ranges).
+# agrees most with the float model on the held-out images (export.int8_variants.int8_ranges).
 RANGE_IMAGES = 64
 RANGE_SETS = 4
 

@@ -7,7 +7,7 @@ back within the budget.
    re-quantised and measured on held-out images; within budget, the file is integer throughout (no op in float,
    as a microcontroller or an int8-only accelerator needs). Otherwise the most accurate ranges carry on. In an
    export the int8 variant has measured these already, on several sets of calibration images
-   (export.builders.int8_ranges), and they are not measured twice: step 0 takes the ranges int8 kept, or the most
+   (export.int8_variants.int8_ranges), and they are not measured twice: step 0 takes the ranges int8 kept, or the most
    accurate of those it tried.
 1. Calibrate once and let TFLite's QuantizationDebugger compare every quantised tensor with its float
    value on calibration images. Each tensor is ranked by its normalised error, the mean squared
@@ -161,7 +161,7 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
                          ranges_measured: Optional[dict] = None) -> SelectiveResult:
     """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
     ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images. ``ranges_measured``: the int8
-    variant's report row ``ranges`` for these calibration and held-out images (export.builders.int8_ranges); step 0
+    variant's report row ``ranges`` for these calibration and held-out images (export.int8_variants.int8_ranges); step 0
     then takes int8's ranges (the clipped ones it kept, or, none within budget, the most accurate) instead of
     measuring them again."""
     from export.tflite import quiet_converter, representative_dataset

@@ -1,0 +1,173 @@
+"""The int8 variants' measurements: int8's activation ranges (export.ranges, chosen on the held-out images), and
+``int8_selective``: int8 within budget with the fewest ops in float (export.selective), made fast where XNNPACK
+does not run some ops in int8 (export.fast_int8)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from export.context import Context, Skip
+from toolkit.errors import one_line
+
+
+def held_out_drop(ctx: Context, blob: bytes) -> float:
+    """A TFLite file's accuracy drop from the float model on the held-out training images, in points."""
+    from export.outputs import tflite_accuracy
+
+    acc = tflite_accuracy(blob, ctx.x_val, ctx.y_val, ctx.info.output_kind)
+    return (ctx.job["float_val_accuracy"] - acc) * 100
+
+
+def held_out_predictions(ctx: Context, blob: bytes) -> np.ndarray:
+    """A TFLite file's top-1 classes on the held-out training images."""
+    from export.outputs import class_predictions
+    from export.runtime import TFLiteModel
+
+    return class_predictions(TFLiteModel(content=blob).predict(ctx.x_val), ctx.info.output_kind)
+
+
+def int8_ranges(ctx: Context, path: Path) -> dict:
+    """int8 with the converter's min/max activation ranges, measured on the held-out images; over --max-drop there,
+    the same calibration with every activation's range clipped at each of export.ranges.CLIP_PERCENTILES, read from
+    each of its sets of calibration images (export.ranges.RANGE_SETS), and of those within budget the one that
+    agrees most with the float model on the held-out images replaces ``path`` (none within: the converter's file stays, and
+    int8_selective's search starts from the most accurate). Returns the report's ``ranges``: which the file has
+    (``clip``, a clip_key), and each one's held-out drop and agreement."""
+    from export import ranges
+
+    budget = ctx.job["config"]["max_drop"]
+    first = held_out_drop(ctx, path.read_bytes())
+    out = {"clip": None, "clip_percentile": None, "held_out_drop_pp": {"min/max": first}, "held_out_agreement": {}}
+    if first <= budget:
+        return out
+    ctx.phase("int8: over budget on the held-out images; clipping activation ranges")
+    calibrated = ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration)
+    best = None
+    for k in range(ranges.range_sets(ctx.calibration)):
+        values = ranges.activation_values(calibrated, ranges.range_images(ctx.calibration, k))
+        for p in ranges.CLIP_PERCENTILES:
+            ctx.beat()
+            blob = ranges.quantize(ranges.clip_ranges(calibrated, values, p))
+            key = ranges.clip_key(p, k)
+            pred = held_out_predictions(ctx, blob)
+            out["held_out_drop_pp"][key] = d = (ctx.job["float_val_accuracy"] - np.mean(pred == ctx.y_val)) * 100
+            out["held_out_agreement"][key] = agree = float(np.mean(pred == ctx.val_pred))
+            ctx.log(f"  int8 ranges clipped at {key}: held-out drop {d:+.2f} pp, agreement with the float model {agree:.1%}")
+            if d <= budget and (best is None or agree > best[0]):
+                best = (agree, key, p, blob)
+    if best is not None:
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(best[3])
+        os.replace(tmp, path)
+        out["clip"], out["clip_percentile"] = best[1], best[2]
+        ctx.log(f"  int8: activation ranges clipped at {best[1]} (min/max: held-out drop {first:+.2f} pp)")
+    return out
+
+
+def int8_calibration(ctx: Context, clip: Optional[str]) -> bytes:
+    """The calibrated float model int8 was quantised from: the converter's ranges, clipped as int8's were (``clip``,
+    export.ranges.clip_key; None: min/max)."""
+    from export import ranges
+
+    calibrated = ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration)
+    percentile, k = ranges.parse_clip_key(clip or "min/max")
+    if percentile:
+        values = ranges.activation_values(calibrated, ranges.range_images(ctx.calibration, k))
+        calibrated = ranges.clip_ranges(calibrated, values, percentile)
+    return calibrated
+
+
+def build_int8_selective(ctx: Context, attempt: int):
+    """int8 within --max-drop on the held-out images with the fewest ops in float (export.selective), then, when
+    that file is slower than float32 at batch 1, the op types XNNPACK does not run in int8 kept in float as well
+    (export.fast_int8). With int8 within --max-drop already (and int8_selective not named), only the second: the
+    variant is built when it makes int8 faster, and skipped, saying so, otherwise."""
+    from export import fast_int8
+    from export.selective import SelectiveResult
+
+    cfg = ctx.job["config"]
+    int8_row = ctx.rows.get("int8") or {}
+    for_speed = int8_row.get("status") == "ok" and int8_row["drop_pp"] <= cfg["max_drop"] \
+        and "int8_selective" not in ctx.job["explicit"]
+    if for_speed:
+        measured = int8_row.get("ranges") or {}
+        clip = measured.get("clip")
+        drop = (measured.get("held_out_drop_pp") or {}).get(clip or "min/max", 0.0)
+        start = SelectiveResult(ctx.int8_file().read_bytes(), [], ctx.job["float_val_accuracy"] - drop / 100, drop,
+                                0, clip_percentile=measured.get("clip_percentile"), clip=clip)
+    else:
+        start = selective_for_accuracy(ctx, int8_row)
+    try:
+        speed = speed_step(ctx, start)
+    except Exception as e:  # the speed step never loses the file the accuracy search found
+        if for_speed:
+            raise Skip(f"int8 is within --max-drop ({int8_row['drop_pp']:+.2f} pp), and timing it against float32 "
+                       f"failed ({one_line(e)}): int8.tflite is the model to ship") from e
+        ctx.log(f"  int8_selective: the speed step failed ({one_line(e)}); the file within budget is kept as it is")
+        speed = fast_int8.SpeedUp(start.blob, [], {}, error=one_line(e))
+    if for_speed and speed.kept is None:
+        raise Skip(f"int8 is within --max-drop ({int8_row['drop_pp']:+.2f} pp) and " + not_faster(speed)
+                   + ": int8.tflite is the model to ship")
+    path = ctx.stage / "int8_selective.tflite"
+    path.write_bytes(speed.blob)
+    from export.selective import layer_of
+
+    extra = {"float_tensors": start.float_tensors, "float_layers": [layer_of(t) for t in start.float_tensors],
+             "float_op_types": speed.float_ops, "clip_percentile": start.clip_percentile, "clip": start.clip,
+             "selective_steps": start.steps, "selective_val_drop_pp": start.val_drop_pp,
+             "selective_ranking": start.ranking, "speed": speed.summary()}
+    ranges_used = f"activation ranges clipped at {start.clip}" if start.clip else "min/max activation ranges"
+    ctx.log(f"  int8_selective: {ranges_used}, {len(start.float_tensors)} tensor(s) kept in float"
+            + (f", from layers {', '.join(extra['float_layers'])}" if start.float_tensors else "")
+            + (f"; op types in float for speed: {', '.join(speed.float_ops)} ({speed.ratio():.2f}x float32 at "
+               f"batch 1, was {speed.ratio('before'):.2f}x)" if speed.kept else ""))
+    return path, ctx.measure(path), extra
+
+
+def speed_step(ctx: Context, start):
+    """export.fast_int8.speed_up on ``start`` (a SelectiveResult within budget): the same calibration re-quantised
+    with op types in float, against float32.tflite (converted here when float32 was not asked for)."""
+    from export import fast_int8, ranges, tflite
+
+    cfg = ctx.job["config"]
+    float32 = ctx.tflite_file("float32", lambda: tflite.convert_variant("float32", ctx.source)).read_bytes()
+
+    def requantize(op_types) -> bytes:
+        if start.calibrated is None:  # int8's own: calibrated only when int8 is slower
+            start.calibrated = int8_calibration(ctx, start.clip)
+        return ranges.quantize(start.calibrated, "float32", op_types, start.float_tensors)
+
+    ctx.phase("int8_selective: timing int8 against float32 at batch 1")
+    return fast_int8.speed_up(start.blob, float32, requantize, lambda b: held_out_drop(ctx, b), cfg["max_drop"],
+                              np.asarray(ctx.x_test[:1]), cfg["latency_threads"], log=ctx.log)
+
+
+def not_faster(speed) -> str:
+    """Why the speed step kept nothing, in words: int8 was not slower, or no candidate was faster within budget."""
+    if not speed.held_out_drop_pp:
+        return f"not slower than float32 at batch 1 ({speed.ratio('before'):.2f}x, side by side)"
+    tried = "; ".join(f"{what} in float {speed.ratio(what):.2f}x" if what in speed.latency_ms
+                      else f"{what} in float {drop:+.2f} pp on the held-out images, over budget"
+                      for what, drop in speed.held_out_drop_pp.items())
+    return (f"{speed.ratio('before'):.2f}x float32 at batch 1, and keeping ops in float makes it no faster "
+            f"within budget ({tried})")
+
+
+def selective_for_accuracy(ctx: Context, int8_row: dict):
+    """export.selective's search: int8 within --max-drop on the held-out images with the fewest tensors in float."""
+    from export.selective import build_int8_selective as search
+
+    cfg = ctx.job["config"]
+    ctx.phase("ranking quantised tensors and keeping the worst in float")
+    res = search(ctx.source.tflite_converter(), ctx.calibration, ctx.x_val, ctx.y_val,
+                 output_kind=ctx.info.output_kind, float_val_accuracy=ctx.job["float_val_accuracy"],
+                 max_drop_pp=cfg["max_drop"], max_steps=cfg["selective_steps"], log=ctx.log, heartbeat=ctx.beat,
+                 ranges_measured=int8_row.get("ranges"))
+    if not res.within_budget:
+        raise RuntimeError(f"still {res.val_drop_pp:.2f} pp below float on held-out images with "
+                           f"{len(res.float_tensors)} tensors in float (--selective-steps {cfg['selective_steps']})")
+    return res
