@@ -32,11 +32,10 @@ def held_out_predictions(ctx: Context, blob: bytes) -> np.ndarray:
 
 def int8_ranges(ctx: Context, path: Path) -> dict:
     """int8 with the converter's min/max activation ranges, measured on the held-out images; over --max-drop there,
-    the same calibration with every activation's range clipped at each of export.ranges.CLIP_PERCENTILES, read from
-    each of its sets of calibration images (export.ranges.RANGE_SETS), and of those within budget the one that
-    agrees most with the float model on the held-out images replaces ``path`` (none within: the converter's file stays, and
-    int8_selective's search starts from the most accurate). Returns the report's ``ranges``: which the file has
-    (``clip``, a clip_key), and each one's held-out drop and agreement."""
+    export.ranges.best_clipped_ranges (each of CLIP_PERCENTILES read from each of its sets of calibration images;
+    of those within budget, the one that agrees most with the float model on the held-out images) replaces ``path``
+    (none within: the converter's file stays, and int8_selective's search starts from the most accurate). Returns
+    the report's ``ranges``: which the file has (``clip``, a clip_key), and each one's held-out drop and agreement."""
     from export import ranges
 
     budget = ctx.job["config"]["max_drop"]
@@ -46,25 +45,21 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
         return out
     ctx.phase("int8: over budget on the held-out images; clipping activation ranges")
     calibrated = ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration)
-    best = None
-    for k in range(ranges.range_sets(ctx.calibration)):
-        values = ranges.activation_values(calibrated, ranges.range_images(ctx.calibration, k))
-        for p in ranges.CLIP_PERCENTILES:
-            ctx.beat()
-            blob = ranges.quantize(ranges.clip_ranges(calibrated, values, p))
-            key = ranges.clip_key(p, k)
-            pred = held_out_predictions(ctx, blob)
-            out["held_out_drop_pp"][key] = d = (ctx.job["float_val_accuracy"] - np.mean(pred == ctx.y_val)) * 100
-            out["held_out_agreement"][key] = agree = float(np.mean(pred == ctx.val_pred))
-            ctx.log(f"  int8 ranges clipped at {key}: held-out drop {d:+.2f} pp, agreement with the float model {agree:.1%}")
-            if d <= budget and (best is None or agree > best[0]):
-                best = (agree, key, p, blob)
-    if best is not None:
+
+    def measure(blob: bytes) -> tuple[float, float]:
+        ctx.beat()
+        pred = held_out_predictions(ctx, blob)
+        return (ctx.job["float_val_accuracy"] - np.mean(pred == ctx.y_val)) * 100, float(np.mean(pred == ctx.val_pred))
+
+    chosen = ranges.best_clipped_ranges(calibrated, ctx.calibration, measure, budget, log=ctx.log)
+    out["held_out_drop_pp"].update(chosen["held_out_drop_pp"])
+    out["held_out_agreement"] = chosen["held_out_agreement"]
+    if chosen["clip"] is not None:
         tmp = path.with_suffix(".part")
-        tmp.write_bytes(best[3])
+        tmp.write_bytes(chosen["blob"])
         os.replace(tmp, path)
-        out["clip"], out["clip_percentile"] = best[1], best[2]
-        ctx.log(f"  int8: activation ranges clipped at {best[1]} (min/max: held-out drop {first:+.2f} pp)")
+        out["clip"], out["clip_percentile"] = chosen["clip"], ranges.parse_clip_key(chosen["clip"])[0]
+        ctx.log(f"  int8: activation ranges clipped at {chosen['clip']} (min/max: held-out drop {first:+.2f} pp)")
     return out
 
 

@@ -210,15 +210,26 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
     assert float(minmax.split("drop ")[1].split(" pp")[0]) > 10, lines  # the outlier ruins plain int8
     assert res.within_budget and res.float_tensors == [] and res.clip_percentile in CLIP_PERCENTILES, lines
 
-    # The int8 variant's own path (export.builders.int8_ranges): the converter's calibration, clipped, finished
-    # as the converter finishes int8 (uint8 in and out, every op integer: what TFLite Micro runs).
+    # The int8 variant's own path (export.int8_variants.int8_ranges): the converter's calibration, each percentile
+    # read from each of four sets of 64 of the 500 images (a set may hold an outlier image or not), the one agreeing
+    # most with the float model kept, finished as the converter finishes int8 (uint8 in and out, every op integer:
+    # what TFLite Micro runs).
     from export import ranges
-    from export.outputs import tflite_accuracy
+    from export.outputs import class_predictions, tflite_accuracy
     from export.runtime import TFLiteModel
 
     calibrated = ranges.calibrate(import_tf().lite.TFLiteConverter.from_keras_model(model), x[:500])
-    clipped = ranges.quantize(ranges.clip_ranges(calibrated, ranges.activation_values(calibrated, x[:64]),
-                                                 res.clip_percentile))
+    float_pred = model.predict(x_val, verbose=0).argmax(1)
+
+    def measure(blob):
+        pred = class_predictions(TFLiteModel(content=blob).predict(x_val), "probabilities")
+        return (float_acc - np.mean(pred == y_val)) * 100, float(np.mean(pred == float_pred))
+
+    chosen = ranges.best_clipped_ranges(calibrated, x[:500], measure, 1.0)
+    assert len(chosen["held_out_agreement"]) == len(ranges.CLIP_PERCENTILES) * ranges.RANGE_SETS == 12, chosen
+    within = {k: a for k, a in chosen["held_out_agreement"].items() if chosen["held_out_drop_pp"][k] <= 1.0}
+    assert chosen["clip"] == max(within, key=within.get), chosen
+    clipped = chosen["blob"]
     assert tflite_accuracy(ranges.quantize(calibrated), x_val, y_val, "probabilities") < float_acc - 0.1
     assert tflite_accuracy(clipped, x_val, y_val, "probabilities") >= float_acc - 0.01
     io = TFLiteModel(content=clipped)
