@@ -66,6 +66,37 @@ def tflite_ops(path: Optional[str] = None, content: Optional[bytes] = None) -> d
     }
 
 
+# ONNX ops that only move or reshape values (int8 or float alike): counted apart from the ops computed in float.
+ONNX_LAYOUT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Gather", "Shape", "Slice",
+               "Cast", "Identity")
+ONNX_CASTS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def onnx_ops(path: str) -> dict:
+    """{"ops": {op: count}, "float_ops": {op: count} (ops reading a DequantizeLinear's float output: computed in
+    float between a DequantizeLinear and a QuantizeLinear), "casts": number of those, "transposes": number of
+    Transpose ops} of the graph ONNX Runtime runs for ``path`` (CPU, after its optimisations: the QDQ pairs it could
+    fuse into int8 kernels are gone), read from the optimised model it writes."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        nodes = list(onnx.load(opts.optimized_model_filepath).graph.node)
+    dequantized = {t for n in nodes if n.op_type == "DequantizeLinear" for t in n.output}
+    return {"ops": dict(Counter(n.op_type for n in nodes)),
+            "float_ops": dict(Counter(n.op_type for n in nodes if n.op_type not in ONNX_CASTS + ONNX_LAYOUT
+                                      and any(t in dequantized for t in n.input))),
+            "casts": sum(1 for n in nodes if n.op_type in ONNX_CASTS),
+            "transposes": sum(1 for n in nodes if n.op_type == "Transpose")}
+
+
 # Slower means by more than a tenth: batch-1 medians of the same file differ by a few percent between runs.
 SLOWER = 1.1
 QUANTISED = ("dynamic", "float16", "int8", "int8_selective", "qat_int8")
@@ -76,41 +107,64 @@ def _counts(d: dict) -> str:
 
 
 def speed_notes(rows: list[dict]) -> dict:
-    """{variant: note} for each quantised TFLite variant slower than float32.tflite at batch 1 (p50), with
-    the ops responsible; {} when none is, or float32 was not built."""
+    """{variant: note} for each quantised TFLite variant slower than float32.tflite at batch 1 (p50), and onnx_int8
+    slower than onnx_float32, with the ops responsible; {} when none is, or the float file was not built."""
     ok = {r["name"]: r for r in rows if r["status"] == "ok"}
-    if "float32" not in ok:
-        return {}
-    base = ok["float32"]["latency_ms_p50"]
-    base_ops = tflite_ops(ok["float32"]["path"])
     notes = {}
-    for name in QUANTISED:
-        r = ok.get(name)
-        if r is None or r["latency_ms_p50"] <= SLOWER * base:
-            continue
-        ops = tflite_ops(r["path"])
-        # What this variant leaves to LiteRT's built-in kernels beyond what float32 already does.
-        extra = Counter(ops["not_delegated"])
-        extra.subtract(Counter(base_ops["not_delegated"]))
-        extra = {k: v for k, v in extra.items() if v > 0}
-        why = []
-        if extra:
-            why.append(f"ops run outside LiteRT's XNNPACK delegate (built-in kernels): {_counts(extra)}")
-        if ops["float_ops"] and name not in ("dynamic", "float16"):
-            why.append(f"ops computed in float between {ops['casts']} QUANTIZE/DEQUANTIZE ops: {_counts(ops['float_ops'])}")
-        if not why:
-            why.append("every op runs in the XNNPACK delegate, as float32's do: its quantised kernels themselves are "
-                       "slower on this CPU at batch 1")
-        fast = (ok.get("int8_selective") or {}).get("speed") or {}
-        if fast.get("kept") and name != "int8_selective":
-            why.append(f"`int8_selective` keeps {', '.join(fast['float_op_types'])} in float: "
-                       f"{fast['ratio_vs_float32']:.2f}x float32, timed side by side")
-        notes[name] = {"latency_ms_p50": r["latency_ms_p50"], "float32_latency_ms_p50": base,
-                       "ratio": r["latency_ms_p50"] / base, "not_delegated": ops["not_delegated"],
-                       "float_ops": ops["float_ops"], "casts": ops["casts"],
-                       "text": (f"`{name}` is slower than float32 at batch 1 ({r['latency_ms_p50']:.3f} vs {base:.3f} ms, "
-                                f"{r['latency_ms_p50'] / base:.2f}x): " + "; ".join(why) + ".")}
+    if "float32" in ok:
+        base_ops = tflite_ops(ok["float32"]["path"])
+        for name in QUANTISED:
+            if name in ok and ok[name]["latency_ms_p50"] > SLOWER * ok["float32"]["latency_ms_p50"]:
+                notes[name] = _note(name, ok[name], ok["float32"], tflite_why(name, tflite_ops(ok[name]["path"]),
+                                                                              base_ops, ok))
+    if "onnx_int8" in ok and "onnx_float32" in ok and \
+            ok["onnx_int8"]["latency_ms_p50"] > SLOWER * ok["onnx_float32"]["latency_ms_p50"]:
+        notes["onnx_int8"] = _note("onnx_int8", ok["onnx_int8"], ok["onnx_float32"], onnx_why(
+            onnx_ops(ok["onnx_int8"]["path"]), onnx_ops(ok["onnx_float32"]["path"])))
     return notes
+
+
+def _note(name: str, row: dict, base: dict, why: list[str]) -> dict:
+    ms, base_ms = row["latency_ms_p50"], base["latency_ms_p50"]
+    return {"latency_ms_p50": ms, f"{base['name']}_latency_ms_p50": base_ms, "ratio": ms / base_ms, "why": why,
+            "text": (f"`{name}` is slower than {base['name']} at batch 1 ({ms:.3f} vs {base_ms:.3f} ms, "
+                     f"{ms / base_ms:.2f}x): " + "; ".join(why) + ".")}
+
+
+def tflite_why(name: str, ops: dict, base_ops: dict, ok: dict) -> list[str]:
+    """Why a TFLite variant is slower than float32: what it leaves to LiteRT's built-in kernels beyond what float32
+    already does, what it computes in float between casts, and the faster int8_selective when there is one."""
+    extra = Counter(ops["not_delegated"])
+    extra.subtract(Counter(base_ops["not_delegated"]))
+    extra = {k: v for k, v in extra.items() if v > 0}
+    why = []
+    if extra:
+        why.append(f"ops run outside LiteRT's XNNPACK delegate (built-in kernels): {_counts(extra)}")
+    if ops["float_ops"] and name not in ("dynamic", "float16"):
+        why.append(f"ops computed in float between {ops['casts']} QUANTIZE/DEQUANTIZE ops: {_counts(ops['float_ops'])}")
+    if not why:
+        why.append("every op runs in the XNNPACK delegate, as float32's do: its quantised kernels themselves are "
+                   "slower on this CPU at batch 1")
+    fast = (ok.get("int8_selective") or {}).get("speed") or {}
+    if fast.get("kept") and name != "int8_selective":
+        why.append(f"`int8_selective` keeps {', '.join(fast['float_op_types'])} in float: "
+                   f"{fast['ratio_vs_float32']:.2f}x float32, timed side by side")
+    return why
+
+
+def onnx_why(ops: dict, base_ops: dict) -> list[str]:
+    """Why onnx_int8 is slower than onnx_float32 in ONNX Runtime: ops left in float between QDQ pairs it could not
+    fuse, and layout transposes its int8 kernels need that the float graph does not."""
+    why = []
+    if ops["float_ops"]:
+        why.append(f"ops computed in float between {ops['casts']} QuantizeLinear/DequantizeLinear ops: "
+                   f"{_counts(ops['float_ops'])}")
+    if ops["transposes"] > base_ops["transposes"]:
+        why.append(f"{ops['transposes']} Transpose ops around ONNX Runtime's int8 kernels (onnx_float32: "
+                   f"{base_ops['transposes']})")
+    if not why:
+        why.append("every op runs in ONNX Runtime's int8 kernels: they themselves are slower on this CPU at batch 1")
+    return why
 
 
 def fastest_within_gate(rows: list[dict]) -> Optional[str]:

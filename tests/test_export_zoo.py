@@ -209,6 +209,10 @@ def test_modern_architectures(zoo, exported):
         if r["status"] == "ok" and r["latency_ms_p50"] > 1.1 * rows["float32"]["latency_ms_p50"]:
             assert "ops run outside LiteRT's XNNPACK delegate" in r["speed_note"]["text"], r.get("speed_note")
             assert r["speed_note"]["text"] in (out / "report.md").read_text()
+    r = rows["onnx_int8"]  # ONNX Runtime's int8 against onnx_float32, the same way
+    if r["status"] == "ok" and r["latency_ms_p50"] > 1.1 * rows["onnx_float32"]["latency_ms_p50"]:
+        assert r["speed_note"]["text"].startswith("`onnx_int8` is slower than onnx_float32"), r.get("speed_note")
+        assert r["speed_note"]["text"] in (out / "report.md").read_text()
     # int8 is several times slower than float32 here (hard-swish, GELU, attention and layer norm run outside
     # XNNPACK in int8): int8_selective keeps those op types in float and is faster, timed side by side.
     sel = rows["int8_selective"]

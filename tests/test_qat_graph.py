@@ -127,7 +127,8 @@ def test_a_keras3_layer_without_counterpart_is_named():
 
 def test_ops_read_from_a_tflite_file(tmp_path):
     """A plain CNN: XNNPACK takes every float32 op; the int8 file computes nothing in float and has exactly the
-    input QUANTIZE and output DEQUANTIZE casts. A speed note names the variant slower than float32."""
+    input QUANTIZE and output DEQUANTIZE casts. A speed note names the variant slower than float32; the same for
+    ONNX Runtime's graph and onnx_int8."""
     from export import tflite
     from export.ops import speed_notes, tflite_ops
     from toolkit.tf import import_keras
@@ -146,6 +147,24 @@ def test_ops_read_from_a_tflite_file(tmp_path):
     assert note["ratio"] == pytest.approx(2.5) and note["text"].startswith("`int8` is slower than float32 at batch 1")
     rows[1]["latency_ms_p50"] = 0.05
     assert speed_notes(rows) == {}
+    # ONNX: the graph ONNX Runtime runs after its optimisations. Its static quantisation of this CNN fuses every
+    # convolution into an int8 kernel (QLinearConv), nothing computed in float; onnx_int8 slower than onnx_float32
+    # gets its note too.
+    from export import onnx as onnx_export
+    from export.ops import onnx_ops
+
+    onnx_paths = {"onnx_float32": tmp_path / "float32.onnx", "onnx_int8": tmp_path / "int8.onnx"}
+    onnx_export.convert_float32(model, str(onnx_paths["onnx_float32"]))
+    onnx_export.quantize_static(str(onnx_paths["onnx_float32"]), IMAGES[:8].astype(np.uint8),
+                                str(onnx_paths["onnx_int8"]))
+    f32, i8 = onnx_ops(str(onnx_paths["onnx_float32"])), onnx_ops(str(onnx_paths["onnx_int8"]))
+    assert f32["casts"] == 0 and f32["float_ops"] == {} and "QLinearConv" not in f32["ops"], f32
+    assert i8["ops"].get("QLinearConv") == 2 and "Conv" not in i8["float_ops"], i8
+    rows += [{"name": n, "status": "ok", "path": str(p), "latency_ms_p50": ms, "format": "onnx"}
+             for (n, p), ms in zip(onnx_paths.items(), (0.10, 0.30))]
+    note = speed_notes(rows)["onnx_int8"]
+    assert note["ratio"] == pytest.approx(3.0) and set(speed_notes(rows)) == {"onnx_int8"}
+    assert note["text"].startswith("`onnx_int8` is slower than onnx_float32 at batch 1 (0.300 vs 0.100 ms"), note
 
 
 def test_int8_selective_runs_to_every_op_in_float():
