@@ -51,7 +51,7 @@ def render_markdown(report: dict) -> str:
     lines += variant_notes(report)
     notes = [r["speed_note"]["text"] for r in report["variants"] if r.get("speed_note")]
     if notes:
-        lines += ["", "**Slower than float32:** " + " ".join(notes)]
+        lines += ["", "**Slower than the float file at batch 1:** " + " ".join(notes)]
     if report.get("fastest_within_gate"):
         lines += ["", f"Fastest TFLite variant within the gate at batch 1: `{report['fastest_within_gate']}`."]
     lines += ["", "Latency: batch 1, one thread, median and 90th percentile of "
