@@ -16,10 +16,7 @@ from toolkit.errors import one_line
 
 def held_out_drop(ctx: Context, blob: bytes) -> float:
     """A TFLite file's accuracy drop from the float model on the held-out training images, in points."""
-    from export.outputs import tflite_accuracy
-
-    acc = tflite_accuracy(blob, ctx.x_val, ctx.y_val, ctx.info.output_kind)
-    return (ctx.job["float_val_accuracy"] - acc) * 100
+    return float((ctx.job["float_val_accuracy"] - np.mean(held_out_predictions(ctx, blob) == ctx.y_val)) * 100)
 
 
 def held_out_predictions(ctx: Context, blob: bytes) -> np.ndarray:
@@ -49,7 +46,8 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
     def measure(blob: bytes) -> tuple[float, float]:
         ctx.beat()
         pred = held_out_predictions(ctx, blob)
-        return (ctx.job["float_val_accuracy"] - np.mean(pred == ctx.y_val)) * 100, float(np.mean(pred == ctx.val_pred))
+        drop = (ctx.job["float_val_accuracy"] - np.mean(pred == ctx.y_val)) * 100
+        return float(drop), float(np.mean(pred == ctx.val_pred))
 
     chosen = ranges.best_clipped_ranges(calibrated, ctx.calibration, measure, budget, log=ctx.log)
     out["held_out_drop_pp"].update(chosen["held_out_drop_pp"])
@@ -68,12 +66,7 @@ def int8_calibration(ctx: Context, clip: Optional[str]) -> bytes:
     export.ranges.clip_key; None: min/max)."""
     from export import ranges
 
-    calibrated = ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration)
-    percentile, k = ranges.parse_clip_key(clip or "min/max")
-    if percentile:
-        values = ranges.activation_values(calibrated, ranges.range_images(ctx.calibration, k))
-        calibrated = ranges.clip_ranges(calibrated, values, percentile)
-    return calibrated
+    return ranges.clipped_as(ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration), ctx.calibration, clip)
 
 
 def build_int8_selective(ctx: Context, attempt: int):
@@ -93,7 +86,7 @@ def build_int8_selective(ctx: Context, attempt: int):
         clip = measured.get("clip")
         drop = (measured.get("held_out_drop_pp") or {}).get(clip or "min/max", 0.0)
         start = SelectiveResult(ctx.int8_file().read_bytes(), [], ctx.job["float_val_accuracy"] - drop / 100, drop,
-                                0, clip_percentile=measured.get("clip_percentile"), clip=clip)
+                                0, clip=clip)
     else:
         start = selective_for_accuracy(ctx, int8_row)
     try:

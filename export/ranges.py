@@ -59,6 +59,15 @@ def parse_clip_key(key: str) -> tuple[Optional[float], int]:
     return float(p), int(k or 0)
 
 
+def clipped_as(calibrated: bytes, calibration: np.ndarray, key: Optional[str]) -> bytes:
+    """The calibrated model with the ranges a clip_key names (read from that set of ``calibration`` images);
+    unchanged for None or "min/max"."""
+    percentile, k = parse_clip_key(key or "min/max")
+    if percentile is None:
+        return calibrated
+    return clip_ranges(calibrated, activation_values(calibrated, range_images(calibration, k)), percentile)
+
+
 def best_clipped_ranges(calibrated: bytes, calibration: np.ndarray, measure: Callable[[bytes], tuple[float, float]],
                         max_drop_pp: float, log: Callable[[str], None] = lambda line: None) -> dict:
     """The full-integer int8 model of ``calibrated`` with each of CLIP_PERCENTILES read from each of

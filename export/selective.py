@@ -38,7 +38,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from export.outputs import tflite_accuracy
-from export.ranges import CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, parse_clip_key, range_images
+from export.ranges import (CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, clipped_as, parse_clip_key,
+                           range_images)
 
 
 @dataclass
@@ -50,9 +51,13 @@ class SelectiveResult:
     steps: int
     ranking: list[dict] = field(default_factory=list)  # the worst tensors with their normalised error
     within_budget: bool = True
-    clip_percentile: Optional[float] = None  # the activations' ranges, clipped at this percentile; None: min/max
-    calibrated: Optional[bytes] = None  # the calibrated float model it was quantised from (those ranges)
+    calibrated: Optional[bytes] = None  # the calibrated float model it was quantised from (its ranges)
     clip: Optional[str] = None  # those ranges' export.ranges.clip_key ("99.9/2"); None: min/max
+
+    @property
+    def clip_percentile(self) -> Optional[float]:
+        """The percentile the activations' ranges are clipped at; None: min/max."""
+        return parse_clip_key(self.clip or "min/max")[0]
 
 
 def layer_of(tensor_name: str) -> str:
@@ -202,12 +207,9 @@ def take_measured_ranges(probe: "_Probe", calibration: np.ndarray, measured: dic
     smallest held-out drop."""
     drops = measured["held_out_drop_pp"]
     best = measured.get("clip") or min(drops, key=drops.get)
-    percentile, k = parse_clip_key(best)
-    if percentile is not None:
-        probe.percentile, probe.clip = percentile, best
-        minmax = probe.debugger.calibrated_model
-        values = activation_values(minmax, range_images(calibration, k))
-        probe.debugger.calibrated_model = clip_ranges(minmax, values, percentile)
+    if best != "min/max":
+        probe.clip = best
+        probe.debugger.calibrated_model = clipped_as(probe.debugger.calibrated_model, calibration, best)
     shown = ", ".join(f"{k} {v:+.2f} pp" for k, v in list(drops.items())[:7]) + (", ..." if len(drops) > 7 else "")
     probe.log(f"  int8_selective: from {best} ranges (int8's held-out drops: {shown})")
 
@@ -223,14 +225,13 @@ def choose_ranges(probe: "_Probe", images: np.ndarray) -> bool:
     best = (probe.best[1], None, minmax)
     for p in CLIP_PERCENTILES:
         debugger.calibrated_model = clip_ranges(minmax, values, p)
-        probe.percentile, probe.clip = p, clip_key(p)
+        probe.clip = clip_key(p)
         acc, ok = probe.measure([], f"full int8, ranges clipped at the {p:g}th percentile")
         if ok:
             return True
         if acc > best[0]:
-            best = (acc, p, debugger.calibrated_model)
-    _, probe.percentile, debugger.calibrated_model = best
-    probe.clip = clip_key(probe.percentile)
+            best = (acc, probe.clip, debugger.calibrated_model)
+    _, probe.clip, debugger.calibrated_model = best
     return False
 
 
@@ -243,8 +244,7 @@ class _Probe:
         self.float_val_accuracy, self.max_drop_pp = float_val_accuracy, max_drop_pp
         self.log, self.heartbeat = log, heartbeat
         self.step, self.best = 0, None
-        self.percentile: Optional[float] = None  # the debugger's ranges now: None for min/max, else clipped
-        self.clip: Optional[str] = None  # and their export.ranges.clip_key
+        self.clip: Optional[str] = None  # the debugger's ranges now: an export.ranges.clip_key, None for min/max
 
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
         self.heartbeat()
@@ -255,11 +255,11 @@ class _Probe:
                  f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
         self.step += 1
         if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
-            self.best = (list(keep), acc, blob, (self.percentile, self.clip), self.debugger.calibrated_model)
+            self.best = (list(keep), acc, blob, self.clip, self.debugger.calibrated_model)
         return acc, drop <= self.max_drop_pp
 
     def result(self, ranking: list[dict]) -> SelectiveResult:
-        keep, acc, blob, (percentile, clip), calibrated = self.best
+        keep, acc, blob, clip, calibrated = self.best
         drop = (self.float_val_accuracy - acc) * 100
         return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, drop <= self.max_drop_pp,
-                               percentile, calibrated, clip)
+                               calibrated, clip)
