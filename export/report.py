@@ -83,6 +83,10 @@ def variant_notes(report: dict) -> list[str]:
             lines += ["", f"`{r['name']}` keeps {len(r['float_tensors'])} tensor(s) in float, chosen by "
                       f"quantisation error and re-measured on held-out training images: "
                       + ", ".join(f"`{t}`" for t in r.get("float_layers", r["float_tensors"])) + ". Input and output are float32."]
+        if r.get("activations") == "int16" and r["status"] == "ok":
+            lines += ["", f"`{r['name']}` has 16-bit activations and int8 weights (TFLite's 16x8 mode, integer "
+                      f"throughout): no int8 file came within budget on the held-out images. LiteRT runs it on "
+                      f"reference kernels, not XNNPACK. Input and output are float32."]
         fast = r.get("speed") or {}
         if fast.get("kept") and r["status"] == "ok":
             lines += ["", f"`{r['name']}` keeps {', '.join(f'`{o}`' for o in fast['float_op_types'])} in float for "

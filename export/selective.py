@@ -37,7 +37,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from export.outputs import tflite_accuracy
+from export.outputs import class_predictions
+from export.runtime import TFLiteModel
 from export.ranges import (CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, clipped_as, parse_clip_key,
                            range_images)
 
@@ -53,6 +54,8 @@ class SelectiveResult:
     within_budget: bool = True
     calibrated: Optional[bytes] = None  # the calibrated float model it was quantised from (its ranges)
     clip: Optional[str] = None  # those ranges' export.ranges.clip_key ("99.9/2"); None: min/max
+    val_agreement: Optional[float] = None  # top-1 agreement with the float model on the held-out images
+    activations: str = "int8"  # "int16": TFLite's 16x8 mode (export.int8_variants.int16_activations)
 
     @property
     def clip_percentile(self) -> Optional[float]:
@@ -163,12 +166,15 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
                          output_kind: str, float_val_accuracy: float, max_drop_pp: float, max_steps: int = 8,
                          max_op_types: int = 3, debug_images: int = 64, log: Callable[[str], None] = print,
                          heartbeat: Callable[[], None] = lambda: None,
-                         ranges_measured: Optional[dict] = None) -> SelectiveResult:
+                         ranges_measured: Optional[dict] = None, val_pred: Optional[np.ndarray] = None,
+                         min_agreement: float = 0.0) -> SelectiveResult:
     """``converter``: a fresh TFLiteConverter for the float model. Returns the best model found;
     ``within_budget`` says whether it met ``max_drop_pp`` on the held-out images. ``ranges_measured``: the int8
     variant's report row ``ranges`` for these calibration and held-out images (export.int8_variants.int8_ranges); step 0
     then takes int8's ranges (the clipped ones it kept, or, none within budget, the most accurate) instead of
-    measuring them again."""
+    measuring them again. ``val_pred``: the float model's classes on the held-out images; a file is within budget only
+    when it also agrees with them on at least ``min_agreement`` of the images (int8 failed the gate on the test split
+    while the held-out images said it was within: a file no closer to the float model than int8 is not the answer)."""
     from export.tflite import quiet_converter, representative_dataset
     from toolkit.tf import import_tf
 
@@ -192,6 +198,7 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
     probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat)
+    probe.val_pred, probe.min_agreement = val_pred, min_agreement
     tried_by_int8 = bool((ranges_measured or {}).get("held_out_drop_pp"))
     if tried_by_int8:
         take_measured_ranges(probe, calibration, ranges_measured)
@@ -246,20 +253,28 @@ class _Probe:
         self.step, self.best = 0, None
         self.clip: Optional[str] = None  # the debugger's ranges now: an export.ranges.clip_key, None for min/max
 
+    val_pred: Optional[np.ndarray] = None  # the float model's held-out classes; None: agreement not asked
+    min_agreement = 0.0
+
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
         self.heartbeat()
         blob = requantize(self.debugger, keep)
-        acc = tflite_accuracy(blob, self.x_val, self.y_val, self.output_kind)
+        pred = class_predictions(TFLiteModel(content=blob).predict(self.x_val), self.output_kind)
+        acc = float(np.mean(pred == self.y_val))
+        agree = None if self.val_pred is None else float(np.mean(pred == self.val_pred))
         drop = (self.float_val_accuracy - acc) * 100
+        ok = drop <= self.max_drop_pp and (agree is None or agree >= self.min_agreement)
         self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float ({what}), "
-                 f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)")
+                 f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)"
+                 + ("" if agree is None else f", agreement with the float model {agree:.1%}"
+                    + ("" if agree >= self.min_agreement else f" (under {self.min_agreement:.1%})")))
         self.step += 1
-        if self.best is None or acc > self.best[1] or (acc == self.best[1] and len(keep) < len(self.best[0])):
-            self.best = (list(keep), acc, blob, self.clip, self.debugger.calibrated_model)
-        return acc, drop <= self.max_drop_pp
+        if self.best is None or (ok, acc) > (self.best[-1], self.best[1]) or \
+                (ok == self.best[-1] and acc == self.best[1] and len(keep) < len(self.best[0])):
+            self.best = (list(keep), acc, blob, self.clip, self.debugger.calibrated_model, agree, ok)
+        return acc, ok
 
     def result(self, ranking: list[dict]) -> SelectiveResult:
-        keep, acc, blob, clip, calibrated = self.best
+        keep, acc, blob, clip, calibrated, agree, ok = self.best
         drop = (self.float_val_accuracy - acc) * 100
-        return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, drop <= self.max_drop_pp,
-                               calibrated, clip)
+        return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, ok, calibrated, clip, agree)

@@ -436,3 +436,56 @@ def test_gelu_models_convert_to_onnx(tmp_path, tiny_tree_tgz, cache_dir):
     report = json.loads((out / "report.json").read_text())
     assert report["float_accuracy"] > 0.5
     assert all(r["status"] == "ok" and r["drop_pp"] <= 1.0 for r in report["variants"]), report["variants"]
+
+
+def top_or_bottom_brighter(n: int, seed: int):
+    """32x32 images whose top or bottom half is brighter (class 1: the top), each half one grey level plus noise."""
+    rng = np.random.default_rng(seed)
+    top, bottom = rng.integers(20, 235, n), rng.integers(20, 235, n)
+    x = np.empty((n, 32, 32, 3), np.int64)
+    x[:, :16], x[:, 16:] = top[:, None, None, None], bottom[:, None, None, None]
+    return np.clip(x + rng.integers(-10, 10, x.shape), 0, 255).astype(np.uint8), (top > bottom).astype(np.int64)
+
+
+def test_int8_selective_takes_16_bit_activations_when_no_int8_file_will_do(tmp_path, cache_dir):
+    """Every activation after the first convolution carries an offset of 200 on top of the signal (a difference of
+    grey levels, under one unit): int8's 256 steps over [0, 200] leave the signal less than a step, and the offset
+    runs through four op types (convolution, depthwise, pooling, dense), so no tensor or op type kept in float brings
+    int8 back. int8 fails the gate; int8_selective searches, finds no int8 file closer to the float model than
+    int8, and ships TFLite's 16x8 mode (16-bit activations: 0.006 a step), within the gate, integer throughout."""
+    from toolkit.tf import import_keras, save_model
+
+    keras = import_keras()
+    L = keras.layers
+    inp = keras.Input((32, 32, 3))
+    h = L.AveragePooling2D(16)(L.Rescaling(1 / 255)(inp))  # (2, 2, 3): the top row of cells and the bottom
+    h = L.AveragePooling2D((1, 2))(L.DepthwiseConv2D(1, name="carry")(L.Conv2D(2, (2, 1), name="offset")(h)))
+    model = keras.Model(inp, L.Dense(2, activation="softmax", name="decide")(L.Flatten()(h)))
+    k = np.zeros((2, 1, 3, 2), np.float32)
+    k[0, 0, :, 1] = k[1, 0, :, 0] = 1 / 3
+    k[1, 0, :, 1] = k[0, 0, :, 0] = -1 / 3
+    model.get_layer("offset").set_weights([k, np.full(2, 200.0, np.float32)])
+    model.get_layer("carry").set_weights([np.ones((1, 1, 2, 1), np.float32), np.zeros(2, np.float32)])
+    model.get_layer("decide").set_weights([np.array([[5, -5], [-5, 5]], np.float32), np.zeros(2, np.float32)])
+    path = tmp_path / "offset.keras"
+    save_model(model, str(path))
+    data = write_image_tree(tmp_path / "data", (*top_or_bottom_brighter(600, 0), *top_or_bottom_brighter(300, 1)),
+                            class_names=["bottom", "top"])
+    out = tmp_path / "out"
+    proc = export_in_process("export", [str(path), "--data", str(data), "--out", str(out), "--cache-dir", cache_dir,
+                                        "--variants", "float32,int8,int8_selective", "--selective-steps", "1",
+                                        "--latency-runs", "5", "--micro-samples", "20"])
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    assert report["float_accuracy"] > 0.95, report["float_accuracy"]
+    assert rows["int8"]["drop_pp"] > 10 and report["failed"] == ["int8"] and proc.returncode == 1, proc.stderr
+    assert "agreement with the float model" in proc.stdout and "(under " in proc.stdout, "int8's agreement to beat"
+    assert "trying 16-bit activations (16x8)" in proc.stdout
+    sel = rows["int8_selective"]
+    assert sel["status"] == "ok" and sel["activations"] == "int16" and sel["drop_pp"] <= 1.0, sel
+    assert sel["agreement"] >= 0.98 and sel["float_tensors"] == [], sel
+    assert "16-bit activations and int8 weights" in (out / "report.md").read_text()
+    from export.ops import tflite_ops
+
+    ops = tflite_ops(out / "int8_selective.tflite")
+    assert set(ops["ops"]) - {"QUANTIZE", "DEQUANTIZE"} and not ops["float_ops"], ops  # integer inside

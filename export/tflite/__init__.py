@@ -80,6 +80,22 @@ def convert_int8(model, calibration: np.ndarray, io_type: str = "uint8") -> byte
         return c.convert()
 
 
+def convert_int16x8(model, calibration: np.ndarray) -> bytes:
+    """TFLite's 16x8 mode, calibrated on ``calibration``: 16-bit activations, 8-bit weights, integer throughout,
+    float input and output. 256 times int8's activation steps, for models whose int8 loss is the activations' 8 bits
+    (benchmarks/int8_precision.py); LiteRT runs it on reference kernels (no XNNPACK), TFLite Micro on its int16 ones.
+    Raises the converter's error for an op without a 16x8 kernel (HARD_SWISH)."""
+    tf = import_tf()
+    if len(calibration) == 0:
+        raise ValueError("calibration: no calibration images")
+    c = _converter(model)
+    c.optimizations = [tf.lite.Optimize.DEFAULT]
+    c.representative_dataset = representative_dataset(calibration)
+    c.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    with quiet_converter():
+        return c.convert()
+
+
 def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = None) -> bytes:
     """Convert ``model`` (tf_keras model or SourceModel) to TFLite ``variant``.
 
