@@ -168,7 +168,7 @@ def selective_for_accuracy(ctx: Context, int8_row: dict):
                f"tensors in float (--selective-steps {cfg['selective_steps']})")
     else:  # within on accuracy, not closer to the float model than int8 (agreement_to_beat)
         why = (f"no int8 file agrees with the float model on more than {res.val_agreement:.1%} of the held-out "
-               f"images, where int8 failed the gate at under {min_agreement:.1%}")
+               f"images; {min_agreement:.1%} is needed to be measurably closer than int8, which failed the gate")
     return int16_activations(ctx, min_agreement, why)
 
 

@@ -346,3 +346,17 @@ def test_a_keras3_normalization_converts_to_onnx_with_one_input(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     assert [i.name for i in session.get_inputs()] == ["image"]
     np.testing.assert_allclose(session.run(None, {"image": IMAGES[:4]})[0], source.predict(IMAGES[:4]), atol=1e-4)
+
+
+def test_16_bit_activations_refuse_hard_swish_in_one_line():
+    """TFLite's 16x8 mode (int8_selective's last resort, export.tflite.convert_int16x8) has no HARD_SWISH kernel: the
+    converter says so once per op, and the reason a variant fails with says it once."""
+    from export.tflite import convert_int16x8
+    from toolkit.errors import one_line
+    from toolkit.tf import import_keras
+
+    model = zoo_modern.se_hardswish(import_keras(), (32, 32, 3), 10)
+    with pytest.raises(RuntimeError) as caught:
+        convert_int16x8(model, IMAGES[:4].astype(np.uint8))
+    line = one_line(caught.value)
+    assert line.count("not yet supported for op: 'HARD_SWISH'") == 1 and "\n" not in line, line

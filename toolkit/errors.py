@@ -12,8 +12,9 @@ def one_line(e: BaseException, typed: bool = True, limit: int = 300) -> str:
       (``The specified bucket does not exist (NO_SUCH_BUCKET)``, ``cannot connect to the endpoint (HOST)``);
     - the TFLite converter's messages are MLIR diagnostics with source locations and notes: keep the first
       ``error:`` sentence;
+    - lines repeated (the converter says "not yet supported for op" once per op): each once;
     - anything else: its text with whitespace collapsed, cut at ``limit`` characters."""
-    raw = str(e).strip()
+    raw = "\n".join(dict.fromkeys(line for line in str(e).strip().splitlines()))
     first = raw.splitlines()[0] if raw else ""
     aws = re.search(r"AWS Error (\w+) during \w+ operation: (.*?)(?: \(Request ID:.*)?$", first)
     if aws:
