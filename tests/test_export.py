@@ -485,7 +485,9 @@ def test_int8_selective_takes_16_bit_activations_when_no_int8_file_will_do(tmp_p
     assert sel["status"] == "ok" and sel["activations"] == "int16" and sel["drop_pp"] <= 1.0, sel
     assert sel["agreement"] >= 0.98 and sel["float_tensors"] == [], sel
     assert "16-bit activations and int8 weights" in (out / "report.md").read_text()
-    assert sel["micro"]["runs"], sel["micro"]  # TFLite Micro's int16 kernels run it
+    # TFLite Micro's int16 kernels run it, and compute what LiteRT's do
+    assert sel["micro"]["runs"] and sel["micro"]["samples"] == 20, sel["micro"]
+    assert sel["micro"]["agreement_with_litert"] >= 0.9, sel["micro"]
     from export.ops import tflite_ops
 
     ops = tflite_ops(out / "int8_selective.tflite")
