@@ -63,6 +63,33 @@ def marked_pids(entry: bytes) -> set[int]:
     return {pid for pid, env in _processes("environ") if entry in env}
 
 
+def descendants(pids: set[int]) -> set[int]:
+    """Every process below ``pids`` (children, their children, ...), from each process's parent in /proc."""
+    parent = {}
+    for pid, stat in _processes("stat"):
+        fields = b"\0".join(stat).rsplit(b")", 1)[-1].split()  # after the name, which may hold spaces
+        if len(fields) > 1 and fields[1].isdigit():
+            parent[pid] = int(fields[1])
+    found, frontier = set(), set(pids)
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (zombies count as gone)."""
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] != b"Z":
+                    out.add(pid)
+        except (OSError, IndexError):
+            continue
+    return out
+
+
 def raylet_pids() -> set[int]:
     """Pids of the raylet processes running on this machine (one per Ray node)."""
     return {pid for pid, args in _processes("cmdline") if args[0].endswith(b"/raylet")}
@@ -157,12 +184,18 @@ class LocalCluster:
         return cores
 
     def kill_node(self, index: int) -> int:
-        """SIGKILL worker node ``index``'s raylet, as when a machine dies (its workers die with it);
-        returns the pid killed."""
+        """SIGKILL worker node ``index``'s raylet and every process below it, as when a machine dies (Ray's
+        workers die with their raylet, its agents would not); returns the raylet's pid."""
         import signal
 
         node = self.started[index]
+        below = descendants({node["raylet_pid"]})
         os.kill(node["raylet_pid"], signal.SIGKILL)
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         node["killed"] = True
         return node["raylet_pid"]
 
@@ -192,16 +225,22 @@ class LocalCluster:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def pids(self) -> set[int]:
-        """The processes this cluster started (its nodes' daemons and workers, and clients given its env)."""
-        return marked_pids(f"{MARKER}={self.auth_token}".encode())
+        """The processes this cluster started (its nodes' daemons and workers, and clients given its env), and the
+        processes below them: Ray's dashboard and runtime-env agents retitle themselves (setproctitle), which
+        overwrites the environment /proc shows them with, marker included (found running orphaned after stop(),
+        2026-11-30)."""
+        marked = marked_pids(f"{MARKER}={self.auth_token}".encode())
+        return marked | descendants(marked)
 
     def stop(self, grace_s: float = 2.0) -> None:
         """Stop this cluster's processes, and only those: SIGTERM, then SIGKILL after ``grace_s``. (``ray stop``
         would stop every Ray on the machine, a user's own included.)"""
         import signal
 
+        seen: set[int] = set()  # every process found: a child outlives its parent, and is no longer found below it
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            left = self.pids()
+            seen |= self.pids()
+            left = alive(seen)
             for pid in left:
                 try:
                     os.kill(pid, sig)
@@ -210,7 +249,8 @@ class LocalCluster:
             deadline = time.monotonic() + wait
             while left and time.monotonic() < deadline:
                 time.sleep(0.2)
-                left = self.pids()
+                seen |= self.pids()
+                left = alive(seen)
             if not left:
                 break
         self._put_back_address_file()
