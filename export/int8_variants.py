@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from export.context import Context, Skip
+from export.outputs import drop_and_agreement
 from toolkit.errors import one_line
 
 
@@ -45,9 +46,9 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
 
     def measure(blob: bytes) -> tuple[float, float]:
         ctx.beat()
-        pred = held_out_predictions(ctx, blob)
-        drop = (ctx.job["float_val_accuracy"] - np.mean(pred == ctx.y_val)) * 100
-        return float(drop), float(np.mean(pred == ctx.val_pred))
+        _, drop, agree = drop_and_agreement(held_out_predictions(ctx, blob), ctx.y_val, ctx.val_pred,
+                                            ctx.job["float_val_accuracy"])
+        return drop, agree
 
     chosen = ranges.best_clipped_ranges(calibrated, ctx.calibration, measure, budget, log=ctx.log)
     out["held_out_drop_pp"].update(chosen["held_out_drop_pp"])
@@ -199,9 +200,8 @@ def int16_activations(ctx: Context, min_agreement: float, why: str):
         blob = convert_int16x8(ctx.source, ctx.calibration)
     except Exception as e:
         raise RuntimeError(f"{why}; 16-bit activations do not convert ({one_line(e)})") from e
-    pred = held_out_predictions(ctx, blob)
-    acc, agree = float(np.mean(pred == ctx.y_val)), float(np.mean(pred == ctx.val_pred))
-    drop = (ctx.job["float_val_accuracy"] - acc) * 100
+    acc, drop, agree = drop_and_agreement(held_out_predictions(ctx, blob), ctx.y_val, ctx.val_pred,
+                                          ctx.job["float_val_accuracy"])
     ctx.log(f"  int8_selective 16x8: held-out accuracy {acc:.4f} (drop {drop:+.2f} pp), agreement with the float "
             f"model {agree:.1%}")
     if drop > ctx.job["config"]["max_drop"] or agree < min_agreement:

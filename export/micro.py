@@ -49,10 +49,12 @@ def measure_micro(path, images: str | None = None, timeout: float = 600.0) -> di
 def measure_variants(rows: list[dict], x_test, y_test, preds: dict, samples: int, timeout: float,
                      output_kind: str, log=print) -> None:
     """Each built .tflite's TFLM figures as ``row["micro"]``; for the integer ones (what a microcontroller runs:
-    integer input, or 16-bit activations behind float input and output), on the first ``samples`` test images, its accuracy in TFLM and its top-1 agreement with LiteRT's (``preds``:
+    integer input, or no op computing in float behind float input and output, as 16-bit activations), on the first
+    ``samples`` test images, its accuracy in TFLM and its top-1 agreement with LiteRT's (``preds``:
     each variant's LiteRT top-1 on the test split): TFLM's integer kernels round differently from LiteRT's. The
     outputs become classes as the export's own (export.outputs.class_predictions: probabilities, logits, one
     sigmoid unit)."""
+    from export.ops import tflite_ops
     from export.outputs import class_predictions
 
     n = min(int(samples), len(x_test))
@@ -62,7 +64,7 @@ def measure_variants(rows: list[dict], x_test, y_test, preds: dict, samples: int
         for r in rows:
             if r["status"] != "ok" or r["format"] != "tflite":
                 continue
-            integer = np.dtype(r["input"]["dtype"]).kind in "iu" or r.get("activations") == "int16"
+            integer = np.dtype(r["input"]["dtype"]).kind in "iu" or not tflite_ops(r["path"])["float_ops"]
             m = measure_micro(r["path"], images if n and integer else None, timeout)
             scores = m.pop("scores", None)
             if scores is not None and r["name"] in preds:

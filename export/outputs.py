@@ -8,6 +8,8 @@ documented (sidecar ``output_kind``) with that meaning.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from export.errors import ExportInputError
@@ -34,6 +36,14 @@ def class_predictions(outputs: np.ndarray, kind: str) -> np.ndarray:
     if kind == "sigmoid_logit":
         return (outputs.reshape(len(outputs), -1)[:, 0] > 0).astype(np.int64)
     return outputs.argmax(-1)
+
+
+def drop_and_agreement(pred: np.ndarray, y: np.ndarray, float_pred: Optional[np.ndarray],
+                       float_accuracy: float) -> tuple[float, float, Optional[float]]:
+    """(accuracy, drop from ``float_accuracy`` in points, top-1 agreement with ``float_pred``, None without it) of
+    a variant's classes ``pred`` on images labelled ``y``."""
+    acc = float(np.mean(pred == y))
+    return acc, (float_accuracy - acc) * 100, None if float_pred is None else float(np.mean(pred == float_pred))
 
 
 def tflite_accuracy(blob: bytes, x: np.ndarray, y: np.ndarray, kind: str) -> float:

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from export.outputs import class_predictions
+from export.outputs import class_predictions, drop_and_agreement
 from export.runtime import TFLiteModel
 from export.ranges import (CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, clipped_as, parse_clip_key,
                            range_images)
@@ -197,8 +197,8 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
                 "nmse": float(r["nmse"])} for r in ranked[:10]]
     log("  int8_selective: worst quantised tensors: "
         + ", ".join(f"{r['layer']} {r['op']} (error {r['nmse']:.3g})" for r in ranking[:3]))
-    probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat)
-    probe.val_pred, probe.min_agreement = val_pred, min_agreement
+    probe = _Probe(debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat,
+                   val_pred, min_agreement)
     tried_by_int8 = bool((ranges_measured or {}).get("held_out_drop_pp"))
     if tried_by_int8:
         take_measured_ranges(probe, calibration, ranges_measured)
@@ -246,23 +246,21 @@ class _Probe:
     """Re-quantises with a denylist (the debugger's calibration, not a new one) and measures held-out accuracy,
     keeping the most accurate model seen."""
 
-    def __init__(self, debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat):
+    def __init__(self, debugger, x_val, y_val, output_kind, float_val_accuracy, max_drop_pp, log, heartbeat,
+                 val_pred=None, min_agreement=0.0):
         self.debugger, self.x_val, self.y_val, self.output_kind = debugger, x_val, y_val, output_kind
         self.float_val_accuracy, self.max_drop_pp = float_val_accuracy, max_drop_pp
+        # the float model's held-out classes (None: agreement not asked) and the agreement a file must reach
+        self.val_pred, self.min_agreement = val_pred, min_agreement
         self.log, self.heartbeat = log, heartbeat
         self.step, self.best = 0, None
         self.clip: Optional[str] = None  # the debugger's ranges now: an export.ranges.clip_key, None for min/max
-
-    val_pred: Optional[np.ndarray] = None  # the float model's held-out classes; None: agreement not asked
-    min_agreement = 0.0
 
     def measure(self, keep: list[str], what: str) -> tuple[float, bool]:
         self.heartbeat()
         blob = requantize(self.debugger, keep)
         pred = class_predictions(TFLiteModel(content=blob).predict(self.x_val), self.output_kind)
-        acc = float(np.mean(pred == self.y_val))
-        agree = None if self.val_pred is None else float(np.mean(pred == self.val_pred))
-        drop = (self.float_val_accuracy - acc) * 100
+        acc, drop, agree = drop_and_agreement(pred, self.y_val, self.val_pred, self.float_val_accuracy)
         ok = drop <= self.max_drop_pp and (agree is None or agree >= self.min_agreement)
         self.log(f"  int8_selective step {self.step}: {len(keep)} tensor(s) in float ({what}), "
                  f"held-out accuracy {acc:.4f} (drop {drop:+.2f} pp)"
