@@ -33,6 +33,36 @@ def require_shared_cifar() -> Path:
     return SHARED_CIFAR
 
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadgroup): one machine's tests
+# are mostly one busy thread (imports, graph building, Ray starting processes), and a sampled module ran its
+# two cores 61% busy. Each module runs whole on one worker (its module fixtures, its one Ray start); these
+# run on one worker together, in this order:
+GROUPS = {
+    # jobs/train.py's own Ray (a plain ray.init(), which joins the machine's advertised cluster), advertised
+    # clusters of 2 nodes each (benchmarks/scaling.py, test_cluster's), on the same worker-port ranges
+    "clusters": ("test_cluster", "test_scaling", "test_train_ray"),
+    # the session's accuracy-regression run and its export (conftest.regression_run, full_export)
+    "regression": ("test_accuracy", "test_export", "test_gate"),
+}
+# Longest first (module totals of a suite run, 2026-11-30), so that the two workers finish together; a module
+# not named here runs after these.
+LONGEST_FIRST = ("clusters", "regression", "test_export_zoo", "test_own_data", "test_ingest", "test_failures",
+                 "test_recipes", "test_qat_graph", "test_targets", "test_k8s", "test_data")
+
+
+def group_of(item: pytest.Item) -> str:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
+    return next((g for g, modules in GROUPS.items() if module in modules), module)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of(item)))
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group_of(item), len(rank)))  # stable: a module's own order is kept
+
+
 @pytest.fixture(scope="session")
 def shared_cifar() -> Path:
     return require_shared_cifar()
@@ -40,8 +70,12 @@ def shared_cifar() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
-    """One decoded-array cache for the whole session (never inside ../shared, which is read-only in CI)."""
-    return str(tmp_path_factory.mktemp("cache"))
+    """One decoded-array cache for the whole session, both xdist workers' (never inside ../shared, which is
+    read-only in CI). Its files are written whole and renamed into place, so two writers of one file are safe."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder above the workers'
+    (root / "cache").mkdir(exist_ok=True)
+    return str(root / "cache")
 
 
 def make_arrays(n_train: int = 50, n_test: int = 20, num_classes: int = 10, seed: int = 0):

@@ -28,8 +28,8 @@ def error_lines(proc):
 
 def test_the_runs_here_join_the_session_ray_node_only_through_its_address(ray_node):
     """This module's runs join conftest.ray_node through RAY_ADDRESS; a plain ray.init() elsewhere on the machine
-    does not find it (`ray start --head` records itself in Ray's address file; LocalCluster(advertise=False) puts
-    the previous record back), so test_train_ray's runs still start a Ray of their own, as on a laptop."""
+    does not find it (`ray start` records a cluster in Ray's address file; LocalCluster(advertise=False) keeps its
+    own temp folder, and records it there), so test_train_ray's runs still start a Ray of their own, as on a laptop."""
     import os
     from pathlib import Path
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,8 +112,11 @@ class LocalCluster:
     # CPUs of the head itself: 0 as on a real cluster (it runs no training workers); a one-node cluster for
     # drivers to join instead of each starting its own Ray (tests/conftest.py's ray_node) gives it the machine's.
     head_cpus: int = 0
-    # Whether a plain ray.init() on this machine joins this cluster (`ray start --head` records itself in
-    # ADDRESS_FILE); without, the previous record is put back at once and only RAY_ADDRESS (``env``) reaches it.
+    # Whether a plain ray.init() on this machine joins this cluster (`ray start` records the cluster in
+    # ADDRESS_FILE); without, the cluster keeps its own Ray temp folder (``temp_dir``), where `ray start` records
+    # it instead, and only RAY_ADDRESS (``env``) reaches it. (Writing ADDRESS_FILE and putting the old record back
+    # left a moment in which another process's ray.init() joined the wrong cluster; and every `ray start
+    # --address` of a worker node wrote it again.)
     advertise: bool = True
     # The head's dashboard serves `ray job submit`; off by default (it costs a process and memory).
     dashboard: bool = False
@@ -124,6 +128,12 @@ class LocalCluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def temp_dir(self) -> Optional[str]:
+        """An unadvertised cluster's Ray temp folder (sessions, logs, sockets, its address record); removed by
+        :meth:`stop`. None: Ray's default, /tmp/ray."""
+        return None if self.advertise else os.path.join(tempfile.gettempdir(), f"ray-{self.port}")
 
     @property
     def dashboard_url(self) -> str:
@@ -152,16 +162,15 @@ class LocalCluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
     def start(self) -> "LocalCluster":
-        # `ray start --head` records itself as the machine's latest cluster, which a plain ray.init() then joins;
-        # stop() puts back what was there before.
+        # An advertised cluster's `ray start --head` records itself as the machine's latest cluster, which a plain
+        # ray.init() then joins; stop() puts back what was there before.
         self.previous_address = _read(ADDRESS_FILE)
         dash = ([f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
                 if self.dashboard else ["--include-dashboard=false"])
+        own = [f"--temp-dir={self.temp_dir}"] if self.temp_dir else []  # worker nodes read it from the head
         self._run(["start", "--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0", *dash,
-                   "--disable-usage-stats",
+                   "--disable-usage-stats", *own,
                    f"--ray-client-server-port={free_port()}"])
-        if not self.advertise:
-            self._put_back_address_file()
         for _ in range(self.nodes):
             self.add_node()
         return self
@@ -253,7 +262,10 @@ class LocalCluster:
                 left = alive(seen)
             if not left:
                 break
-        self._put_back_address_file()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        else:
+            self._put_back_address_file()
 
     def _put_back_address_file(self) -> None:
         """ADDRESS_FILE as it was before start(), if it still names this cluster."""
