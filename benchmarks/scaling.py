@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         refs: dict[str, float] = {}
         for n in sorted(nodes):
             sec = f"Ray cluster on this machine: nodes x {c} core(s), each node pinned to its own cores"
-            with LocalCluster(nodes=n, cpus_per_node=c) as cluster:
+            with LocalCluster(nodes=n, cpus_per_node=c, advertise=False) as cluster:  # its runs join by RAY_ADDRESS
                 env = cluster.env
                 if "nodes" in sections:
                     runs: dict[int, dict] = {}  # weak and strong share a run when their global batches are equal

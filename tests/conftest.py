@@ -20,6 +20,11 @@ from toolkit.localcluster import free_port
 from toolkit.tf import set_tf_env
 
 set_tf_env()  # before anything imports TensorFlow (ray.train.tensorflow does)
+# Each pytest-xdist worker its own Ray temp folder (sessions, logs, and the record of the latest `ray start`
+# cluster, which a plain ray.init() joins): one worker's clusters are never another's runs' (short: Ray's socket
+# paths under it must stay within 107 characters).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"

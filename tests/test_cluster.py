@@ -27,8 +27,9 @@ TRAIN = str(ROOT / "jobs" / "train.py")
 @pytest.fixture(scope="module")
 def cluster():
     """A head (no CPUs, dashboard on for `ray job submit`) and two 1-CPU worker nodes. The nodes are
-    started without any AWS variables: workers reach the bucket through what the driver hands them."""
-    with LocalCluster(nodes=2, cpus_per_node=1, dashboard=True) as c:
+    started without any AWS variables: workers reach the bucket through what the driver hands them. Unadvertised:
+    its drivers join it through RAY_ADDRESS, and a plain ray.init() elsewhere does not."""
+    with LocalCluster(nodes=2, cpus_per_node=1, dashboard=True, advertise=False) as c:
         yield c
 
 
@@ -207,9 +208,14 @@ def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
     on the machine, a user's own included): a second cluster is stopped while this module's keeps running."""
     from toolkit.localcluster import alive, raylet_pids
 
+    from toolkit.localcluster import address_file
+
     ours = cluster.pids()
     assert ours and any(pid in raylet_pids() for pid in ours), "the module's cluster is up"
+    recorded_before = Path(address_file()).read_text() if Path(address_file()).exists() else None
     other = LocalCluster(nodes=0, cpus_per_node=0, head_cpus=1, pin=False).start()  # a head alone: one `ray start`
+    # Advertised (the default): a plain ray.init() on this machine would join it now.
+    assert Path(address_file()).read_text().strip().rsplit(":", 1)[-1] == str(other.port)
     # Its dashboard agent retitles itself ("ray::DashboardAgent"), hiding the environment that marks it as the
     # cluster's; found through its raylet, and stopped with the rest (it was left running orphaned before).
     deadline = time.monotonic() + 30
@@ -225,12 +231,10 @@ def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
     assert len(daemons) >= 3, daemons
     assert all(os.path.exists(f"/proc/{pid}") for pid in daemons), "this module's cluster lost a daemon"
     assert len(cluster.ray_nodes()) >= 3, "and still answers: head and two worker nodes"
-    # ray.init() with no address joins the machine's latest `ray start` cluster: that is this module's again,
-    # not the stopped one's.
-    from toolkit.localcluster import ADDRESS_FILE
-
-    with open(ADDRESS_FILE) as f:
-        assert f.read().strip().rsplit(":", 1)[-1] == str(cluster.port)
+    # ray.init() with no address joins what it joined before, not the stopped cluster.
+    assert (Path(address_file()).read_text() if Path(address_file()).exists() else None) == recorded_before
+    own = Path(cluster.temp_dir, "ray_current_cluster").read_text()  # the unadvertised one records itself there
+    assert own.strip().rsplit(":", 1)[-1] == str(cluster.port), own
 
 
 def _exe(pid: int) -> str:

@@ -33,11 +33,11 @@ def test_the_runs_here_join_the_session_ray_node_only_through_its_address(ray_no
     import os
     from pathlib import Path
 
-    from toolkit.localcluster import ADDRESS_FILE
+    from toolkit.localcluster import address_file
 
     assert os.environ["RAY_ADDRESS"] == ray_node["RAY_ADDRESS"]
     port = ray_node["RAY_ADDRESS"].rsplit(":", 1)[-1]
-    recorded = Path(ADDRESS_FILE).read_text().strip() if Path(ADDRESS_FILE).exists() else ""
+    recorded = Path(address_file()).read_text().strip() if Path(address_file()).exists() else ""
     assert not recorded.endswith(f":{port}"), recorded
 
 

@@ -30,8 +30,14 @@ def free_port() -> int:
 
 # An environment variable every process of a LocalCluster inherits (its value: the cluster's token).
 MARKER = "KET_LOCAL_CLUSTER"
-# Where `ray start --head` records the machine's latest cluster (ray.init() with no address joins it).
-ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
+
+
+def address_file() -> str:
+    """Where `ray start` records the machine's latest cluster, which ray.init() with no address joins: the
+    address record in Ray's default temp folder (RAY_TMPDIR, else TMPDIR, else /tmp; then ray/), as
+    ``ray._common.utils.get_ray_address_file(None)`` finds it (read here without importing Ray)."""
+    root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return os.path.join(root or "/tmp", "ray", "ray_current_cluster")
 
 
 def _gcs_running(port: str) -> bool:
@@ -113,8 +119,8 @@ class LocalCluster:
     # drivers to join instead of each starting its own Ray (tests/conftest.py's ray_node) gives it the machine's.
     head_cpus: int = 0
     # Whether a plain ray.init() on this machine joins this cluster (`ray start` records the cluster in
-    # ADDRESS_FILE); without, the cluster keeps its own Ray temp folder (``temp_dir``), where `ray start` records
-    # it instead, and only RAY_ADDRESS (``env``) reaches it. (Writing ADDRESS_FILE and putting the old record back
+    # address_file()); without, the cluster keeps its own Ray temp folder (``temp_dir``), where `ray start` records
+    # it instead, and only RAY_ADDRESS (``env``) reaches it. (Writing the record and putting the old record back
     # left a moment in which another process's ray.init() joined the wrong cluster; and every `ray start
     # --address` of a worker node wrote it again.)
     advertise: bool = True
@@ -156,15 +162,17 @@ class LocalCluster:
         cmd = [ray_executable(), *args]
         if cores is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
-        env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # RAY_ADDRESS too: every process of the cluster then finds its own cluster (Ray Train's placement-group
+        # cleaner asks the state API with no address; with two clusters on the machine and no record of which is
+        # the latest it found both and died with a traceback, 2026-11-30).
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
     def start(self) -> "LocalCluster":
         # An advertised cluster's `ray start --head` records itself as the machine's latest cluster, which a plain
         # ray.init() then joins; stop() puts back what was there before.
-        self.previous_address = _read(ADDRESS_FILE)
+        self.previous_address = _read(address_file())
         dash = ([f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
                 if self.dashboard else ["--include-dashboard=false"])
         own = [f"--temp-dir={self.temp_dir}"] if self.temp_dir else []  # worker nodes read it from the head
@@ -268,15 +276,15 @@ class LocalCluster:
             self._put_back_address_file()
 
     def _put_back_address_file(self) -> None:
-        """ADDRESS_FILE as it was before start(), if it still names this cluster."""
-        recorded = _read(ADDRESS_FILE)
+        """address_file() as it was before start(), if it still names this cluster."""
+        recorded = _read(address_file())
         if recorded and recorded.rsplit(":", 1)[-1] == str(self.port):
             previous = getattr(self, "previous_address", None)
             try:
                 if previous and _gcs_running(previous.rsplit(":", 1)[-1]):  # never restore a dead cluster's
-                    Path(ADDRESS_FILE).write_text(previous)
+                    Path(address_file()).write_text(previous)
                 else:
-                    os.remove(ADDRESS_FILE)
+                    os.remove(address_file())
             except OSError:
                 pass
 
