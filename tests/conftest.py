@@ -38,15 +38,15 @@ def require_shared_cifar() -> Path:
     return SHARED_CIFAR
 
 
-# The suite runs on two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadgroup): one machine's tests
-# are mostly one busy thread (imports, graph building, Ray starting processes), and a sampled module ran its
-# two cores 61% busy. Each module runs whole on one worker (its module fixtures, its one Ray start); these
-# run on one worker together, in this order:
+# The suite runs on two pytest-xdist workers (pyproject's addopts: -n 2): one machine's tests are mostly one
+# busy thread (imports, graph building, Ray starting processes), and a sampled module ran its two cores 61% busy.
+# Each module runs whole on one worker (its module fixtures, its one Ray start); these run on one worker
+# together, in this order:
 GROUPS = {
-    # jobs/train.py's own Ray (a plain ray.init(), which joins the machine's advertised cluster), advertised
-    # clusters of 2 nodes each (benchmarks/scaling.py, test_cluster's), on the same worker-port ranges
+    # the advertised clusters (test_cluster's stop test, benchmarks/scaling.py's) and the plain ray.init() of
+    # jobs/train.py on a laptop, which would join them; worker nodes on the same worker-port ranges
     "clusters": ("test_cluster", "test_scaling", "test_train_ray"),
-    # the session's accuracy-regression run and its export (conftest.regression_run, full_export)
+    # the session's accuracy-regression run and its export (regression_run, full_export: built once)
     "regression": ("test_accuracy", "test_export", "test_gate"),
 }
 # Longest first (module totals of a suite run, 2026-11-30), so that the two workers finish together; a module
@@ -55,17 +55,27 @@ LONGEST_FIRST = ("clusters", "regression", "test_export_zoo", "test_own_data", "
                  "test_recipes", "test_qat_graph", "test_targets", "test_k8s", "test_data")
 
 
-def group_of(item: pytest.Item) -> str:
-    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid.split("::")[0]
+def group_of(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
     return next((g for g, modules in GROUPS.items() if module in modules), module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group_of(item)))
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group_of(item), len(rank)))  # stable: a module's own order is kept
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: a module's own order kept
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler for whole modules (--dist loadscope), with GROUPS' modules as one unit. (Not xdist's
+    --dist loadgroup: it marks the groups in the tests' node ids, which pytest 9.2 no longer lets it change, and
+    it then spread every test on its own: pytest-dev/pytest-xdist#1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return ModuleGroups(config, log)
 
 
 @pytest.fixture(scope="session")
