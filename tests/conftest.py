@@ -43,16 +43,15 @@ def require_shared_cifar() -> Path:
 # Each module runs whole on one worker (its module fixtures, its one Ray start); these run on one worker
 # together, in this order:
 GROUPS = {
-    # the advertised clusters (test_cluster's stop test, benchmarks/scaling.py's) and the plain ray.init() of
-    # jobs/train.py on a laptop, which would join them; worker nodes on the same worker-port ranges
-    "clusters": ("test_cluster", "test_scaling", "test_train_ray"),
     # the session's accuracy-regression run and its export (regression_run, full_export: built once)
-    "regression": ("test_accuracy", "test_export", "test_gate"),
+    "regression": ("test_accuracy", "test_export", "test_gate", "test_train_ray"),
+    # clusters of two worker nodes each (test_cluster's, benchmarks/scaling.py's), on the same worker-port ranges
+    "nodes": ("test_cluster", "test_scaling"),
 }
-# Longest first (module totals of a suite run, 2026-11-30), so that the two workers finish together; a module
-# not named here runs after these.
-LONGEST_FIRST = ("clusters", "regression", "test_export_zoo", "test_own_data", "test_ingest", "test_failures",
-                 "test_recipes", "test_qat_graph", "test_targets", "test_k8s", "test_data")
+# Longest first (module totals of a suite run on two workers, 2026-11-30), so that the two workers finish
+# together; a module not named here runs after these.
+LONGEST_FIRST = ("nodes", "regression", "test_export_zoo", "test_own_data", "test_failures", "test_ingest",
+                 "test_recipes", "test_targets", "test_qat_graph", "test_k8s", "test_data")
 
 
 def group_of(nodeid: str) -> str:
@@ -214,7 +213,11 @@ def ray_node():
     plain ray.init() elsewhere still starts its own Ray, as on a user's laptop. Yields the variables that join it."""
     from toolkit.localcluster import LocalCluster
 
-    with LocalCluster(nodes=0, cpus_per_node=0, head_cpus=os.cpu_count() or 1, advertise=False) as cluster:
+    # With a dashboard: Ray Train's placement-group cleaner asks the state API, which the dashboard serves, about
+    # the run every second; without one every run's log filled with "Failed to query Ray Train Controller actor
+    # state", and on a busy machine its stop timed out with a traceback in the run's output (2026-11-30).
+    with LocalCluster(nodes=0, cpus_per_node=0, head_cpus=os.cpu_count() or 1, advertise=False,
+                      dashboard=True) as cluster:
         yield {k: v for k, v in cluster.env.items() if k != "PATH" and os.environ.get(k) != v}
 
 

@@ -124,7 +124,9 @@ class LocalCluster:
     # left a moment in which another process's ray.init() joined the wrong cluster; and every `ray start
     # --address` of a worker node wrote it again.)
     advertise: bool = True
-    # The head's dashboard serves `ray job submit`; off by default (it costs a process and memory).
+    # The head's dashboard serves `ray job submit` and the state API (Ray Train's placement-group cleaner asks
+    # it about every run each second, and logs a warning each time it cannot); off by default (it costs a
+    # process and memory).
     dashboard: bool = False
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
     port: int = field(default_factory=free_port)
