@@ -132,7 +132,8 @@ class StreamInputs:
                         return
 
         return generator_dataset(batches, batch_size, self.image_shape, num_classes=num_classes,
-                                 augment=cfg.augment, class_weights=class_weights)
+                                 augment=cfg.augment, class_weights=class_weights,
+                                 seed=(cfg.seed, input_ctx.input_pipeline_id))
 
     def profile_dataset_fn(self, cfg, per_worker_batch: int, **_):
         return None  # the step profile times in-memory input only
