@@ -44,14 +44,14 @@ def require_shared_cifar() -> Path:
 # together, in this order:
 GROUPS = {
     # the session's accuracy-regression run and its export (regression_run, full_export: built once)
-    "regression": ("test_accuracy", "test_export", "test_gate", "test_train_ray"),
+    "regression": ("test_accuracy", "test_export", "test_gate", "test_train_ray", "test_targets"),
     # clusters of two worker nodes each (test_cluster's, benchmarks/scaling.py's), on the same worker-port ranges
     "nodes": ("test_cluster", "test_scaling"),
 }
 # Longest first (module totals of a suite run on two workers, 2026-11-30), so that the two workers finish
 # together; a module not named here runs after these.
-LONGEST_FIRST = ("nodes", "regression", "test_export_zoo", "test_own_data", "test_failures", "test_ingest",
-                 "test_recipes", "test_targets", "test_qat_graph", "test_k8s", "test_data")
+LONGEST_FIRST = ("regression", "nodes", "test_export_zoo", "test_own_data", "test_failures", "test_ingest",
+                 "test_recipes", "test_qat_graph", "test_k8s", "test_data")
 
 
 def group_of(nodeid: str) -> str:
