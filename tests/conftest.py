@@ -64,6 +64,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: a module's own order kept
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: no error where it is not loaded
 def pytest_xdist_make_scheduler(config, log):
     """xdist's scheduler for whole modules (--dist loadscope), with GROUPS' modules as one unit. (Not xdist's
     --dist loadgroup: it marks the groups in the tests' node ids, which pytest 9.2 no longer lets it change, and
