@@ -60,6 +60,12 @@ def group_of(nodeid: str) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
+    # A module that reads the regression run outside its group would build it again on the other worker (test_targets
+    # did: 163 s). Read from what the tests ask for, not kept by hand alone.
+    readers = {Path(item.nodeid.split("::", 1)[0]).stem for item in items if "regression_run" in item.fixturenames}
+    if readers - set(GROUPS["regression"]):
+        raise pytest.UsageError(f"tests/conftest.py: GROUPS['regression'] lacks "
+                                f"{sorted(readers - set(GROUPS['regression']))}, which read regression_run")
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: a module's own order kept
 

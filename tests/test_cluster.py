@@ -206,16 +206,14 @@ def test_job_submit_with_a_wrong_token_is_refused(cluster, tmp_path):
 def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
     """LocalCluster.stop ends the processes it started and no others (``ray stop --force`` would end every Ray
     on the machine, a user's own included): a second cluster is stopped while this module's keeps running."""
-    from toolkit.localcluster import alive, raylet_pids
-
-    from toolkit.localcluster import address_file
+    from toolkit.localcluster import alive, raylet_pids, recorded_address
 
     ours = cluster.pids()
     assert ours and any(pid in raylet_pids() for pid in ours), "the module's cluster is up"
-    recorded_before = Path(address_file()).read_text() if Path(address_file()).exists() else None
+    recorded_before = recorded_address()
     other = LocalCluster(nodes=0, cpus_per_node=0, head_cpus=1, pin=False).start()  # a head alone: one `ray start`
     # Advertised (the default): a plain ray.init() on this machine would join it now.
-    assert Path(address_file()).read_text().strip().rsplit(":", 1)[-1] == str(other.port)
+    assert (recorded_address() or "").rsplit(":", 1)[-1] == str(other.port)
     # Its dashboard agent retitles itself ("ray::DashboardAgent"), hiding the environment that marks it as the
     # cluster's; found through its raylet, and stopped with the rest (it was left running orphaned before).
     deadline = time.monotonic() + 30
@@ -232,7 +230,7 @@ def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
     assert all(os.path.exists(f"/proc/{pid}") for pid in daemons), "this module's cluster lost a daemon"
     assert len(cluster.ray_nodes()) >= 3, "and still answers: head and two worker nodes"
     # ray.init() with no address joins what it joined before, not the stopped cluster.
-    assert (Path(address_file()).read_text() if Path(address_file()).exists() else None) == recorded_before
+    assert recorded_address() == recorded_before
     own = Path(cluster.temp_dir, "ray_current_cluster").read_text()  # the unadvertised one records itself there
     assert own.strip().rsplit(":", 1)[-1] == str(cluster.port), own
 

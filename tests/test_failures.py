@@ -31,13 +31,12 @@ def test_the_runs_here_join_the_session_ray_node_only_through_its_address(ray_no
     does not find it (`ray start` records a cluster in Ray's address file; LocalCluster(advertise=False) keeps its
     own temp folder, and records it there), so test_train_ray's runs still start a Ray of their own, as on a laptop."""
     import os
-    from pathlib import Path
 
-    from toolkit.localcluster import address_file
+    from toolkit.localcluster import recorded_address
 
     assert os.environ["RAY_ADDRESS"] == ray_node["RAY_ADDRESS"]
     port = ray_node["RAY_ADDRESS"].rsplit(":", 1)[-1]
-    recorded = Path(address_file()).read_text().strip() if Path(address_file()).exists() else ""
+    recorded = recorded_address() or ""
     assert not recorded.endswith(f":{port}"), recorded
 
 

@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,22 @@ def free_port() -> int:
 MARKER = "KET_LOCAL_CLUSTER"
 
 
-def address_file() -> str:
-    """Where `ray start` records the machine's latest cluster, which ray.init() with no address joins: the
-    address record in Ray's default temp folder (RAY_TMPDIR, else TMPDIR, else /tmp; then ray/), as
-    ``ray._common.utils.get_ray_address_file(None)`` finds it (read here without importing Ray)."""
+def ray_temp_root() -> str:
+    """The folder Ray puts its temp folder in: RAY_TMPDIR, else TMPDIR (Linux), else /tmp, as
+    ``ray._common.utils.get_default_system_temp_dir`` finds it (read here without importing Ray)."""
     root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
-    return os.path.join(root or "/tmp", "ray", "ray_current_cluster")
+    return root or "/tmp"
+
+
+def address_file() -> str:
+    """Where `ray start` records the machine's latest cluster, which ray.init() with no address joins (Ray's
+    default temp folder's ray_current_cluster)."""
+    return os.path.join(ray_temp_root(), "ray", "ray_current_cluster")
+
+
+def recorded_address() -> Optional[str]:
+    """The cluster a plain ray.init() on this machine would join (address_file()'s record), None without one."""
+    return _read(address_file())
 
 
 def _gcs_running(port: str) -> bool:
@@ -141,7 +150,7 @@ class LocalCluster:
     def temp_dir(self) -> Optional[str]:
         """An unadvertised cluster's Ray temp folder (sessions, logs, sockets, its address record); removed by
         :meth:`stop`. None: Ray's default, /tmp/ray."""
-        return None if self.advertise else os.path.join(tempfile.gettempdir(), f"ray-{self.port}")
+        return None if self.advertise else os.path.join(ray_temp_root(), f"ray-{self.port}")
 
     @property
     def dashboard_url(self) -> str:
@@ -174,7 +183,7 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         # An advertised cluster's `ray start --head` records itself as the machine's latest cluster, which a plain
         # ray.init() then joins; stop() puts back what was there before.
-        self.previous_address = _read(address_file())
+        self.previous_address = recorded_address() if self.advertise else None
         dash = ([f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
                 if self.dashboard else ["--include-dashboard=false"])
         own = [f"--temp-dir={self.temp_dir}"] if self.temp_dir else []  # worker nodes read it from the head
@@ -279,7 +288,7 @@ class LocalCluster:
 
     def _put_back_address_file(self) -> None:
         """address_file() as it was before start(), if it still names this cluster."""
-        recorded = _read(address_file())
+        recorded = recorded_address()
         if recorded and recorded.rsplit(":", 1)[-1] == str(self.port):
             previous = getattr(self, "previous_address", None)
             try:
