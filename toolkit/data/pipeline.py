@@ -83,14 +83,15 @@ def prepare_batches(ds, *, num_classes: int, augment: bool, class_weights: Optio
                     seed: tuple[int, int] = (0, 0)):
     """(uint8 images, int labels) batches -> augmented images, one-hot labels (and per-image weights
     from ``class_weights``), prefetched: the one map shared by the in-memory and streaming pipelines.
-    Batch i is augmented with the stateless seed (seed[0], seed[1], i) folded into two integers."""
+    Batch i is augmented with the stateless seed ``seed`` with i folded in (TensorFlow's stateless_fold_in)."""
     tf = import_tf()
     weights = tf.constant(class_weights, tf.float32) if class_weights is not None else None
-    base = tf.constant([seed[0], seed[1]], tf.int64)
+    base = tf.constant(seed, tf.int64)
 
     def prepare(i, batch):  # one map per batch: augmentation, one-hot labels (and sample weights) together
         a, b = batch
-        out = (augment_batch(a, [base[0], base[1] * 1_000_003 + i]) if augment else a), tf.one_hot(b, num_classes)
+        seed_i = tf.random.experimental.stateless_fold_in(base, i)
+        out = (augment_batch(a, seed_i) if augment else a), tf.one_hot(b, num_classes)
         return out if weights is None else (*out, tf.gather(weights, b))
 
     ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
