@@ -8,7 +8,8 @@ On the test split, against the float32 TFLite model:
   answers there; int8 rounds every one of its activations to 256 steps, so it changes more.
 - full int8 over ``--draws`` calibrations (``--calibration`` training images each, as the export draws them) and,
   for each, the converter's min/max ranges and the first set's 99.99th and 99.9th percentile ranges
-  (export.ranges): the spread is what luck decides.
+  (export.ranges): the spread is what luck decides; for a model ending in a softmax, each also with the logits'
+  range chosen for the top-1 (export.ranges.decision_range: what int8's own search tries).
 - full int8 with every op but the convolution and dense kernels in float (one draw: does the loss sit in the
   activations' own ops, as int8_selective can fix, or in the kernels?).
 - TFLite's 16x8 mode (16-bit activations, 8-bit weights: integer throughout, reference kernels): if its agreement
@@ -84,10 +85,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     for draw in range(args.draws):
         calibration = ds.x_train[np.random.default_rng(draw).permutation(len(ds.x_train))[:args.calibration]]
         calibrated = ranges.calibrate(source.tflite_converter(), calibration)
+        head = ranges.decision_range(calibrated, calibration)
         first = first if first is not None else (calibration, calibrated)
         for key in ("min/max", ranges.clip_key(99.99), ranges.clip_key(99.9)):
             tflite_row(f"int8, calibration {draw}, {key} ranges",
                        ranges.quantize(ranges.clipped_as(calibrated, calibration, key), "float32"))
+            if head is not None:
+                tflite_row(f"int8, calibration {draw}, {key} ranges, the logits' range chosen for the top-1",
+                           ranges.quantize(ranges.with_decision_range(ranges.clipped_as(calibrated, calibration, key),
+                                                                      head), "float32"))
     calibration, calibrated = first
     float_ops = sorted(set(tflite_ops(content=float_blob)["ops"]) - set(KERNELS))
     tflite_row(f"int8, calibration 0, min/max, all but the kernels in float ({', '.join(float_ops)})",

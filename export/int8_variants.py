@@ -53,12 +53,13 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
     chosen = ranges.best_clipped_ranges(calibrated, ctx.calibration, measure, budget, log=ctx.log)
     out["held_out_drop_pp"].update(chosen["held_out_drop_pp"])
     out["held_out_agreement"] = chosen["held_out_agreement"]
+    out["decision_range"] = chosen["decision_range"]
     if chosen["clip"] is not None:
         tmp = path.with_suffix(".part")
         tmp.write_bytes(chosen["blob"])
         os.replace(tmp, path)
         out["clip"], out["clip_percentile"] = chosen["clip"], ranges.parse_clip_key(chosen["clip"])[0]
-        ctx.log(f"  int8: activation ranges clipped at {chosen['clip']} (min/max: held-out drop {first:+.2f} pp)")
+        ctx.log(f"  int8: {ranges.describe(chosen['clip'])} (min/max: held-out drop {first:+.2f} pp)")
     return out
 
 
@@ -75,7 +76,7 @@ def build_int8_selective(ctx: Context, attempt: int):
     that file is slower than float32 at batch 1, the op types XNNPACK does not run in int8 kept in float as well
     (export.fast_int8). With int8 within --max-drop already (and int8_selective not named), only the second: the
     variant is built when it makes int8 faster, and skipped, saying so, otherwise."""
-    from export import fast_int8
+    from export import fast_int8, ranges
     from export.selective import SelectiveResult
 
     cfg = ctx.job["config"]
@@ -112,7 +113,7 @@ def build_int8_selective(ctx: Context, attempt: int):
              "selective_steps": start.steps, "selective_val_drop_pp": start.val_drop_pp,
              "selective_ranking": start.ranking, "speed": speed.summary(), "activations": start.activations,
              "selective_val_agreement": start.val_agreement}
-    ranges_used = f"activation ranges clipped at {start.clip}" if start.clip else "min/max activation ranges"
+    ranges_used = ranges.describe(start.clip)
     ranges_used = "16-bit activations (16x8)" if start.activations == "int16" else ranges_used
     ctx.log(f"  int8_selective: {ranges_used}, {len(start.float_tensors)} tensor(s) kept in float"
             + (f", from layers {', '.join(extra['float_layers'])}" if start.float_tensors else "")

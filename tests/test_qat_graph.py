@@ -245,7 +245,9 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
         return (float_acc - np.mean(pred == y_val)) * 100, float(np.mean(pred == float_pred))
 
     chosen = ranges.best_clipped_ranges(calibrated, x[:500], measure, 1.0)
-    assert len(chosen["held_out_agreement"]) == len(ranges.CLIP_PERCENTILES) * ranges.RANGE_SETS == 12, chosen
+    # twelve clipped ranges and min/max, each with the softmax's logits given the decision range
+    assert len(chosen["held_out_agreement"]) == 1 + len(ranges.CLIP_PERCENTILES) * ranges.RANGE_SETS == 13, chosen
+    assert all(k.endswith(ranges.HEAD) for k in chosen["held_out_agreement"]), chosen
     within = {k: a for k, a in chosen["held_out_agreement"].items() if chosen["held_out_drop_pp"][k] <= 1.0}
     assert chosen["clip"] == max(within, key=within.get), chosen
     clipped = chosen["blob"]
@@ -268,6 +270,54 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
         out = session.run(None, {session.get_inputs()[0].name: x_val.astype(np.float32)})[0]
         accuracy[name] = float(np.mean(out.argmax(1) == y_val))
     assert accuracy["minmax"] < float_acc - 0.1 and accuracy["clipped"] >= float_acc - 0.02, accuracy
+
+
+def test_the_logits_get_the_range_that_keeps_the_top_class():
+    """Ten classes a few tenths of a logit apart, and one image in a hundred (a marker pixel) with an eleventh
+    class's logit at 1,000: min/max calibration spreads the logits' 256 steps over [0, 1,000], every ordinary
+    image's logits round to the same step and the tie goes to the lowest class index. The decision range (the logits' range whose int8
+    top-1 agrees most with the float one on the calibration images) brings int8 back to the float answers, and a
+    clip_key names it so that int8_selective and the speed step rebuild the same file."""
+    from export import ranges
+    from export.outputs import class_predictions
+    from export.runtime import TFLiteModel
+    from toolkit.tf import import_keras, import_tf
+
+    keras = import_keras()
+    L = keras.layers
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1500, 4, 4, 1)).astype(np.float32)
+    x[:, 0, 0, 0] = 0.0
+    x[rng.random(len(x)) < 0.01, 0, 0, 0] = 255.0  # the marker
+    model = keras.Sequential([L.InputLayer(input_shape=(4, 4, 1)), L.Flatten(), L.Dense(11, activation="softmax")])
+    w = np.zeros((16, 11), np.float32)
+    w[1:11, 1:] = np.eye(10) * 0.02  # class c's logit: pixel c / 50, within [0, 5.1]
+    w[0, 0] = 1000 / 255  # the marker: class 0's logit 1,000 (a weight column of its own: per-channel scales)
+    model.layers[-1].set_weights([w, np.zeros(11, np.float32)])
+    calibration, x_val = x[:500], x[500:]
+    float_pred = model.predict(x_val, verbose=0).argmax(1)
+    calibrated = ranges.calibrate(import_tf().lite.TFLiteConverter.from_keras_model(model), calibration)
+
+    def agreement(blob):
+        return float(np.mean(class_predictions(TFLiteModel(content=blob).predict(x_val), "probabilities")
+                             == float_pred))
+
+    head = ranges.decision_range(calibrated, calibration)
+    assert head is not None and head["recorded_agreement"] < 0.3 and head["agreement"] > 0.9, head
+    assert head["high"] < 10 and head["low"] <= 0, head
+    assert agreement(ranges.quantize(calibrated)) < 0.3
+    with_head = ranges.clipped_as(calibrated, calibration, ranges.clip_key(None, 0, head=True))
+    assert agreement(ranges.quantize(with_head)) > 0.9
+    assert ranges.describe("99.9/2+head") == ("activation ranges clipped at 99.9/2, the logits' range chosen for the "
+                                              "top-1") and ranges.parse_clip_key("99.9/2+head") == (99.9, 2)
+    chosen = ranges.best_clipped_ranges(calibrated, calibration, lambda b: (0.0, agreement(b)), 1.0)
+    assert chosen["clip"].endswith(ranges.HEAD) and chosen["decision_range"]["high"] == head["high"], chosen
+    assert ranges.quantize(ranges.clipped_as(calibrated, calibration, chosen["clip"])) == chosen["blob"]
+
+    # no softmax at the end: no decision tensor, and the keys stay as they were
+    logits_model = keras.Sequential([L.InputLayer(input_shape=(4, 4, 1)), L.Flatten(), L.Dense(11)])
+    plain = ranges.calibrate(import_tf().lite.TFLiteConverter.from_keras_model(logits_model), calibration)
+    assert ranges.decision_tensor(plain) is None and ranges.decision_range(plain, calibration) is None
 
 
 def test_the_selective_error_ignores_vanishing_channels_but_not_crushed_ones():
