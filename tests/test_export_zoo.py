@@ -80,9 +80,11 @@ def test_zoo_model_exports_every_variant(name, zoo, exported):
         assert rows["int8"]["drop_pp"] > 5
         # Clipped activation ranges were tried first and cannot help: the outlier is in every image.
         clipped = rows["int8"]["ranges"]
-        # (100 calibration images: one set of 64 to read the percentiles from, export.ranges.range_sets)
-        assert clipped["clip_percentile"] is None and len(clipped["held_out_drop_pp"]) == 4, clipped
-        assert "int8_selective: from min/max ranges (int8's held-out drops" in proc.stdout, "not measured twice"
+        # (100 calibration images: one set of 64 to read the percentiles from, export.ranges.range_sets; min/max,
+        # then min/max and the three percentiles with the softmax's logits given export.ranges.decision_range)
+        assert clipped["clip_percentile"] is None and len(clipped["held_out_drop_pp"]) == 5, clipped
+        assert [k for k in clipped["held_out_drop_pp"] if not k.endswith("+head")] == ["min/max"], clipped
+        assert re.search(r"int8_selective: from \S+ ranges \(int8's held-out drops", proc.stdout), "not measured twice"
         assert report["failed"] == ["int8"] and proc.returncode == 1
         assert "FAIL int8: accuracy" in proc.stderr
         sel = rows["int8_selective"]
