@@ -39,8 +39,8 @@ import numpy as np
 
 from export.outputs import class_predictions, drop_and_agreement
 from export.runtime import TFLiteModel
-from export.ranges import (CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, clipped_as, parse_clip_key,
-                           range_images)
+from export.ranges import (CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, clipped_as, decision_range,
+                           describe, parse_clip_key, range_images, with_decision_range)
 
 
 @dataclass
@@ -202,7 +202,7 @@ def build_int8_selective(converter, calibration: np.ndarray, x_val: np.ndarray, 
     tried_by_int8 = bool((ranges_measured or {}).get("held_out_drop_pp"))
     if tried_by_int8:
         take_measured_ranges(probe, calibration, ranges_measured)
-    elif choose_ranges(probe, range_images(calibration)):
+    elif choose_ranges(probe, calibration):
         return probe.result(ranking)
     search_denylist(probe.measure, names, tensors_by_op_type(ranked, names[:max_steps]), max_steps, max_op_types,
                     first=0 if tried_by_int8 else 1)
@@ -221,19 +221,23 @@ def take_measured_ranges(probe: "_Probe", calibration: np.ndarray, measured: dic
     probe.log(f"  int8_selective: from {best} ranges (int8's held-out drops: {shown})")
 
 
-def choose_ranges(probe: "_Probe", images: np.ndarray) -> bool:
-    """Step 0: full int8 with the converter's min/max ranges, then with each of CLIP_PERCENTILES; the debugger
-    is left with the most accurate ranges. True when one is within budget (the search ends there)."""
+def choose_ranges(probe: "_Probe", calibration: np.ndarray) -> bool:
+    """Step 0 when int8 has not measured them: full int8 with the converter's min/max ranges, then each of
+    CLIP_PERCENTILES (read from the first set of calibration images) and, for a model ending in a softmax, min/max
+    too, each with the logits' range chosen on every calibration image (export.ranges.decision_range), as int8's
+    own search does; the debugger is left with the most accurate ranges. True when one is within budget (the search
+    ends there)."""
     debugger = probe.debugger
     minmax = debugger.calibrated_model
     if probe.measure([], "full int8, min/max ranges")[1]:
         return True
-    values = activation_values(minmax, images)
+    head = decision_range(minmax, calibration)
+    values = activation_values(minmax, range_images(calibration))
     best = (probe.best[1], None, minmax)
-    for p in CLIP_PERCENTILES:
-        debugger.calibrated_model = clip_ranges(minmax, values, p)
-        probe.clip = clip_key(p)
-        acc, ok = probe.measure([], f"full int8, ranges clipped at the {p:g}th percentile")
+    for p in ([None] if head is not None else []) + list(CLIP_PERCENTILES):
+        debugger.calibrated_model = with_decision_range(minmax if p is None else clip_ranges(minmax, values, p), head)
+        probe.clip = clip_key(p, 0, head is not None)
+        acc, ok = probe.measure([], f"full int8, {describe(probe.clip)}")
         if ok:
             return True
         if acc > best[0]:

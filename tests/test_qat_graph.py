@@ -186,8 +186,10 @@ def test_int8_selective_runs_to_every_op_in_float():
                                log=lines.append)
     steps = [line for line in lines if "int8_selective step" in line]
     ranked = len({r["tensor"] for r in res.ranking})
-    # full int8 with min/max ranges, then each clipped range, then one more tensor in float per step, to the last
-    assert len(steps) == 1 + len(CLIP_PERCENTILES) + ranked and ranked >= 3, lines
+    # full int8 with min/max ranges, then min/max and each clipped range with the softmax's logits given their
+    # decision range, then one more tensor in float per step, to the last
+    assert len(steps) == 2 + len(CLIP_PERCENTILES) + ranked and ranked >= 3, lines
+    assert sum("the logits' range chosen for the top-1" in line for line in steps) == 1 + len(CLIP_PERCENTILES)
     assert not res.within_budget and res.blob
 
 
