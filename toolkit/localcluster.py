@@ -180,6 +180,15 @@ class LocalCluster:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
+    @staticmethod
+    def agent_ports() -> list[str]:
+        """Free ports for a node's agents, the head's included: Ray's defaults (the dashboard agent's 52365) are
+        one per machine, and a second cluster's agent that cannot bind leaves its node without one (its head: `ray
+        job submit` answered "No available agent to submit job", the suite's two workers each running a cluster
+        with a dashboard, 2026-11-30)."""
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
     def start(self) -> "LocalCluster":
         # An advertised cluster's `ray start --head` records itself as the machine's latest cluster, which a plain
         # ray.init() then joins; stop() puts back what was there before.
@@ -188,11 +197,29 @@ class LocalCluster:
                 if self.dashboard else ["--include-dashboard=false"])
         own = [f"--temp-dir={self.temp_dir}"] if self.temp_dir else []  # worker nodes read it from the head
         self._run(["start", "--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", "--num-gpus=0", *dash,
-                   "--disable-usage-stats", *own,
-                   f"--ray-client-server-port={free_port()}"])
+                   "--disable-usage-stats", *own, f"--ray-client-server-port={free_port()}", *self.agent_ports()])
         for _ in range(self.nodes):
             self.add_node()
         return self
+
+    def wait_for_job_agent(self, timeout_s: float = 120.0) -> None:
+        """Block until the head's job agent has registered (a cluster started with ``dashboard``), so that `ray job
+        submit` is taken: the dashboard answers before the agent has, and its job head waits only 10 s for one
+        ("No available agent to submit job, please try again later")."""
+        code = ("import ray\nfrom ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX as PREFIX\n"
+                "from ray.experimental.internal_kv import _internal_kv_get\nray.init(logging_level='ERROR')\n"
+                "head = next(n['NodeID'] for n in ray.nodes() if 'node:__internal_head__' in n['Resources'])\n"
+                "print(int(bool(_internal_kv_get(PREFIX + head, namespace=b'dashboard'))))")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                                  timeout=120)
+            if proc.stdout.strip().splitlines()[-1:] == ["1"]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head's job agent did not register within {timeout_s:.0f} s: "
+                                   f"{proc.stderr[-1000:]}")
+            time.sleep(1.0)
 
     def add_node(self) -> list[int]:
         """Start one more worker node (pinned to the next cores); returns its cores."""
@@ -202,9 +229,7 @@ class LocalCluster:
         base = 20000 + 1000 * (index % 40)  # each node its own worker-port range
         self._run([
             "start", f"--address={self.address}", f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--min-worker-port={base}", f"--max-worker-port={base + 999}", "--disable-usage-stats",
+            *self.agent_ports(), f"--min-worker-port={base}", f"--max-worker-port={base + 999}", "--disable-usage-stats",
         ], cores if self.pin else None)
         new = raylet_pids() - before
         self.started.append({"index": index, "cores": cores, "raylet_pid": min(new) if new else None})
