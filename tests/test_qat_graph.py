@@ -277,9 +277,9 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
 def test_the_logits_get_the_range_that_keeps_the_top_class():
     """Ten classes a few tenths of a logit apart, and one image in a hundred (a marker pixel) with an eleventh
     class's logit at 1,000: min/max calibration spreads the logits' 256 steps over [0, 1,000], every ordinary
-    image's logits round to the same step and the tie goes to the lowest class index. The decision range (the logits' range whose int8
-    top-1 agrees most with the float one on the calibration images) brings int8 back to the float answers, and a
-    clip_key names it so that int8_selective and the speed step rebuild the same file."""
+    image's logits round to the same step and the tie goes to the lowest class index. The decision range (the
+    logits' range whose int8 top-1 agrees most with the float one on the calibration images) brings int8 back to
+    the float answers, and a clip_key names it so that int8_selective and the speed step rebuild the same file."""
     from export import ranges
     from export.outputs import class_predictions
     from export.runtime import TFLiteModel
