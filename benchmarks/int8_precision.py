@@ -9,7 +9,7 @@ On the test split, against the float32 TFLite model:
 - full int8 over ``--draws`` calibrations (``--calibration`` training images each, as the export draws them) and,
   for each, the converter's min/max ranges and the first set's 99.99th and 99.9th percentile ranges
   (export.ranges): the spread is what luck decides; for a model ending in a softmax, each also with the logits'
-  range chosen for the top-1 (export.ranges.decision_range: what int8's own search tries).
+  range chosen for the top-1 (export.ranges.decision_range: what int8's own search tries; logits out too).
 - full int8 with every op but the convolution and dense kernels in float (one draw: does the loss sit in the
   activations' own ops, as int8_selective can fix, or in the kernels?).
 - TFLite's 16x8 mode (16-bit activations, 8-bit weights: integer throughout, reference kernels): if its agreement
@@ -85,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for draw in range(args.draws):
         calibration = ds.x_train[np.random.default_rng(draw).permutation(len(ds.x_train))[:args.calibration]]
         calibrated = ranges.calibrate(source.tflite_converter(), calibration)
-        head = ranges.decision_range(calibrated, calibration)
+        head = ranges.decision_range(calibrated, calibration, kind)
         first = first if first is not None else (calibration, calibrated)
         for key in ("min/max", ranges.clip_key(99.99), ranges.clip_key(99.9)):
             tflite_row(f"int8, calibration {draw}, {key} ranges",

@@ -50,7 +50,8 @@ def int8_ranges(ctx: Context, path: Path) -> dict:
                                             ctx.job["float_val_accuracy"])
         return drop, agree
 
-    chosen = ranges.best_clipped_ranges(calibrated, ctx.calibration, measure, budget, log=ctx.log)
+    chosen = ranges.best_clipped_ranges(calibrated, ctx.calibration, measure, budget, log=ctx.log,
+                                       output_kind=ctx.info.output_kind)
     out["held_out_drop_pp"].update(chosen["held_out_drop_pp"])
     out["held_out_agreement"] = chosen["held_out_agreement"]
     out["decision_range"] = chosen["decision_range"]
@@ -68,7 +69,8 @@ def int8_calibration(ctx: Context, clip: Optional[str]) -> bytes:
     export.ranges.clip_key; None: min/max)."""
     from export import ranges
 
-    return ranges.clipped_as(ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration), ctx.calibration, clip)
+    return ranges.clipped_as(ranges.calibrate(ctx.source.tflite_converter(), ctx.calibration), ctx.calibration, clip,
+                             ctx.info.output_kind)
 
 
 def build_int8_selective(ctx: Context, attempt: int):

@@ -33,7 +33,7 @@ CLIP_PERCENTILES = (99.99, 99.9, 99.0)
 RANGE_IMAGES = 64
 RANGE_SETS = 4
 
-# A classifier's answer is the largest of the logits its final softmax takes, and int8 gives those logits one range
+# A classifier's answer is the largest of the logits its final softmax takes (or puts out), and int8 gives those logits one range
 # for every image: set by the rare image with a huge logit, its steps can be wider than the gap between an image's
 # first and second class, which then round to the same step, and the tie goes to the lower class index. Measured on
 # the zoo's EfficientNetB0 (5,000 CIFAR-10 images, 23.80% float; /tmp scripts, 2026-11-30): its logits spanned
@@ -90,7 +90,8 @@ def parse_clip_key(key: str) -> tuple[Optional[float], int]:
     return float(p), int(k or 0)
 
 
-def clipped_as(calibrated: bytes, calibration: np.ndarray, key: Optional[str]) -> bytes:
+def clipped_as(calibrated: bytes, calibration: np.ndarray, key: Optional[str],
+               output_kind: Optional[str] = None) -> bytes:
     """The calibrated model with the ranges a clip_key names (read from that set of ``calibration`` images, the
     decision range from all of them); unchanged for None or "min/max"."""
     percentile, k = parse_clip_key(key or "min/max")
@@ -98,13 +99,14 @@ def clipped_as(calibrated: bytes, calibration: np.ndarray, key: Optional[str]) -
     if percentile is not None:
         out = clip_ranges(calibrated, activation_values(calibrated, range_images(calibration, k)), percentile)
     if (key or "").endswith(HEAD):
-        out = with_decision_range(out, decision_range(calibrated, calibration))
+        out = with_decision_range(out, decision_range(calibrated, calibration, output_kind))
     return out
 
 
-def decision_tensor(calibrated: bytes) -> Optional[int]:
-    """The tensor whose largest entry is the model's answer: the logits a SOFTMAX producing the model's output
-    takes. None when the model ends otherwise (a sigmoid, logits out, more than one output)."""
+def decision_tensor(calibrated: bytes, output_kind: Optional[str] = None) -> Optional[tuple[int, bool]]:
+    """The tensor whose largest entry is the model's answer, and whether a softmax follows it: the logits a SOFTMAX
+    producing the model's output takes, or, for ``output_kind`` "logits" (export.outputs' name for a classifier
+    without a final activation), the output itself. None otherwise (a sigmoid, several outputs)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=calibrated)
@@ -112,9 +114,9 @@ def decision_tensor(calibrated: bytes) -> Optional[int]:
     if len(outputs) != 1:
         return None
     for op in interp._get_ops_details():  # the public API has no op graph; the same call export.ops makes
-        if outputs[0] in list(op["outputs"]):
-            return int(op["inputs"][0]) if op["op_name"] == "SOFTMAX" else None
-    return None
+        if outputs[0] in list(op["outputs"]) and op["op_name"] == "SOFTMAX":
+            return int(op["inputs"][0]), True
+    return (int(outputs[0]), False) if output_kind == "logits" else None
 
 
 def tensor_values(calibrated: bytes, tensor: int, images: np.ndarray) -> np.ndarray:
@@ -142,23 +144,27 @@ def rounded(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(np.round(values / scale) + zero, -128, 127) - zero) * scale
 
 
-def softmax_int8_top1(logits: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Each row's top-1 when ``logits`` are rounded to int8 over [low, high] and the softmax's output to its fixed
-    1/256 steps, ties going to the lower index: what the int8 file answers when only its head is quantised."""
+def int8_top1(logits: np.ndarray, low: float, high: float, softmax: bool = True) -> np.ndarray:
+    """Each row's top-1 when ``logits`` are rounded to int8 over [low, high] and (``softmax``) the softmax's output
+    to its fixed 1/256 steps, ties going to the lower index: what the int8 file answers when only its head is
+    quantised."""
     q = rounded(logits, low, high)
+    if not softmax:
+        return q.argmax(-1)
     p = np.exp(q - q.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.minimum(np.round(p * 256.0), 255.0).argmax(-1)
 
 
-def decision_range(calibrated: bytes, images: np.ndarray) -> Optional[dict]:
-    """The range of the model's logits (DECISION_LOW_PERCENTILES x DECISION_HIGH_PERCENTILES, the recorded one
-    among them) whose int8 top-1 agrees most with the float logits' on ``images``; of equals, the widest first.
-    None without a decision tensor. Returns {"tensor", "low", "high", "agreement", "recorded_agreement" (the
-    recorded range's)}."""
-    tensor = decision_tensor(calibrated)
-    if tensor is None or len(images) == 0:
+def decision_range(calibrated: bytes, images: np.ndarray, output_kind: Optional[str] = None) -> Optional[dict]:
+    """The range of the model's logits (decision_tensor; DECISION_LOW_PERCENTILES x DECISION_HIGH_PERCENTILES, the
+    recorded one among them) whose int8 top-1 agrees most with the float logits' on ``images``; of equals, the
+    widest first. None without a decision tensor. Returns {"tensor", "low", "high", "agreement",
+    "recorded_agreement" (the recorded range's)}."""
+    found = decision_tensor(calibrated, output_kind)
+    if found is None or len(images) == 0:
         return None
+    tensor, softmax = found
     logits = tensor_values(calibrated, tensor, images)
     if logits.shape[1] < 2:
         return None
@@ -167,7 +173,7 @@ def decision_range(calibrated: bytes, images: np.ndarray) -> Optional[dict]:
     lows = sorted({low0} | {min(float(np.percentile(logits, p)), 0.0) for p in DECISION_LOW_PERCENTILES})
     highs = sorted({high0} | {max(float(np.percentile(top, p)), 0.0) for p in DECISION_HIGH_PERCENTILES}, reverse=True)
     spans = [(lo, hi) for lo in lows for hi in highs if hi > lo]  # widest first
-    agree = [float(np.mean(softmax_int8_top1(logits, lo, hi) == top1)) for lo, hi in spans]
+    agree = [float(np.mean(int8_top1(logits, lo, hi, softmax) == top1)) for lo, hi in spans]
     best = int(np.argmax(agree))  # the first of equals: spans are widest first
     return {"tensor": tensor, "low": spans[best][0], "high": spans[best][1], "agreement": agree[best],
             "recorded_agreement": agree[0]}
@@ -189,15 +195,17 @@ def with_range(calibrated: bytes, tensor: int, low: float, high: float) -> bytes
 
 
 def best_clipped_ranges(calibrated: bytes, calibration: np.ndarray, measure: Callable[[bytes], tuple[float, float]],
-                        max_drop_pp: float, log: Callable[[str], None] = lambda line: None) -> dict:
+                        max_drop_pp: float, log: Callable[[str], None] = lambda line: None,
+                        output_kind: Optional[str] = None) -> dict:
     """The full-integer int8 model of ``calibrated`` with each of CLIP_PERCENTILES read from each of
-    ``range_sets(calibration)`` sets of images and, for a model that ends in a softmax, its logits' range chosen by
-    decision_range on every calibration image (min/max ranges elsewhere as well); each measured by
+    ``range_sets(calibration)`` sets of images and, for a model that ends in a softmax or puts out logits
+    (``output_kind``), its logits' range chosen by decision_range on every calibration image (min/max ranges
+    elsewhere as well); each measured by
     ``measure(blob)`` -> (drop from the float model in points, agreement with it, on held-out images); of those
     within ``max_drop_pp``, the one that agrees most. Returns {"clip": its clip_key or None (none within), "blob":
     its file or None, "held_out_drop_pp": {key: drop}, "held_out_agreement": {key: agreement}, "decision_range":
     decision_range's answer or None}."""
-    head = decision_range(calibrated, calibration)
+    head = decision_range(calibrated, calibration, output_kind)
     out: dict = {"clip": None, "blob": None, "held_out_drop_pp": {}, "held_out_agreement": {}, "decision_range": head}
     if head is not None:
         log(f"  int8 decision range for the logits: [{head['low']:.3g}, {head['high']:.3g}] (top-1 of the head alone "

@@ -216,22 +216,23 @@ def take_measured_ranges(probe: "_Probe", calibration: np.ndarray, measured: dic
     best = measured.get("clip") or min(drops, key=drops.get)
     if best != "min/max":
         probe.clip = best
-        probe.debugger.calibrated_model = clipped_as(probe.debugger.calibrated_model, calibration, best)
+        probe.debugger.calibrated_model = clipped_as(probe.debugger.calibrated_model, calibration, best,
+                                                     probe.output_kind)
     shown = ", ".join(f"{k} {v:+.2f} pp" for k, v in list(drops.items())[:7]) + (", ..." if len(drops) > 7 else "")
     probe.log(f"  int8_selective: from {best} ranges (int8's held-out drops: {shown})")
 
 
 def choose_ranges(probe: "_Probe", calibration: np.ndarray) -> bool:
     """Step 0 when int8 has not measured them: full int8 with the converter's min/max ranges, then each of
-    CLIP_PERCENTILES (read from the first set of calibration images) and, for a model ending in a softmax, min/max
-    too, each with the logits' range chosen on every calibration image (export.ranges.decision_range), as int8's
+    CLIP_PERCENTILES (read from the first set of calibration images) and, for a model ending in a softmax or
+    putting out logits, min/max too, each with the logits' range chosen on every calibration image (export.ranges.decision_range), as int8's
     own search does; the debugger is left with the most accurate ranges. True when one is within budget (the search
     ends there)."""
     debugger = probe.debugger
     minmax = debugger.calibrated_model
     if probe.measure([], "full int8, min/max ranges")[1]:
         return True
-    head = decision_range(minmax, calibration)
+    head = decision_range(minmax, calibration, probe.output_kind)
     values = activation_values(minmax, range_images(calibration))
     best = (probe.best[1], None, minmax)
     for p in ([None] if head is not None else []) + list(CLIP_PERCENTILES):

@@ -316,10 +316,22 @@ def test_the_logits_get_the_range_that_keeps_the_top_class():
     assert chosen["clip"].endswith(ranges.HEAD) and chosen["decision_range"]["high"] == head["high"], chosen
     assert ranges.quantize(ranges.clipped_as(calibrated, calibration, chosen["clip"])) == chosen["blob"]
 
-    # no softmax at the end: no decision tensor, and the keys stay as they were
+    # The same classifier putting out its logits (no softmax; trained with from_logits=True, as keras-io's examples
+    # are): its output's range is the one that ties, and "logits" names it; a model whose output kind is not
+    # known to be logits (a regression head) keeps its output range.
     logits_model = keras.Sequential([L.InputLayer(input_shape=(4, 4, 1)), L.Flatten(), L.Dense(11)])
+    logits_model.layers[-1].set_weights([w, np.zeros(11, np.float32)])
     plain = ranges.calibrate(import_tf().lite.TFLiteConverter.from_keras_model(logits_model), calibration)
     assert ranges.decision_tensor(plain) is None and ranges.decision_range(plain, calibration) is None
+    head = ranges.decision_range(plain, calibration, "logits")
+    assert head is not None and head["recorded_agreement"] < 0.3 and head["agreement"] > 0.9, head
+
+    def logits_agreement(blob):
+        return float(np.mean(class_predictions(TFLiteModel(content=blob).predict(x_val), "logits") == float_pred))
+
+    assert logits_agreement(ranges.quantize(plain)) < 0.3
+    key = ranges.clip_key(None, 0, head=True)
+    assert logits_agreement(ranges.quantize(ranges.clipped_as(plain, calibration, key, "logits"))) > 0.9
 
 
 def test_the_selective_error_ignores_vanishing_channels_but_not_crushed_ones():
