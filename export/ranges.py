@@ -194,13 +194,23 @@ def with_range(calibrated: bytes, tensor: int, low: float, high: float) -> bytes
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def candidate_ranges(calibrated: bytes, calibration: np.ndarray, head: Optional[dict], sets: int):
+    """The calibrated models int8's range search tries, each with its clip_key, one at a time: with ``head``
+    (decision_range's answer) min/max ranges and the logits' range first; then each of CLIP_PERCENTILES read from
+    each of the first ``sets`` sets of ``calibration`` images, the logits' range too with ``head``."""
+    if head is not None:
+        yield clip_key(None, 0, True), with_decision_range(calibrated, head)
+    for k in range(sets):
+        values = activation_values(calibrated, range_images(calibration, k))
+        for p in CLIP_PERCENTILES:
+            yield clip_key(p, k, head is not None), with_decision_range(clip_ranges(calibrated, values, p), head)
+
+
 def best_clipped_ranges(calibrated: bytes, calibration: np.ndarray, measure: Callable[[bytes], tuple[float, float]],
                         max_drop_pp: float, log: Callable[[str], None] = lambda line: None,
                         output_kind: Optional[str] = None) -> dict:
-    """The full-integer int8 model of ``calibrated`` with each of CLIP_PERCENTILES read from each of
-    ``range_sets(calibration)`` sets of images and, for a model that ends in a softmax or puts out logits
-    (``output_kind``), its logits' range chosen by decision_range on every calibration image (min/max ranges
-    elsewhere as well); each measured by
+    """The full-integer int8 model of each of candidate_ranges (all ``range_sets(calibration)`` sets of images;
+    the logits' range for a model that ends in a softmax or puts out logits, ``output_kind``), measured by
     ``measure(blob)`` -> (drop from the float model in points, agreement with it, on held-out images); of those
     within ``max_drop_pp``, the one that agrees most. Returns {"clip": its clip_key or None (none within), "blob":
     its file or None, "held_out_drop_pp": {key: drop}, "held_out_agreement": {key: agreement}, "decision_range":
@@ -211,18 +221,9 @@ def best_clipped_ranges(calibrated: bytes, calibration: np.ndarray, measure: Cal
         log(f"  int8 decision range for the logits: [{head['low']:.3g}, {head['high']:.3g}] (top-1 of the head alone "
             f"in int8 on the calibration images: {head['recorded_agreement']:.1%} with the recorded range, "
             f"{head['agreement']:.1%} with this)")
-
-    def finish(clipped: bytes) -> bytes:
-        return quantize(with_decision_range(clipped, head))
-
-    candidates = [(clip_key(None, 0, True), lambda: finish(calibrated))] if head is not None else []
-    for k in range(range_sets(calibration)):
-        values = activation_values(calibrated, range_images(calibration, k))
-        candidates += [(clip_key(p, k, head is not None), lambda p=p, v=values: finish(clip_ranges(calibrated, v, p)))
-                       for p in CLIP_PERCENTILES]
     best = -1.0
-    for key, build in candidates:
-        blob = build()
+    for key, clipped in candidate_ranges(calibrated, calibration, head, range_sets(calibration)):
+        blob = quantize(clipped)
         drop, agree = measure(blob)
         out["held_out_drop_pp"][key], out["held_out_agreement"][key] = drop, agree
         log(f"  int8 ranges {key}: held-out drop {drop:+.2f} pp, agreement with the float model {agree:.1%}")

@@ -39,8 +39,7 @@ import numpy as np
 
 from export.outputs import class_predictions, drop_and_agreement
 from export.runtime import TFLiteModel
-from export.ranges import (CLIP_PERCENTILES, activation_values, clip_key, clip_ranges, clipped_as, decision_range,
-                           describe, parse_clip_key, range_images, with_decision_range)
+from export.ranges import candidate_ranges, clipped_as, decision_range, describe, parse_clip_key
 
 
 @dataclass
@@ -223,22 +222,19 @@ def take_measured_ranges(probe: "_Probe", calibration: np.ndarray, measured: dic
 
 
 def choose_ranges(probe: "_Probe", calibration: np.ndarray) -> bool:
-    """Step 0 when int8 has not measured them: full int8 with the converter's min/max ranges, then each of
-    CLIP_PERCENTILES (read from the first set of calibration images) and, for a model ending in a softmax or
-    putting out logits, min/max too, each with the logits' range chosen on every calibration image (export.ranges.decision_range), as int8's
-    own search does; the debugger is left with the most accurate ranges. True when one is within budget (the search
-    ends there)."""
+    """Step 0 when int8 has not measured them: full int8 with the converter's min/max ranges, then int8's own
+    candidates (export.ranges.candidate_ranges: the logits' range, and the percentiles read from the first set of
+    calibration images) until one is within budget; the debugger is left with the most accurate ranges. True when
+    one is within budget (the search ends there)."""
     debugger = probe.debugger
     minmax = debugger.calibrated_model
     if probe.measure([], "full int8, min/max ranges")[1]:
         return True
-    head = decision_range(minmax, calibration, probe.output_kind)
-    values = activation_values(minmax, range_images(calibration))
     best = (probe.best[1], None, minmax)
-    for p in ([None] if head is not None else []) + list(CLIP_PERCENTILES):
-        debugger.calibrated_model = with_decision_range(minmax if p is None else clip_ranges(minmax, values, p), head)
-        probe.clip = clip_key(p, 0, head is not None)
-        acc, ok = probe.measure([], f"full int8, {describe(probe.clip)}")
+    head = decision_range(minmax, calibration, probe.output_kind)
+    for key, clipped in candidate_ranges(minmax, calibration, head, 1):
+        debugger.calibrated_model, probe.clip = clipped, key
+        acc, ok = probe.measure([], f"full int8, {describe(key)}")
         if ok:
             return True
         if acc > best[0]:

@@ -54,15 +54,19 @@ LONGEST_FIRST = ("regression", "nodes", "test_export_zoo", "test_own_data", "tes
                  "test_recipes", "test_qat_graph", "test_k8s", "test_data")
 
 
+def module_of(nodeid: str) -> str:
+    return Path(nodeid.split("::", 1)[0]).stem
+
+
 def group_of(nodeid: str) -> str:
-    module = Path(nodeid.split("::", 1)[0]).stem
+    module = module_of(nodeid)
     return next((g for g, modules in GROUPS.items() if module in modules), module)
 
 
 def pytest_collection_modifyitems(config, items):
     # A module that reads the regression run outside its group would build it again on the other worker (test_targets
     # did: 163 s). Read from what the tests ask for, not kept by hand alone.
-    readers = {Path(item.nodeid.split("::", 1)[0]).stem for item in items if "regression_run" in item.fixturenames}
+    readers = {module_of(item.nodeid) for item in items if "regression_run" in item.fixturenames}
     if readers - set(GROUPS["regression"]):
         raise pytest.UsageError(f"tests/conftest.py: GROUPS['regression'] lacks "
                                 f"{sorted(readers - set(GROUPS['regression']))}, which read regression_run")

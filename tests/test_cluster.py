@@ -30,7 +30,6 @@ def cluster():
     started without any AWS variables: workers reach the bucket through what the driver hands them. Unadvertised:
     its drivers join it through RAY_ADDRESS, and a plain ray.init() elsewhere does not."""
     with LocalCluster(nodes=2, cpus_per_node=1, dashboard=True, advertise=False) as c:
-        c.wait_for_job_agent()
         yield c
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 def free_port() -> int:
@@ -200,26 +200,9 @@ class LocalCluster:
                    "--disable-usage-stats", *own, f"--ray-client-server-port={free_port()}", *self.agent_ports()])
         for _ in range(self.nodes):
             self.add_node()
+        if self.dashboard:  # ready for `ray job submit` when start() returns
+            self.wait_for_job_agent()
         return self
-
-    def wait_for_job_agent(self, timeout_s: float = 120.0) -> None:
-        """Block until the head's job agent has registered (a cluster started with ``dashboard``), so that `ray job
-        submit` is taken: the dashboard answers before the agent has, and its job head waits only 10 s for one
-        ("No available agent to submit job, please try again later")."""
-        code = ("import ray\nfrom ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX as PREFIX\n"
-                "from ray.experimental.internal_kv import _internal_kv_get\nray.init(logging_level='ERROR')\n"
-                "head = next(n['NodeID'] for n in ray.nodes() if 'node:__internal_head__' in n['Resources'])\n"
-                "print(int(bool(_internal_kv_get(PREFIX + head, namespace=b'dashboard'))))")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
-                                  timeout=120)
-            if proc.stdout.strip().splitlines()[-1:] == ["1"]:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the head's job agent did not register within {timeout_s:.0f} s: "
-                                   f"{proc.stderr[-1000:]}")
-            time.sleep(1.0)
 
     def add_node(self) -> list[int]:
         """Start one more worker node (pinned to the next cores); returns its cores."""
@@ -252,30 +235,53 @@ class LocalCluster:
         node["killed"] = True
         return node["raylet_pid"]
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
-        """Block until ``count`` worker nodes are alive (asks the cluster through a short client)."""
-        code = ("import ray, time\nray.init(logging_level='ERROR')\n"
-                "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) > 0))")
+    def ask(self, code: str) -> tuple[Optional[str], str]:
+        """Run ``code`` (Python, after ``ray.init()`` joined this cluster) in a short client: (the last line it
+        printed, None for none; its stderr's end)."""
+        proc = subprocess.run([sys.executable, "-c", f"import ray\nray.init(logging_level='ERROR')\n{code}"],
+                              env=self.env, capture_output=True, text=True, timeout=120)
+        lines = proc.stdout.strip().splitlines()
+        return (lines[-1] if lines else None), proc.stderr[-1000:]
+
+    def wait_until(self, code: str, ready: Callable[[Optional[str]], bool], what: str,
+                   timeout_s: float = 120.0) -> None:
+        """Ask ``code`` (:meth:`ask`) each second until ``ready`` takes its answer; past ``timeout_s``, a
+        RuntimeError saying ``what`` was awaited and the last answer."""
         deadline = time.monotonic() + timeout_s
         while True:
-            proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
-                                  timeout=120)
-            lines = proc.stdout.strip().splitlines()
-            if lines and lines[-1].isdigit() and int(lines[-1]) >= count:
+            answer, err = self.ask(code)
+            if ready(answer):
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {lines[-1] if lines else '?'} of {count} Ray nodes came up: {proc.stderr[-1000:]}")
+                raise RuntimeError(f"{what}: not within {timeout_s:.0f} s (last answer {answer!r}): {err}")
             time.sleep(1.0)
 
+    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
+        """Block until ``count`` worker nodes are alive."""
+        self.wait_until("print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) > 0))",
+                        lambda answer: (answer or "").isdigit() and int(answer) >= count,
+                        f"{count} Ray worker nodes up", timeout_s)
+
+    def wait_for_job_agent(self, timeout_s: float = 120.0) -> None:
+        """Block until the head's job agent has registered its address (what Ray's job head looks up), so that
+        `ray job submit` is taken: the dashboard answers before the agent has registered, and its job head waits
+        only 10 s for one ("No available agent to submit job, please try again later")."""
+        self.wait_until("from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX as PREFIX\n"
+                        "from ray.experimental.internal_kv import _internal_kv_get\n"
+                        "head = next(n['NodeID'] for n in ray.nodes() if 'node:__internal_head__' in n['Resources'])\n"
+                        "print(int(bool(_internal_kv_get(PREFIX + head, namespace=b'dashboard'))))",
+                        lambda answer: answer == "1", "the head's job agent registered", timeout_s)
+
     def ray_nodes(self) -> list[dict]:
-        """Ray's view of the cluster's nodes: [{"node_id", "alive", "cpus", "head"}] (asked through a short client)."""
+        """Ray's view of the cluster's nodes: [{"node_id", "alive", "cpus", "head"}]."""
         import json
 
-        code = ("import json, ray\nray.init(logging_level='ERROR')\nprint(json.dumps([{'node_id': n['NodeID'], "
-                "'alive': n['Alive'], 'cpus': n['Resources'].get('CPU', 0), 'head': 'node:__internal_head__' in "
-                "n['Resources']} for n in ray.nodes()]))")
-        proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        answer, err = self.ask("import json\nprint(json.dumps([{'node_id': n['NodeID'], 'alive': n['Alive'], "
+                               "'cpus': n['Resources'].get('CPU', 0), 'head': 'node:__internal_head__' in "
+                               "n['Resources']} for n in ray.nodes()]))")
+        if answer is None:
+            raise RuntimeError(f"the cluster did not answer: {err}")
+        return json.loads(answer)
 
     def pids(self) -> set[int]:
         """The processes this cluster started (its nodes' daemons and workers, and clients given its env), and the
