@@ -15,6 +15,9 @@ On the test split, against the float32 TFLite model:
 - TFLite's 16x8 mode (16-bit activations, 8-bit weights: integer throughout, reference kernels): if its agreement
   is near float16's, the loss is the activations' 8 bits, and no choice of int8 ranges or float ops removes it.
 
+Each TFLite row also says on how many images its first two outputs are equal (argmax then answers the lower
+class: a logits range wider than the gap between an image's first two classes ties them).
+
 A model whose int8 agreement swings by tens of points between calibrations passes or fails a 1-point gate by luck;
 this shows it in a few minutes rather than over many exports.
 """
@@ -45,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from export.fast_int8 import KERNELS
     from export.model_io import load_source_model
     from export.ops import tflite_ops
-    from export.outputs import class_predictions
+    from export.outputs import class_predictions, inspect_model
     from export.runtime import TFLiteModel
     from export.tflite import convert_float16, convert_int16x8, quiet_converter
     from toolkit.errors import one_line
@@ -58,22 +61,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     test = np.random.default_rng(0).permutation(len(ds.x_test))[:args.images]
     x, y = ds.x_test[test].astype(np.float32), ds.y_test[test]
     source = load_source_model(args.model)
-    kind = source.info.output_kind
+    # what the output means, found as the export finds it (a model's own info says "probabilities" until then)
+    kind = inspect_model(source, x[:256], ds.num_classes, f"data {args.data}").output_kind
     with quiet_converter():
         float_blob = source.tflite_converter().convert()
     float_pred = class_predictions(TFLiteModel(content=float_blob).predict(x), kind)
     float_acc = np.mean(float_pred == y)
 
-    def row(name: str, pred: np.ndarray) -> None:
+    def row(name: str, pred: np.ndarray, ties: str = "") -> None:
         print(f"| {name} | {np.mean(pred == y) * 100:.2f}% | {(float_acc - np.mean(pred == y)) * 100:+.2f} | "
-              f"{np.mean(pred == float_pred) * 100:.1f}% |", flush=True)
+              f"{np.mean(pred == float_pred) * 100:.1f}% | {ties} |", flush=True)
 
     def tflite_row(name: str, blob: bytes) -> None:
-        row(name, class_predictions(TFLiteModel(content=blob).predict(x), kind))
+        out = TFLiteModel(content=blob).predict(x)
+        top = np.sort(out.reshape(len(out), -1), -1)
+        # images whose first two outputs are equal: argmax sends them to the lower class
+        ties = f"{np.mean(top[:, -1] == top[:, -2]) * 100:.1f}%" if top.shape[1] > 1 else "-"
+        row(name, class_predictions(out, kind), ties)
 
     print(f"{args.model}: float32 TFLite {float_acc * 100:.2f}% on {len(y)} test images\n")
-    print("| model | accuracy | drop (pp) | agrees with float32 |")
-    print("|---|---:|---:|---:|")
+    print("| model | accuracy | drop (pp) | agrees with float32 | top-1 ties |")
+    print("|---|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for sd in (1.0, 4.0):
         noisy = np.clip(x + rng.normal(0, sd, x.shape), 0, 255).astype(np.float32)
@@ -102,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         tflite_row(name, convert_int16x8(source, calibration))
     except Exception as e:  # an op without a 16x8 kernel: say so, the table stands
-        print(f"| {name}: does not convert ({one_line(e)}) | | | |")
+        print(f"| {name}: does not convert ({one_line(e)}) | | | | |")
     return 0
 
 

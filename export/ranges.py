@@ -33,18 +33,19 @@ CLIP_PERCENTILES = (99.99, 99.9, 99.0)
 RANGE_IMAGES = 64
 RANGE_SETS = 4
 
-# A classifier's answer is the largest of the logits its final softmax takes (or puts out), and int8 gives those logits one range
-# for every image: set by the rare image with a huge logit, its steps can be wider than the gap between an image's
-# first and second class, which then round to the same step, and the tie goes to the lower class index. Measured on
-# the zoo's EfficientNetB0 (5,000 CIFAR-10 images, 23.80% float; /tmp scripts, 2026-11-30): its logits spanned
-# [-34, 128] on the calibration images while the median gap between an image's first two was 0.24; int8's step was
-# 0.29, 25.6% of the int8 file's test answers were ties (its answers shifted towards classes 0, 1 and 2), and
-# rounding the float logits alone to that step cost 0.9 points. The range that agrees most with the float logits'
-# top-1 on the calibration images (DECISION_LOW_PERCENTILES x DECISION_HIGH_PERCENTILES, the softmax's output
-# rounded to int8's 1/256 steps as its kernel does) took the head alone from 73.6% to 97.0% agreement; the whole
-# file's drop fell at 11 of 12 calibrations and ranges, by 0.65 points on average (agreement +0.6;
-# benchmarks/results/int8_precision_head.md), and int8's own choice went from +1.30 to +0.95 points. Logits below the
-# range saturate: a class that far behind the first keeps a probability near 0 either way.
+# A classifier's answer is the largest of the logits its final softmax takes (or puts out), and int8 gives those
+# logits one range for every image: set by the rare image with a huge logit, its steps can be wider than the gap
+# between an image's first and second class, which then round to the same step, and the tie goes to the lower class
+# index. Measured on the zoo's EfficientNetB0 (5,000 CIFAR-10 images, 23.80% float; /tmp scripts, 2026-11-30): its
+# logits spanned [-34, 128] on the calibration images while the median gap between an image's first two was 0.24,
+# and rounding the float logits alone to int8's step (0.29) cost 0.9 points. The range that agrees most with the
+# float logits' top-1 on the calibration images (DECISION_LOW_PERCENTILES x DECISION_HIGH_PERCENTILES, the
+# softmax's output rounded to its fixed 1/256 steps as its kernel does) took the head alone from 73.6% to 97.0%;
+# over four calibrations and three ranges the int8 files' ties fell from 11.8-61.5% of the test images to
+# 2.5-11.7% at 11 of 12, their drop by 0.65 points on average (benchmarks/results/int8_precision_head.md), and
+# int8's own choice went from +1.30 to +0.95 points. On eight zoo models without such logits (a logits-out CNN
+# among them) it moved accuracy within 0.4 points either way (int8_precision_head_zoo.md). Logits below the range
+# saturate: a class that far behind the first keeps a probability near 0 either way.
 DECISION_LOW_PERCENTILES = (0, 0.1, 1, 5, 10, 25)  # of every logit: the range's low end
 DECISION_HIGH_PERCENTILES = (50, 75, 90, 95, 99, 100)  # of each image's largest logit: its high end
 # Not chosen with them: the range of the dense layer's input that computes the logits. On the same model its int8
