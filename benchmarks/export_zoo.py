@@ -318,8 +318,9 @@ def add_outlier_unit(model) -> None:
 
 
 def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, names=ZOO, log=print,
-              inception_width: float = 1.0) -> list[ZooModel]:
-    """Train and save every zoo model; returns where each is."""
+              inception_width: float = 1.0, seed: int = 0) -> list[ZooModel]:
+    """Train and save every zoo model, each from initial weights and batch order seeded by ``seed``; returns where
+    each is."""
     from toolkit.data import ImageSpec, load_dataset
     from toolkit.tf import import_keras, save_model
 
@@ -331,11 +332,11 @@ def build_zoo(out: Path, trees: dict[str, str], cache_dir: str, epochs: int, nam
         spec = ImageSpec((48, 48), "stretch") if name in INPUT_48 else ImageSpec()
         ds = load_dataset(tree, cache_dir, spec)
         shape, n = ds.x_train.shape[1:], ds.num_classes
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(seed)
         if name == "keras3_cnn" or zoo_modern.MODERN.get(name) == 3:
             import keras as keras3
 
-            keras3.utils.set_random_seed(0)
+            keras3.utils.set_random_seed(seed)
             model = _keras3_cnn(shape, n) if name == "keras3_cnn" else getattr(zoo_modern, name)(keras3, shape, n)
             model.compile(optimizer=keras3.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"])

@@ -32,10 +32,25 @@ BUCKET = "runs"  # the bucket the s3 fixture creates
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+def in_ci() -> bool:
+    """CI's runners set CI=true (GitHub Actions, GitLab, and this project's .ci/run under its CI)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 def require_shared_cifar() -> Path:
+    """The shared copy; away from CI a test that needs it skips, saying why (under CI the run has already stopped at
+    its start: pytest_configure)."""
     if not SHARED_CIFAR.exists():
         pytest.skip(f"shared CIFAR-10 copy not found at {SHARED_CIFAR} (tests that need real data skip without it)")
     return SHARED_CIFAR
+
+
+def pytest_configure(config):
+    # Under CI a missing copy would skip about 39 tests (the gate, TFLite Micro, accuracy, the export zoo) and pass:
+    # stop before anything runs, with one line naming it.
+    if in_ci() and not SHARED_CIFAR.exists() and not hasattr(config, "workerinput"):
+        raise pytest.UsageError(f"CI=true and the shared CIFAR-10 copy is missing: {SHARED_CIFAR} (the tests of "
+                                "accuracy, export and the gate need it; see ../shared/data/cifar10/README.md)")
 
 
 # The suite runs on two pytest-xdist workers (pyproject's addopts: -n 2): one machine's tests are mostly one
@@ -74,12 +89,38 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: a module's own order kept
 
 
+DEFAULT_WORKERS = 2  # CI's and the development machine's cores
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The suite's default layout, set here rather than in pyproject's addopts (where ``-n`` makes pytest without
+    pytest-xdist stop at "unrecognized arguments"): with xdist loaded and no ``-n`` given, DEFAULT_WORKERS workers;
+    with workers and no ``--dist`` given, whole modules (``loadscope``, pytest_xdist_make_scheduler). ``-n 0``,
+    ``-p no:xdist``, ``--pdb`` and ``-s`` run in this one process; a ``--dist`` named on the command line is xdist's
+    own (the shared fixtures are then built on each worker that needs them). Runs before xdist's own hook."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput") \
+            or os.environ.get("PYTEST_XDIST_WORKER"):
+        return None
+    interactive = config.getoption("usepdb", False) or config.getoption("capture", "fd") == "no"
+    if config.option.numprocesses is None and not interactive:
+        config.option.numprocesses = DEFAULT_WORKERS
+    if config.option.numprocesses and config.option.dist == "no" and not config.option.distload:
+        config.option.dist = "loadscope"
+    return None
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: no error where it is not loaded
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's scheduler for whole modules (--dist loadscope), with GROUPS' modules as one unit. (Not xdist's
+    """Under ``--dist loadscope`` (the default here): xdist's scheduler for whole modules, with GROUPS' modules
+    as one unit, handed out in collection order (LONGEST_FIRST). Any other ``--dist`` is xdist's own. (Not xdist's
     --dist loadgroup: it marks the groups in the tests' node ids, which pytest 9.2 no longer lets it change, and
     it then spread every test on its own: pytest-dev/pytest-xdist#1386.)"""
+    if config.option.dist != "loadscope":
+        return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # xdist 3.8 sorts scopes by test count unless told not to; 3.6 does not
 
     class ModuleGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

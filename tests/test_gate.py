@@ -72,13 +72,30 @@ def test_the_same_model_passes_against_its_own_export(full_export, regression_ru
     assert capsys.readouterr().err.strip() == "error: exports: need at least 2 exports of retrains of one recipe, got 1"
 
 
-def test_a_planted_regression_fails_and_names_the_class(full_export, planted, tmp_path, cache_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def planted_export(full_export, planted, tmp_path_factory, cache_dir):
+    """The planted model gated against the full export, with JUnit and GitHub's step summary: (its folder, the
+    completed export)."""
+    import os
+
     baseline, _ = full_export
-    summary = tmp_path / "summary.md"
-    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
-    out = tmp_path / "out"
-    proc = gate_export(planted, out, cache_dir, "--baseline", str(baseline), "--junit", str(tmp_path / "junit.xml"),
-                       "--max-class-drop", "5", "--class-floor", "cat=20")
+    tmp = tmp_path_factory.mktemp("planted-export")
+    saved = os.environ.get("GITHUB_STEP_SUMMARY")
+    os.environ["GITHUB_STEP_SUMMARY"] = str(tmp / "summary.md")
+    try:
+        proc = gate_export(planted, tmp / "out", cache_dir, "--baseline", str(baseline), "--junit",
+                           str(tmp / "junit.xml"), "--max-class-drop", "5", "--class-floor", "cat=20")
+    finally:
+        if saved is None:
+            os.environ.pop("GITHUB_STEP_SUMMARY")
+        else:
+            os.environ["GITHUB_STEP_SUMMARY"] = saved
+    return tmp, proc
+
+
+def test_a_planted_regression_fails_and_names_the_class(planted_export):
+    tmp_path, proc = planted_export
+    summary, out = tmp_path / "summary.md", tmp_path / "out"
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     fails = [line for line in proc.stderr.splitlines() if line.startswith("FAIL ")]
     assert "FAIL int8 class cat recall vs baseline: drop" in proc.stderr
@@ -96,6 +113,42 @@ def test_a_planted_regression_fails_and_names_the_class(full_export, planted, tm
     assert "**Failed:**" in summary.read_text() and "class cat" in summary.read_text()
     card = (out / "model_card.md").read_text()
     assert "Broken against the baseline" in card and (out / "flips_broken.png").stat().st_size > 1000
+
+
+def test_the_noise_lines_go_back_through_the_gate_file(full_export, planted_export, regression_run, tmp_path,
+                                                      cache_dir, capsys):
+    """What ``python -m export.noise`` prints as gate-file lines, committed in a gate.toml beside a policy, a budget
+    and class floors, is what ``--gate`` then judges by: each value in the report's gate, and the checks computed
+    with that training noise. (The planted model stands in for a second retrain: its cat class moves far more than
+    a seed's would, so the figures are large.)"""
+    import tomllib
+
+    baseline, _ = full_export
+    from export.noise import main as noise_main
+
+    assert noise_main([str(baseline), str(planted_export[0] / "out")]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.split("# gate.toml", 1)[1].splitlines()[1:] if line.strip()]
+    assert [line.split(" = ")[0] for line in lines] == ["training_noise", "class_training_noise"], printed
+    noise = tomllib.loads("\n".join(lines))
+    assert 0 < noise["training_noise"] < noise["class_training_noise"], noise  # one class was cut
+    gate_file = tmp_path / "gate.toml"
+    gate_file.write_text('policy = "regression"\nmax_regression = 0.75\nalpha = 0.1\nmax_drop = 1.5\n'
+                         'max_class_drop = 5.0\n' + "\n".join(lines) + '\n[class_floors]\nautomobile = 30.0\n')
+    proc = gate_export(regression_run / "model.keras", tmp_path / "out", cache_dir, "--baseline", str(baseline),
+                       "--gate", str(gate_file))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    gate = report["gate"]
+    assert (gate["policy"], gate["max_regression"], gate["alpha"], gate["max_drop_pp"], gate["max_class_drop"],
+            gate["class_floors"]) == ("regression", 0.75, 0.1, 1.5, 5.0, {"automobile": 30.0}), gate
+    assert (gate["training_noise"], gate["class_training_noise"]) == (noise["training_noise"],
+                                                                      noise["class_training_noise"])
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["int8 vs baseline int8"]["stats"]["noise_pp"] == noise["training_noise"]
+    assert f"with {noise['training_noise']:g} pp training noise" in checks["int8 vs baseline int8"]["why"]
+    assert checks["int8 class cat recall vs baseline"]["stats"]["noise_pp"] == noise["class_training_noise"]
+    assert checks["int8 class automobile recall floor"]["passed"]
 
 
 def test_a_baseline_of_other_images_or_a_bad_gate_is_refused(full_export, regression_run, tiny_tree_tgz, tmp_path,
@@ -118,18 +171,6 @@ def test_mcnemar_is_the_exact_binomial_test(only_a, only_b):
 
     expect = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
     assert mcnemar_exact(only_a, only_b) == pytest.approx(expect, rel=1e-9)
-
-
-def test_the_bootstrap_is_seeded_and_covers_the_difference():
-    from export.stats import compare
-
-    rng = np.random.default_rng(3)
-    y = rng.integers(0, 10, 5000)
-    a = np.where(rng.random(5000) < 0.7, y, (y + 1) % 10)
-    b = np.where(rng.random(5000) < 0.68, y, (y + 2) % 10)
-    s1, s2 = compare(y, a, b, seed=7), compare(y, a, b, seed=7)
-    assert s1 == s2  # the same inputs give the same decision
-    assert s1.ci_low_pp < s1.delta_pp < s1.ci_high_pp and s1.ci_high_pp - s1.ci_low_pp < 4
 
 
 def test_a_retrain_within_the_training_noise_passes_where_mcnemar_alone_fails():
