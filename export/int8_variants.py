@@ -95,7 +95,7 @@ def build_int8_selective(ctx: Context, attempt: int):
         start = selective_for_accuracy(ctx, int8_row)
     try:
         # 16x8 runs on reference kernels: slower than float32, and no int8 re-quantisation is the same file
-        speed = fast_int8.SpeedUp(start.blob, [], {}, error="not run: 16-bit activations") \
+        speed = fast_int8.SpeedUp(start.blob, start.float_ops, {}, error="not run: 16-bit activations") \
             if start.activations == "int16" else speed_step(ctx, start)
     except Exception as e:  # the speed step never loses the file the accuracy search found
         if for_speed:
@@ -116,7 +116,8 @@ def build_int8_selective(ctx: Context, attempt: int):
              "selective_ranking": start.ranking, "speed": speed.summary(), "activations": start.activations,
              "selective_val_agreement": start.val_agreement}
     ranges_used = ranges.describe(start.clip)
-    ranges_used = "16-bit activations (16x8)" if start.activations == "int16" else ranges_used
+    ranges_used = "16-bit activations (16x8" + (f"; {', '.join(start.float_ops)} in float" if start.float_ops
+                                                else "") + ")" if start.activations == "int16" else ranges_used
     ctx.log(f"  int8_selective: {ranges_used}, {len(start.float_tensors)} tensor(s) kept in float"
             + (f", from layers {', '.join(extra['float_layers'])}" if start.float_tensors else "")
             + (f"; op types in float for speed: {', '.join(speed.float_ops)} ({speed.ratio():.2f}x float32 at "
@@ -199,14 +200,26 @@ def int16_activations(ctx: Context, min_agreement: float, why: str):
 
     ctx.phase("int8_selective: no int8 file within budget; 16-bit activations")
     ctx.log(f"  int8_selective: {why}; trying 16-bit activations (16x8)")
+    float_ops: list[str] = []
     try:
         blob = convert_int16x8(ctx.source, ctx.calibration)
     except Exception as e:
-        raise RuntimeError(f"{why}; 16-bit activations do not convert ({one_line(e)})") from e
+        # An op without a 16x8 kernel (HARD_SWISH): that op type in float, the rest 16x8, rather than no file
+        ctx.log(f"  int8_selective: 16-bit activations do not convert ({one_line(e)}); the ops without a 16x8 "
+                "kernel kept in float")
+        try:
+            blob = convert_int16x8(ctx.source, ctx.calibration, float_fallback=True)
+        except Exception as again:
+            raise RuntimeError(f"{why}; 16-bit activations do not convert ({one_line(e)}), nor with those ops in "
+                               f"float ({one_line(again)})") from again
+        from export.ops import tflite_ops
+
+        float_ops = sorted(tflite_ops(content=blob)["float_ops"])
     acc, drop, agree = drop_and_agreement(held_out_predictions(ctx, blob), ctx.y_val, ctx.val_pred,
                                           ctx.job["float_val_accuracy"])
-    ctx.log(f"  int8_selective 16x8: held-out accuracy {acc:.4f} (drop {drop:+.2f} pp), agreement with the float "
-            f"model {agree:.1%}")
+    in_float = f" ({', '.join(float_ops)} in float)" if float_ops else ""
+    ctx.log(f"  int8_selective 16x8{in_float}: held-out accuracy {acc:.4f} (drop {drop:+.2f} pp), agreement with the "
+            f"float model {agree:.1%}")
     if drop > ctx.job["config"]["max_drop"] or agree < min_agreement:
-        raise RuntimeError(f"{why}; with 16-bit activations {drop:+.2f} pp on them, agreement {agree:.1%}")
-    return SelectiveResult(blob, [], acc, drop, 0, val_agreement=agree, activations="int16")
+        raise RuntimeError(f"{why}; with 16-bit activations{in_float} {drop:+.2f} pp on them, agreement {agree:.1%}")
+    return SelectiveResult(blob, [], acc, drop, 0, val_agreement=agree, activations="int16", float_ops=float_ops)

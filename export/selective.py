@@ -55,6 +55,7 @@ class SelectiveResult:
     clip: Optional[str] = None  # those ranges' export.ranges.clip_key ("99.9/2"); None: min/max
     val_agreement: Optional[float] = None  # top-1 agreement with the float model on the held-out images
     activations: str = "int8"  # "int16": TFLite's 16x8 mode (export.int8_variants.int16_activations)
+    float_ops: list[str] = field(default_factory=list)  # op types in float there (no 16x8 kernel: HARD_SWISH)
 
     @property
     def clip_percentile(self) -> Optional[float]:

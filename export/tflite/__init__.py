@@ -68,33 +68,36 @@ def convert_int8(model, calibration: np.ndarray, io_type: str = "uint8") -> byte
     tf = import_tf()
     if io_type not in ("uint8", "int8"):
         raise ValueError(f"io_type: expected 'uint8' or 'int8', got {io_type!r}")
-    c = _calibrated_converter(model, calibration, tf.lite.OpsSet.TFLITE_BUILTINS_INT8)
+    c = _calibrated_converter(model, calibration, [tf.lite.OpsSet.TFLITE_BUILTINS_INT8])
     c.inference_input_type = getattr(tf, io_type)
     c.inference_output_type = getattr(tf, io_type)
     with quiet_converter():
         return c.convert()
 
 
-def convert_int16x8(model, calibration: np.ndarray) -> bytes:
+def convert_int16x8(model, calibration: np.ndarray, float_fallback: bool = False) -> bytes:
     """TFLite's 16x8 mode, calibrated on ``calibration``: 16-bit activations, 8-bit weights, integer throughout,
     float input and output. 256 times int8's activation steps, for models whose int8 loss is the activations' 8 bits
     (benchmarks/int8_precision.py); LiteRT runs it on reference kernels (no XNNPACK), TFLite Micro on its int16 ones.
-    Raises the converter's error for an op without a 16x8 kernel (HARD_SWISH)."""
-    c = _calibrated_converter(model, calibration,
-                              import_tf().lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8)
+    Raises the converter's error for an op without a 16x8 kernel (HARD_SWISH), unless ``float_fallback``: such ops
+    then stay in float between a DEQUANTIZE and a QUANTIZE (TFLite's documented fallback: the 16x8 ops set with
+    TFLITE_BUILTINS), and the rest is 16x8."""
+    tf = import_tf()
+    ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    c = _calibrated_converter(model, calibration, ops + ([tf.lite.OpsSet.TFLITE_BUILTINS] if float_fallback else []))
     with quiet_converter():
         return c.convert()
 
 
-def _calibrated_converter(model, calibration: np.ndarray, ops):
-    """A converter quantising with ``ops`` (an OpsSet), calibrated on ``calibration``."""
+def _calibrated_converter(model, calibration: np.ndarray, ops: list):
+    """A converter quantising with ``ops`` (OpsSets), calibrated on ``calibration``."""
     tf = import_tf()
     if len(calibration) == 0:
         raise ValueError("calibration: no calibration images")
     c = _converter(model)
     c.optimizations = [tf.lite.Optimize.DEFAULT]
     c.representative_dataset = representative_dataset(calibration)
-    c.target_spec.supported_ops = [ops]
+    c.target_spec.supported_ops = list(ops)
     return c
 
 
