@@ -71,7 +71,8 @@ def build_qat(ctx: Context, attempt: int):
             path.unlink()
             raise Skip(f"quantisation-aware fine-tuning is worse than post-training int8 on the held-out images "
                        f"({q['held_out_accuracy'] * 100:.2f}% vs {q['int8_held_out_accuracy'] * 100:.2f}%, beyond "
-                       f"their paired noise of {q['held_out_noise_pp']:.2f} points): int8.tflite is the model to ship")
+                       f"their paired noise of {q['held_out_noise_pp']:.2f} points): int8.tflite is the model to ship",
+                       qat=q)
         return path, ctx.measure(path), extra
     raise RuntimeError("no QAT scheme could rebuild this model: " + "; ".join(failures))
 

@@ -14,7 +14,12 @@ import numpy as np
 
 
 class Skip(Exception):
-    """The variant does not apply to this model; the message says why."""
+    """The variant does not apply to this model; the message says why. ``fields``: what was measured on the way, for
+    the report's row (a QAT file found worse than int8 keeps its scheme, coverage and comparison)."""
+
+    def __init__(self, reason: str, **fields: Any):
+        super().__init__(reason)
+        self.fields = fields
 
 
 class Events:

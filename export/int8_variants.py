@@ -12,12 +12,13 @@ import numpy as np
 
 from export.context import Context, Skip
 from export.outputs import drop_and_agreement
+from export.stats import points
 from toolkit.errors import one_line
 
 
 def held_out_drop(ctx: Context, blob: bytes) -> float:
     """A TFLite file's accuracy drop from the float model on the held-out training images, in points."""
-    return float((ctx.job["float_val_accuracy"] - np.mean(held_out_predictions(ctx, blob) == ctx.y_val)) * 100)
+    return points(ctx.job["float_val_accuracy"] - float(np.mean(held_out_predictions(ctx, blob) == ctx.y_val)))
 
 
 def held_out_predictions(ctx: Context, blob: bytes) -> np.ndarray:

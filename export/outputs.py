@@ -14,6 +14,7 @@ import numpy as np
 
 from export.errors import ExportInputError
 from export.model_io import ModelInfo, SourceModel
+from export.stats import points
 
 
 def detect_output_kind(outputs: np.ndarray, compute_dtype: str = "float32") -> str:
@@ -43,7 +44,7 @@ def drop_and_agreement(pred: np.ndarray, y: np.ndarray, float_pred: Optional[np.
     """(accuracy, drop from ``float_accuracy`` in points, top-1 agreement with ``float_pred``, None without it) of
     a variant's classes ``pred`` on images labelled ``y``."""
     acc = float(np.mean(pred == y))
-    return acc, (float_accuracy - acc) * 100, None if float_pred is None else float(np.mean(pred == float_pred))
+    return acc, points(float_accuracy - acc), None if float_pred is None else float(np.mean(pred == float_pred))
 
 
 def tflite_accuracy(blob: bytes, x: np.ndarray, y: np.ndarray, kind: str) -> float:

@@ -34,6 +34,7 @@ from export.gate import baseline_checks, drift_checks, floor_checks, images_dige
 from export.micro import measure_variants
 from export.model_io import load_source_model
 from export.outputs import class_predictions, inspect_model
+from export.stats import points
 from export.report import build_report
 from export.supervisor import supervise
 from export.targets import target_checks
@@ -189,7 +190,7 @@ def log_row(row: dict, float_acc: float, cfg: ExportConfig, log) -> None:
     if row["status"] == "skipped":
         log(f"  {name:<14} skipped: {row['reason']}")
         return
-    drop = (float_acc - row["accuracy"]) * 100
+    drop = points(float_acc - row["accuracy"])
     log(f"  {name:<14} acc {row['accuracy']:.4f}  drop {drop:+.2f} pp  agree {row['agreement']:.4f}  "
         f"{row['size_bytes'] / 1024:,.0f} KB  p50 {row['latency_ms_p50']:.3f} ms"
         + (f"  (kept {row['route']})" if row.get("route") else "")

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from export.ops import fastest_within_gate, speed_notes
+from export.stats import points
 from export.targets import render_targets
 from toolkit.outputs import git_revision, write_json, write_text
 from toolkit.plots import pyplot, save_figure
@@ -199,7 +200,7 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
     drift = {c["variant"]: c for c in checks if c["kind"] == "drift"}  # export.gate's, under --float-policy
     for r in rows:  # each variant's verdict: built, and within the drift check (or --max-drop without one)
         if r["status"] == "ok":
-            r["drop_pp"] = (float_acc - r["accuracy"]) * 100
+            r["drop_pp"] = points(float_acc - r["accuracy"])
             r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else r["drop_pp"] <= cfg.max_drop
         else:  # skipped passes unless the variant was named (a named variant must be built)
             r["passed"] = r["status"] == "skipped" and r["name"] not in cfg.explicit

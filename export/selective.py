@@ -40,6 +40,7 @@ import numpy as np
 from export.outputs import class_predictions, drop_and_agreement
 from export.runtime import TFLiteModel
 from export.ranges import candidate_ranges, clipped_as, decision_range, describe, parse_clip_key
+from export.stats import points
 
 
 @dataclass
@@ -276,5 +277,5 @@ class _Probe:
 
     def result(self, ranking: list[dict]) -> SelectiveResult:
         keep, acc, blob, clip, calibrated, agree, ok = self.best
-        drop = (self.float_val_accuracy - acc) * 100
+        drop = points(self.float_val_accuracy - acc)
         return SelectiveResult(blob, list(keep), acc, drop, self.step - 1, ranking, ok, calibrated, clip, agree)

@@ -23,6 +23,7 @@ from typing import Optional
 
 from export import builders
 from export.context import Context, Events, Skip
+from export.stats import points
 from toolkit.errors import one_line
 
 
@@ -36,12 +37,12 @@ def build_row(ctx: Context, variant: str, attempt: int) -> dict:
     try:
         path, measured, extra = getattr(builders, spec.builder)(ctx, attempt)
     except Skip as e:
-        return {**base, "status": "skipped", "reason": str(e)}
+        return {**base, "status": "skipped", "reason": str(e), **e.fields}
     except Exception as e:  # the point of this process: any error fails this variant only
         if ctx.job.get("debug"):
             traceback.print_exc()
         return {**base, "status": "failed", "reason": one_line(e)}
-    drop = (ctx.job["float_accuracy"] - measured["accuracy"]) * 100
+    drop = points(ctx.job["float_accuracy"] - measured["accuracy"])
     return {**base, "status": "ok", "path": str(path), "size_bytes": path.stat().st_size, **measured,
             "drop_pp": drop, "build_s": time.perf_counter() - t0, **extra}
 

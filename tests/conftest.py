@@ -250,6 +250,45 @@ def s3(tmp_path_factory):
         server.wait(timeout=30)
 
 
+def registered_epoch(read) -> int:
+    """The epoch of the latest checkpoint Ray Train's controller has registered, 0 for none: read from the run's
+    checkpoint_manager_snapshot.json, which the controller writes when it registers one (a report reaches it on its
+    next poll of the workers) and a resumed run restores from. ``read()``: the file's text, or None while absent."""
+    try:
+        text = read()
+        latest = json.loads(text)["latest_checkpoint_result"] if text else None
+    except (OSError, ValueError, KeyError):  # absent, or caught half-written
+        return 0
+    return int((latest or {}).get("metrics", {}).get("epoch", 0))
+
+
+def wait_for_registered_epoch(read, epoch: int, proc=None, timeout: float = 180) -> int:
+    """Wait until Ray Train has registered the checkpoint of ``epoch`` or a later one (registered_epoch), while
+    ``proc`` (the driver) runs; returns that epoch. An event, not a clock: a poll can come late on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while (done := registered_epoch(read)) < epoch:
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            raise AssertionError(f"no checkpoint of epoch {epoch} registered (latest: {done}) within {timeout:.0f} s")
+        time.sleep(0.1)
+    return done
+
+
+def local_snapshot(storage_path: Path, name: str):
+    """registered_epoch's reader for a run stored in a local folder."""
+    path = Path(storage_path) / name / "checkpoint_manager_snapshot.json"
+    return lambda: path.read_text() if path.exists() else None
+
+
+def s3_snapshot(s3, prefix: str):
+    """registered_epoch's reader for a run stored in the s3 fixture's bucket under ``prefix`` (its name's folder)."""
+    def read():
+        try:
+            return s3["client"].get_object(Bucket=BUCKET, Key=f"{prefix}/checkpoint_manager_snapshot.json")["Body"].read()
+        except s3["client"].exceptions.NoSuchKey:
+            return None
+    return read
+
+
 def s3_json(s3, key):
     return json.loads(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, ROOT, s3_json, s3_keys
+from conftest import BUCKET, ROOT, s3_json, s3_keys, s3_snapshot, wait_for_registered_epoch
 from toolkit.localcluster import LocalCluster, free_port, ray_executable
 
 TRAIN = str(ROOT / "jobs" / "train.py")
@@ -101,7 +101,8 @@ def test_a_dead_node_and_then_a_killed_driver_lose_nothing(cluster, s3, tiny_tre
     args = run_args(tiny_tree_tgz, cache_dir, "twofailures", str(tmp_path / "out"), 8) + ["--max-failures", "2"]
     first = driver(cluster, s3, args, tmp_path / "first.txt")
     wait_for_line(tmp_path / "first.txt", "epoch   2/8", first)
-    time.sleep(1.5)  # a poll of Ray Train's controller (every 0.5 s) registers the reported checkpoint
+    snapshot = s3_snapshot(s3, "ray/twofailures")
+    wait_for_registered_epoch(snapshot, 2, first)  # the controller registers a report when it next polls
     alive_before = {n["node_id"] for n in cluster.ray_nodes() if n["alive"] and not n["head"]}
     cluster.kill_node(0)  # its raylet, by pid: the node and its training worker are gone
     cluster.add_node()  # the replacement joins; Ray Train restarts the group on it
@@ -109,7 +110,7 @@ def test_a_dead_node_and_then_a_killed_driver_lose_nothing(cluster, s3, tiny_tre
     resumed = int(re.search(r"resuming from checkpoint after epoch (\d+)", text).group(1))
     done = max(int(e) for e in re.findall(r"epoch +(\d+)/8", text[:text.index("resuming from checkpoint")]))
     assert done - resumed <= 1, f"the node's death lost more than one epoch: done {done}, resumed from {resumed}"
-    time.sleep(1.5)
+    after_restart = wait_for_registered_epoch(snapshot, resumed + 1, first)  # a checkpoint of the restarted group
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     assert [k for k in s3_keys(s3, "ray/twofailures/") if k.endswith("state.json")], "checkpoints in the bucket"
@@ -119,7 +120,7 @@ def test_a_dead_node_and_then_a_killed_driver_lose_nothing(cluster, s3, tiny_tre
     text = (tmp_path / "second.txt").read_text()
     assert f"run twofailures: checkpoints found in s3://{BUCKET}/ray/twofailures; resuming from the latest" in text
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= resumed, m["starts"]
+    assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= after_restart, m["starts"]
     assert f"resuming from checkpoint after epoch {m['resumed_from_epoch']}" in text
     dead = {n["node_id"] for n in cluster.ray_nodes() if not n["alive"]} & alive_before
     assert len(dead) == 1

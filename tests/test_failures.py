@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, local_snapshot, wait_for_registered_epoch
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 pytestmark = pytest.mark.usefixtures("joined_ray_node")  # one Ray for the module's runs
@@ -111,8 +111,8 @@ def test_ctrl_c_then_a_killed_worker_lose_nothing(tmp_path, tiny_tree_tgz, cache
         if "epoch   2/40" in line or time.monotonic() > deadline:
             break
     assert any("epoch   2/40" in l for l in seen), "".join(seen)[-2000:]
-    # Ray Train's controller registers reported checkpoints when it polls (every 0.5 s): give it a few polls.
-    time.sleep(2)
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers: wait for it to have
+    wait_for_registered_epoch(local_snapshot(tmp_path / "ray", "ctrlc"), 2, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:] + err[-2000:]
