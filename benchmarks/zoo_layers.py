@@ -18,3 +18,17 @@ class ScaledSwish(keras.layers.Layer):
 
     def call(self, x):
         return x * tf.sigmoid(self.beta * x)
+
+
+@keras.saving.register_keras_serializable(package="zoo_layers")
+class TwoScales(keras.layers.Layer):
+    """Two outputs, x * a and x * b with a trainable scale per channel each: a layer that forks a tensor into two
+    branches. tfmot's QuantizeWrapper quantises one output, and refuses it (tests/test_qat_graph.py's fallback)."""
+
+    def build(self, input_shape):
+        self.a = self.add_weight(name="a", shape=(int(input_shape[-1]),), initializer="ones")
+        self.b = self.add_weight(name="b", shape=(int(input_shape[-1]),), initializer="ones")
+        super().build(input_shape)
+
+    def call(self, x):
+        return x * self.a, x * self.b

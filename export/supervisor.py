@@ -119,7 +119,7 @@ def handle(event: dict, progress: Progress, sup: Supervision, stall_timeout: flo
 def after_death(proc: subprocess.Popen, progress: Progress, sup: Supervision, work: Path,
                 on_row: Callable[[dict], None], log: Callable[[str], None]) -> None:
     """A worker died or was killed with variants left: fail (or retry) the one it was on."""
-    what = (f"no sign of life for {progress.killed:.0f} s" if progress.killed
+    what = (f"no sign of life for {progress.killed:g} s" if progress.killed
             else f"the worker process {describe_exit(proc.returncode)}")
     if progress.current is None:  # died before starting a variant (e.g. could not load the model)
         detail = tail(work / "worker.log")

@@ -5,6 +5,7 @@ fold with the identity's statistics proves nothing)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -424,3 +425,67 @@ def test_16_bit_activations_refuse_hard_swish_in_one_line():
         convert_int16x8(model, IMAGES[:4].astype(np.uint8))
     line = one_line(caught.value)
     assert line.count("not yet supported for op: 'HARD_SWISH'") == 1 and "\n" not in line, line
+
+
+@pytest.fixture(scope="module")
+def two_outputs_model(tmp_path_factory, tiny_tree_tgz, cache_dir):
+    """A small CNN with a team's two-output layer (benchmarks.zoo_layers.TwoScales) between its convolution and its
+    dense head, trained two epochs on the tiny colour tree: tfmot's default scheme refuses it, every time (its
+    QuantizeWrapper quantises one output)."""
+    from benchmarks.zoo_layers import TwoScales
+    from toolkit.data import load_dataset
+    from toolkit.tf import import_keras, save_model
+
+    keras = import_keras()
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
+    inp = keras.Input((32, 32, 3))
+    h = L.MaxPooling2D(4)(L.Conv2D(8, 3, activation="relu")(L.Rescaling(1 / 255)(inp)))
+    a, b = TwoScales()(h)
+    model = keras.Model(inp, L.Dense(10, activation="softmax")(L.Flatten()(L.Add()([a, b]))))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(ds.x_train, ds.y_train, epochs=2, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("two_outputs") / "two_outputs.keras"
+    save_model(model, str(path))
+    return path
+
+
+def qat_export(model, data, out, cache_dir, *extra):
+    from conftest import export_in_process
+
+    return export_in_process("export", [str(model), "--data", str(data), "--out", str(out), "--cache-dir", cache_dir,
+                                        "--custom-objects", "benchmarks.zoo_layers", "--variants", "int8,qat_int8",
+                                        "--qat-epochs", "1", "--latency-runs", "5", "--micro-samples", "10", *extra])
+
+
+def test_qat_falls_back_to_conv_dense_when_the_default_scheme_cannot_rebuild(two_outputs_model, tiny_tree_tgz,
+                                                                             tmp_path, cache_dir):
+    """The default scheme raises on the two-output layer; QAT goes on with conv_dense (convolutions and dense layers
+    quantised, the rest in float), and the report says which scheme, why the default failed, and the coverage."""
+    proc = qat_export(two_outputs_model, tiny_tree_tgz, tmp_path / "out", cache_dir)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    q = next(r for r in report["variants"] if r["name"] == "qat_int8")
+    assert q["status"] in ("ok", "skipped"), (q.get("reason"), proc.stdout[-3000:])  # skipped: worse than int8
+    qat = q["qat"]
+    assert qat["scheme"] == "conv_dense" and len(qat["schemes_failed"]) == 1, qat
+    assert qat["schemes_failed"][0].startswith("default: ") and "QuantizeWrapper" in qat["schemes_failed"][0], qat
+    assert "qat scheme default cannot rebuild this model" in proc.stdout
+    assert (qat["quantized_layers"], qat["weighted_layers"]) == (2, 2), qat  # the convolution and the dense layer
+    assert any(k.startswith("two_scales") for k in qat["float_layers"]), qat["float_layers"]
+
+
+def test_a_qat_rebuild_past_its_timeout_fails_qat_alone(two_outputs_model, tiny_tree_tgz, tmp_path, cache_dir):
+    """--qat-build-timeout: a scheme whose rebuild sends no word for that long is killed (tfmot loops forever on some
+    graphs) and the next scheme tried in a new worker; here every rebuild takes longer than 0.05 s, so both schemes
+    are killed, qat_int8 fails naming each, and int8, built in the same export, is kept."""
+    proc = qat_export(two_outputs_model, tiny_tree_tgz, tmp_path / "out", cache_dir, "--qat-build-timeout", "0.05")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    assert rows["int8"]["status"] == "ok" and (tmp_path / "out" / "int8.tflite").exists(), rows["int8"]
+    q = rows["qat_int8"]
+    assert q["status"] == "failed" and "qat_int8" in report["failed"] and proc.returncode == 1, q
+    assert q["reason"] == ("no sign of life for 0.05 s while tfmot default scheme: rebuilding the model for QAT; "
+                           "killed; no sign of life for 0.05 s while tfmot conv_dense scheme: rebuilding the model "
+                           "for QAT; killed"), q["reason"]
+    assert "qat_int8: " in proc.stdout and "trying its next way (attempt 2 of 2)" in proc.stdout

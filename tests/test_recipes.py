@@ -72,6 +72,56 @@ def test_a_schedule_survives_the_checkpoint(tmp_path):
     assert back.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
 
 
+# What each recipe sets, written out by hand from its comment in toolkit/recipes.py: (optimizer, its options),
+# batch, epochs, augmentation, weight decay, label smoothing, model, and its learning rate at chosen steps of a run
+# with 10 steps per epoch.
+RECIPE_VALUES = {
+    "tutorial": (("Adam", {}), 32, 30, False, None, 0.0, "seed_cnn", {0: 1e-3, 150: 1e-3, 299: 1e-3}),
+    "adam": (("Adam", {}), 256, 30, True, None, 0.0, "seed_cnn", {0: 2e-3, 150: 2e-3, 299: 2e-3}),
+    # cosine after a linear warm-up of 2 epochs (20 steps): half the step halfway through the warm-up, the peak
+    # at its end, half again halfway through the 280 decaying steps, zero at the end
+    "fast": (("SGD", {"momentum": 0.9, "nesterov": True}), 256, 30, True, 5e-4, 0.1, "seed_cnn",
+             {0: 0.0, 10: 0.025, 20: 0.05, 160: 0.025, 300: 0.0}),
+    "mlperf_tiny_fast": (("SGD", {"momentum": 0.9, "nesterov": True}), 128, 105, True, 5e-4, 0.1, "resnet8",
+                         {0: 0.0, 10: 0.05, 20: 0.1, 535: 0.05, 1050: 0.0}),
+    # 0.99 per epoch, stepwise: the same through an epoch, 0.99^k after k epochs
+    "mlperf_tiny": (("Adam", {}), 32, 500, True, None, 0.0, "resnet8",
+                    {0: 1e-3, 9: 1e-3, 10: 0.99e-3, 1000: 1e-3 * 0.99 ** 100}),
+}
+
+
+def test_the_expected_values_name_every_recipe():
+    assert set(RECIPE_VALUES) == set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_sets_what_it_says(recipe):
+    """Each recipe's optimizer, schedule (its step at chosen steps), weight decay, label smoothing, batch, epochs,
+    augmentation and model, exactly: a miswired schedule or a dropped option fails here, where a short learning
+    run might still clear its bar."""
+    from toolkit.models import compile_model, make_model
+
+    (optimizer, options), batch, epochs, augment, decay, smoothing, model_name, steps = RECIPE_VALUES[recipe]
+    cfg = TrainConfig(**RECIPES[recipe])
+    assert (cfg.batch_size, cfg.epochs, cfg.augment, cfg.model) == (batch, epochs, augment, model_name)
+    opt = make_optimizer(cfg, 10)
+    config = opt.get_config()
+    assert type(opt).__name__ == optimizer and config["weight_decay"] == decay, config
+    for key, value in options.items():
+        assert config[key] == pytest.approx(value), (key, config)
+    lr = config["learning_rate"]  # the schedule the optimizer steps by (saved with the model)
+    if isinstance(lr, dict):
+        from toolkit.tf import import_keras
+
+        lr = import_keras().optimizers.schedules.deserialize(lr)
+    for step, expected in steps.items():
+        got = float(lr(step)) if callable(lr) else float(lr)
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-9), (recipe, step, got, expected)
+    model = make_model("seed_cnn")
+    compile_model(model, opt, 1, cfg.label_smoothing)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(smoothing)
+
+
 @pytest.fixture(scope="module")
 def cifar_sample(cache_dir):
     from toolkit.data import load_dataset
@@ -82,54 +132,70 @@ def cifar_sample(cache_dir):
     return ds.x_train[tr], ds.y_train[tr], ds.x_test[te], ds.y_test[te]
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_each_recipe_learns(recipe, cifar_sample):
-    """Each recipe's choices (optimizer, schedule, warm-up, decay, smoothing, augmentation; its model), on 4,000
-    real CIFAR-10 images for 3 epochs at a batch of at most 64: clearly above chance on 1,000 test images (chance is
-    10% +- 1 point there, so 20% is ten of its standard deviations). The threshold is set from a measured spread:
-    mlperf_tiny_fast (resnet8, SGD 0.1) gave 25.0-42.6% over 14 initial weights here and 22.8% once in CI, so 25%
-    failed about one run in ten; the weights are seeded so a run repeats on one machine."""
+# The default recipe after 3 epochs on 4,000 images, measured over eight seeds (0-7) on the development machine
+# (AMD EPYC, 2026-12-07): 36.1-42.1% on the 1,000 test images, mean 40.1%, standard deviation 2.0 points. 30% is five
+# standard deviations under the mean and twenty over chance (a schedule whose step never leaves zero stays there).
+LEARN_FLOOR = 0.30
+
+
+def test_the_default_recipe_learns(cifar_sample):
+    """The default recipe (fast) end to end on 4,000 real CIFAR-10 images for 3 epochs at batch 64: over LEARN_FLOOR
+    on 1,000 test images. What each recipe sets is test_each_recipe_sets_what_it_says's."""
     from toolkit.data.pipeline import make_eval_dataset, make_train_dataset
     from toolkit.models import compile_model, make_model
     from toolkit.tf import import_keras
 
     import_keras().utils.set_random_seed(0)
     x, y, xt, yt = cifar_sample
-    r = {**RECIPES[recipe], "epochs": 3}
-    r["batch_size"] = min(r.get("batch_size", TrainConfig.batch_size), 64)
-    cfg = TrainConfig(**r)
+    cfg = TrainConfig(**{**RECIPES["fast"], "epochs": 3, "batch_size": 64})
     steps = len(x) // cfg.batch_size
     model = make_model(cfg.model)
     compile_model(model, make_optimizer(cfg, steps), 4, cfg.label_smoothing)
     model.fit(make_train_dataset(x, y, cfg.batch_size, num_classes=10, augment=cfg.augment, seed=0),
               epochs=cfg.epochs, steps_per_epoch=steps, verbose=0)
     acc = model.evaluate(make_eval_dataset(xt, yt, 250, num_classes=10), verbose=0)[1]
-    assert acc > 0.20, f"{recipe}: test accuracy {acc:.3f} after 3 epochs"
+    assert acc > LEARN_FLOOR, f"fast: test accuracy {acc:.3f} after 3 epochs"
 
 
-def test_the_compute_dtype_follows_the_cpu():
-    """auto: bfloat16 where the CPU computes it natively (about 1.9x faster steps here, benchmarks/step_speed.py)."""
-    from toolkit.tf import resolve_compute_dtype
+# The first flags of /proc/cpuinfo on three CPUs: an Intel Xeon with AMX, an AMD EPYC (Zen 4) with avx512_bf16, and
+# an AMD EPYC (Zen 2) without either.
+CPUINFO = {
+    "intel_amx": "processor\t: 0\nflags\t\t: fpu vme avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n",
+    "epyc_zen4": "processor\t: 0\nflags\t\t: fpu vme avx2 avx512f avx512_bf16 avx512_vnni\n",
+    "epyc_zen2": "processor\t: 0\nflags\t\t: fpu vme avx2 fma sha_ni\nbugs\t\t: avx512_bf16_is_not_a_flag\n",
+}
 
-    assert resolve_compute_dtype("float32", use_gpu=False) == ("float32", "asked")
-    assert resolve_compute_dtype("bfloat16", use_gpu=True) == ("mixed_bfloat16", "asked")
-    assert resolve_compute_dtype("auto", use_gpu=True)[0] == "float32"
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert resolve_compute_dtype("auto", use_gpu=False)[0] == ("mixed_bfloat16" if native else "float32")
+
+def test_the_compute_dtype_follows_the_cpu(monkeypatch):
+    """auto: bfloat16 where the CPU computes it natively (about 1.9x faster steps here, benchmarks/step_speed.py).
+    The decision for each kind of CPU, whichever CPU runs the test."""
+    from toolkit import tf as toolkit_tf
+    from toolkit.tf import bf16_in_cpuinfo, resolve_compute_dtype
+
+    assert [bf16_in_cpuinfo(CPUINFO[k]) for k in ("intel_amx", "epyc_zen4", "epyc_zen2")] == [True, True, False]
+    assert bf16_in_cpuinfo("") is False
+    for native, policy in ((True, "mixed_bfloat16"), (False, "float32")):
+        monkeypatch.setattr(toolkit_tf, "cpu_has_bf16", lambda: native)
+        assert resolve_compute_dtype("auto", use_gpu=False)[0] == policy
+        assert resolve_compute_dtype("float32", use_gpu=False) == ("float32", "asked")
+        assert resolve_compute_dtype("bfloat16", use_gpu=True) == ("mixed_bfloat16", "asked")
+        assert resolve_compute_dtype("auto", use_gpu=True)[0] == "float32"
     with pytest.raises(ValueError, match="compute_dtype must be one of auto, float32, bfloat16"):
         TrainConfig(compute_dtype="float8")
 
 
-def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32(tmp_path):
+def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32(tmp_path, monkeypatch):
     """Strided and 5x5 depthwise convolutions train 2-3.5x slower in bfloat16 (benchmarks/results/bf16_layers.md):
-    under auto, MobileNetV3Small trains in float32, the 3x3-stride-1 nets in bfloat16 where the CPU has it."""
+    under auto, MobileNetV3Small trains in float32, the 3x3-stride-1 nets in bfloat16 where the CPU has it (here: a
+    CPU that has it, whichever runs the test)."""
     from types import SimpleNamespace
 
+    from toolkit import tf as toolkit_tf
     from toolkit.models import make_model
-    from toolkit.tf import cpu_has_bf16, import_keras, slow_in_bfloat16
+    from toolkit.tf import import_keras, slow_in_bfloat16
     from toolkit.train.worker import build_in_compute_dtype
+
+    monkeypatch.setattr(toolkit_tf, "cpu_has_bf16", lambda: True)
 
     keras = import_keras()
 
@@ -145,8 +211,7 @@ def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32(tmp_path):
     run = SimpleNamespace(cfg=TrainConfig(compute_dtype="auto"), rank=1)
     try:
         assert build_in_compute_dtype(run, mobilenet).layers[-1].compute_dtype == "float32"
-        expected = "bfloat16" if cpu_has_bf16() else "float32"
-        assert build_in_compute_dtype(run, seed_cnn).layers[1].compute_dtype == expected
+        assert build_in_compute_dtype(run, seed_cnn).layers[1].compute_dtype == "bfloat16"
         run.cfg = TrainConfig(compute_dtype="bfloat16")  # asked for: the user's choice stands
         assert build_in_compute_dtype(run, mobilenet).layers[-2].compute_dtype == "bfloat16"
         # A float32 model file keeps its own policy under auto, loaded once (no rebuild for layers it does not

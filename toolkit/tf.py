@@ -116,13 +116,19 @@ def set_threads(num_threads: int) -> None:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this machine's CPU computes bfloat16 natively (the avx512_bf16 or amx_bf16 flag in Linux's
-    /proc/cpuinfo); False where that cannot be read."""
+    """Whether this machine's CPU computes bfloat16 natively (bf16_in_cpuinfo of Linux's /proc/cpuinfo); False where
+    that cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return bf16_in_cpuinfo(f.read())
     except OSError:
         return False
+
+
+def bf16_in_cpuinfo(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text names a native bfloat16 unit on its first "flags" line: avx512_bf16 (AMD Zen 4
+    and later, Intel Cooper Lake and later) or amx_bf16 (Intel Sapphire Rapids and later)."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
