@@ -206,8 +206,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_destinations(cfg: TrainConfig) -> str | None:
-    """One line on the first place the run could not write (outputs, checkpoints), or None: checked
-    before any data is read or worker started, so a bad path never costs a training run."""
+    """One line on the first place the run could not write (outputs, checkpoints), or the first layer module that
+    cannot be imported (--custom-objects: the outputs and the export load the model with it), or None: checked
+    before any data is read or worker started, so a bad option never costs a training run."""
+    from toolkit.custom import import_custom_objects, parse_modules
     from toolkit.storage import check_writable
 
     for flag, location in (("--output", cfg.output), ("--storage-path", cfg.storage_path)):
@@ -215,6 +217,11 @@ def check_destinations(cfg: TrainConfig) -> str | None:
             problem = check_writable(location, cfg.s3_endpoint)
             if problem:
                 return f"{flag} {location}: {problem}"
+    if parse_modules(cfg.custom_objects):
+        try:
+            import_custom_objects(cfg.custom_objects)
+        except ValueError as e:
+            return f"--custom-objects {cfg.custom_objects}: {str(e).removeprefix('custom_objects: ')}"
     return None
 
 

@@ -75,6 +75,21 @@ def test_an_output_that_is_a_file_is_refused_before_training(tmp_path, tiny_tree
     assert target.read_text() == "not a folder"
 
 
+def test_a_layer_module_that_cannot_be_imported_is_refused_before_training(tmp_path, tiny_tree_tgz, cache_dir):
+    """--custom-objects is imported before any data is read or worker started (it used to be imported only to write
+    the outputs: the run trained its epochs, then ended in a traceback, issue 36)."""
+    from conftest import train_in_process
+
+    out = tmp_path / "out"
+    proc = train_in_process(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--output", str(out),
+                             "--custom-objects", "no_such_pkg.layers", "--epochs", "1"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert error_lines(proc) == ["error: --custom-objects no_such_pkg.layers: cannot import no_such_pkg.layers "
+                                 "(ModuleNotFoundError: No module named 'no_such_pkg'); it must be installed, on "
+                                 "PYTHONPATH, or in the current folder"], proc.stderr
+    assert "Traceback" not in proc.stderr and "data:" not in proc.stdout and not out.exists()
+
+
 def test_a_diverging_run_stops_with_one_line_and_writes_no_model(tmp_path, tiny_tree_tgz, cache_dir):
     """A learning rate of 1e37 sends the weights (and the loss) to infinity in the first epoch: the run
     stops there instead of training on NaN, says so in one line (epoch, steps), exits 1, and writes no
