@@ -33,6 +33,8 @@ def build_qat(ctx: Context, attempt: int):
     from export import qat, qat_model, tflite
     from export.qat_graph import for_qat
 
+    if ctx.source.given_qat is not None:
+        return qat_as_given(ctx)
     cfg = ctx.job["config"]
     model, rebuilt = (ctx.source.keras2, {}) if ctx.source.keras2 is not None else tf_keras_twin(ctx)
     failures = list(ctx.job.get("attempt_failures", {}).get("qat_int8", []))
@@ -75,6 +77,20 @@ def build_qat(ctx: Context, attempt: int):
                        qat=q)
         return path, ctx.measure(path), extra
     raise RuntimeError("no QAT scheme could rebuild this model: " + "; ".join(failures))
+
+
+def qat_as_given(ctx: Context):
+    """A quantisation-aware model as the user gave it (export.tfmot_given): converted to int8 from the ranges it
+    learned (its fake-quant), with no second fine-tuning; compared with post-training int8 as a fine-tune is."""
+    from export import tflite
+
+    ctx.phase("converting the quantisation-aware model as given")
+    path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(ctx.source.given_qat, ctx.calibration))
+    layers = len(ctx.info.tfmot["layers"])
+    ctx.log(f"  qat_int8: quantisation-aware model as given ({layers} layers with kernels quantised), converted "
+            "from the ranges it learned")
+    return path, ctx.measure(path), {"qat": {"as_given": True, "scheme": "as given", "quantized_layers": layers,
+                                             **compare_with_int8(ctx, path)}}
 
 
 def tf_keras_twin(ctx: Context):

@@ -38,6 +38,8 @@ class ModelInfo:
     num_layers: int = 0
     # How the saved model was rewritten before conversion (export.rewrite), each with what was checked.
     rewrites: tuple = ()
+    # What tfmot had done to the model as given (export.tfmot_given): {"kind", "layers"}, None for a plain model.
+    tfmot: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,8 +49,10 @@ class SourceModel:
     """The model to export, whatever saved it. ``keras2`` is the tf_keras model or None."""
 
     def __init__(self, info: ModelInfo, keras2=None, keras3=None, saved_model_dir: Optional[str] = None,
-                 loaded=None, original=None, custom_objects: Optional[dict] = None):
+                 loaded=None, original=None, custom_objects: Optional[dict] = None, given_qat=None):
         self.info = info
+        # A quantisation-aware model as the user gave it (export.tfmot_given): qat_int8 converts it as it is.
+        self.given_qat = given_qat
         # What is converted and what tfmot's QAT gets: the tf_keras model, rewritten where the converters
         # need it (export.rewrite); ``original`` is the model as saved, what the float figures measure.
         self.keras2 = keras2
@@ -174,11 +178,12 @@ def load_source_model(path: str, custom_objects: str = "") -> SourceModel:
     version = saved_keras_major(p) if fmt == "keras" else None
     if version == 3:
         return _load_keras3(p, path, objects)
+    known = {**given_wrappers(p), **objects}  # tfmot's own layers, when the file holds any
     try:
-        with keras.utils.custom_object_scope(objects):
+        with keras.utils.custom_object_scope(known):
             model = keras.models.load_model(str(p), compile=False)
     except Exception as e2:  # Keras raises many types for a bad file
-        unknown = unknown_layers(str(p), objects, keras)
+        unknown = unknown_layers(str(p), known, keras)
         if unknown:
             raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
         if fmt == "h5":  # maybe written by Keras 3
@@ -293,15 +298,31 @@ def _check_single_io(model, path: str) -> None:
                               "height, width and channels")
 
 
+def given_wrappers(p: Path) -> dict:
+    """tfmot's objects (export.tfmot_given) when the saved config names one of its wrappers, else none (tfmot is
+    imported only for such a file)."""
+    from toolkit.custom import layer_classes
+
+    from export.tfmot_given import WRAPPERS, tfmot_objects
+
+    return tfmot_objects() if set(layer_classes(str(p))) & set(WRAPPERS) else {}
+
+
 def _from_keras2(model, path: str, fmt: str, objects: dict) -> SourceModel:
+    from export.tfmot_given import unwrap
+
+    try:
+        model, given_qat, tfmot_done = unwrap(model)  # tfmot's wrappers stripped: the plain model converts
+    except ValueError as e:
+        raise ExportInputError(f"{path}: {e}") from None
     _check_single_io(model, path)
     from export.rewrite import rewrite_for_conversion
 
     converted, rewrites = rewrite_for_conversion(model, path)
     info = ModelInfo(str(Path(path)), fmt, 2, tuple(int(d) for d in model.input_shape[1:]),
                      int(model.output_shape[-1]), output_activation=_last_activation(model),
-                     num_layers=len(model.layers), rewrites=tuple(rewrites))
-    return SourceModel(info, keras2=converted, original=model, custom_objects=objects)
+                     num_layers=len(model.layers), rewrites=tuple(rewrites), tfmot=tfmot_done)
+    return SourceModel(info, keras2=converted, original=model, custom_objects=objects, given_qat=given_qat)
 
 
 def _last_activation(model) -> Optional[str]:

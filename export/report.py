@@ -63,6 +63,9 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+TFMOT_WORDS = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}
+
+
 def variant_notes(report: dict) -> list[str]:
     """The report's paragraphs on how variants were built: onnx_int8's routes, QAT's scheme, int8_selective's float
     tensors and op types."""
@@ -72,8 +75,19 @@ def variant_notes(report: dict) -> list[str]:
         lines += ["", f"`{r['name']}` was built two ways and the more accurate kept (`{r['route']}`): "
                   + "; ".join(f"{k}: {v['accuracy'] * 100:.2f}%, p50 {v['latency_ms_p50']:.3f} ms" if "error" not in v
                               else f"{k}: failed ({v['error']})" for k, v in r["candidates"].items()) + "."]
+    given = report.get("model_info", {}).get("tfmot")
+    if given:
+        figures = "; ".join(f"{name} {', '.join(f'{k} {v}' for k, v in fig.items())}" for name, fig in
+                            given["layers"].items())
+        lines += ["", f"The model as given was {TFMOT_WORDS[given['kind']]} by tfmot ({figures}); its wrappers were "
+                  "taken out before conversion. Sizes after gzip -9: " + ", ".join(
+                      f"`{r['name']}` {r['gzip_bytes'] / 1024:,.1f} KB" for r in report["variants"] if "gzip_bytes" in r)
+                  + "."]
     for r in report["variants"]:
-        if r.get("qat"):
+        if r.get("qat", {}).get("as_given"):
+            lines += ["", f"`{r['name']}`: the quantisation-aware model as given, converted from the ranges it "
+                      "learned (no fine-tuning here)."]
+        elif r.get("qat"):
             q = r["qat"]
             lines += ["", f"`{r['name']}`: tfmot scheme `{q['scheme']}`, weights of {q['quantized_layers']} of {q['weighted_layers']} layers with kernels (convolution, Dense, attention) "
                       f"quantised, learning rate {q['learning_rate']:g}"

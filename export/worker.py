@@ -14,6 +14,7 @@ Progress goes to an events file, one JSON object per line, which the supervisor 
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import time
@@ -43,6 +44,8 @@ def build_row(ctx: Context, variant: str, attempt: int) -> dict:
             traceback.print_exc()
         return {**base, "status": "failed", "reason": one_line(e)}
     drop = points(ctx.job["float_accuracy"] - measured["accuracy"])
+    if ctx.info.tfmot:  # what pruning or clustering buys on flash: zeros and repeated values compress
+        extra = {**extra, "gzip_bytes": len(gzip.compress(path.read_bytes(), 9))}
     return {**base, "status": "ok", "path": str(path), "size_bytes": path.stat().st_size, **measured,
             "drop_pp": drop, "build_s": time.perf_counter() - t0, **extra}
 

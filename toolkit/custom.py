@@ -93,6 +93,11 @@ def _layer_entries(node) -> Iterator[dict]:
             yield from _layer_entries(value)
 
 
+def layer_classes(path: str) -> list[str]:
+    """The class name of every layer the saved ``path`` holds (nested models' and wrapped layers' too)."""
+    return [entry["class_name"] for entry in _layer_entries(saved_config(path))]
+
+
 def unknown_layers(path: str, known: dict[str, type], keras) -> list[tuple[str, str]]:
     """(class name, module or registered package) of each layer in the saved ``path`` that neither
     ``keras`` (tf_keras or Keras 3) nor ``known`` nor Keras's registry resolves."""

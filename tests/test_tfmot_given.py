@@ -1,0 +1,105 @@
+"""Models tfmot has wrapped already, as its users hand them over (export.tfmot_given): pruned and saved before
+strip_pruning, clustered and saved before strip_clustering, prepared for quantisation-aware training and saved as
+tfmot's guide saves it (.h5). Each is trained for real on the tiny colour tree, and exported with no
+--custom-objects (tfmot is the toolkit's own dependency)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import export_in_process
+
+SPARSITY, CLUSTERS = 0.5, 8
+
+
+@pytest.fixture(scope="module")
+def given(tmp_path_factory, tiny_tree_tgz, cache_dir):
+    """{kind: saved path}: one small CNN (rescaling inside, as users write it), each kind's wrappers on its
+    convolution and dense layers (tfmot's way for a model with layers it cannot wrap), trained two epochs."""
+    import tensorflow_model_optimization as tfmot
+
+    from toolkit.data import load_dataset
+    from toolkit.tf import import_keras
+
+    keras = import_keras()
+    L = keras.layers
+    ds = load_dataset(str(tiny_tree_tgz), cache_dir)
+    tmp = tmp_path_factory.mktemp("tfmot")
+
+    def base():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((32, 32, 3))
+        h = L.MaxPooling2D(2)(L.Conv2D(8, 3, activation="relu")(L.Rescaling(1 / 255)(inp)))
+        h = L.Dense(32, activation="relu")(L.Flatten()(h))
+        return keras.Model(inp, L.Dense(10, activation="softmax")(h))
+
+    def wrap(fn):
+        return lambda layer: fn(layer) if type(layer).__name__ in ("Conv2D", "Dense") else layer
+
+    schedule = tfmot.sparsity.keras.ConstantSparsity(SPARSITY, begin_step=0, frequency=1)
+    pruned = keras.models.clone_model(base(), clone_function=wrap(
+        lambda layer: tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)))
+    clustered = keras.models.clone_model(base(), clone_function=wrap(
+        lambda layer: tfmot.clustering.keras.cluster_weights(
+            layer, number_of_clusters=CLUSTERS,
+            cluster_centroids_init=tfmot.clustering.keras.CentroidInitialization.LINEAR)))
+    qk = tfmot.quantization.keras
+    qat = qk.quantize_apply(keras.models.clone_model(base(), clone_function=wrap(qk.quantize_annotate_layer)))
+    paths = {}
+    for kind, model, suffix, callbacks in (("pruned", pruned, ".keras", [tfmot.sparsity.keras.UpdatePruningStep()]),
+                                           ("clustered", clustered, ".keras", []), ("qat", qat, ".h5", [])):
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        model.fit(ds.x_train, ds.y_train, epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
+        paths[kind] = tmp / f"{kind}{suffix}"
+        model.save(paths[kind])
+    return paths
+
+
+def export(path, data, out, cache_dir, *extra):
+    proc = export_in_process("export", [str(path), "--data", str(data), "--out", str(out), "--cache-dir", cache_dir,
+                                        "--latency-runs", "5", "--micro-samples", "10", "--qat-epochs", "1", *extra])
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return proc, report
+
+
+@pytest.mark.parametrize("kind", ["pruned", "clustered"])
+def test_a_pruned_or_clustered_model_is_stripped_and_exported(kind, given, tiny_tree_tgz, tmp_path, cache_dir):
+    """tfmot's strip (exact), then every variant; the report gives each layer's sparsity or clusters, and each
+    file's gzip size: the zeros or repeated values make the float32 file compress where a dense one does not."""
+    proc, report = export(given[kind], tiny_tree_tgz, tmp_path / "out", cache_dir)
+    assert report is not None and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == (0 if report["passed"] else 1)
+    done = report["model_info"]["tfmot"]
+    assert done["kind"] == kind and len(done["layers"]) == 3, done  # the convolution and the two dense layers
+    for name, figure in done["layers"].items():
+        if kind == "pruned":
+            assert figure["sparsity"] == pytest.approx(SPARSITY, abs=0.01), (name, figure)
+        else:
+            assert 2 <= figure["clusters"] <= CLUSTERS, (name, figure)
+    rows = {r["name"]: r for r in report["variants"]}
+    assert all(rows[v]["status"] == "ok" for v in ("float32", "dynamic", "float16", "int8", "onnx_float32")), rows
+    assert rows["float32"]["agreement"] >= 0.99  # the stripped model computes what the wrapped one does
+    built = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(0 < r["gzip_bytes"] <= r["size_bytes"] for r in built), built
+    assert rows["float32"]["gzip_bytes"] < (0.75 if kind == "pruned" else 0.5) * rows["float32"]["size_bytes"]
+    assert f"The model as given was {kind} by tfmot" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_quantisation_aware_model_is_exported_as_given(given, tiny_tree_tgz, tmp_path, cache_dir):
+    """qat_int8 is the given model converted from the ranges it learned, with no second fine-tuning; the float
+    variants and post-training int8 come from the model with the fake-quant taken out."""
+    proc, report = export(given["qat"], tiny_tree_tgz, tmp_path / "out", cache_dir)
+    assert report is not None and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["name"]: r for r in report["variants"]}
+    q = rows["qat_int8"]
+    assert q["status"] == "ok" and q["qat"]["as_given"] and q["qat"]["quantized_layers"] == 3, q
+    assert "qat_int8: quantisation-aware model as given (3 layers with kernels quantised)" in proc.stdout
+    assert "quantisation-aware fine-tuning" not in proc.stdout  # not trained again
+    assert report["model_info"]["tfmot"]["kind"] == "qat"
+    assert rows["float32"]["status"] == "ok" and rows["float32"]["agreement"] >= 0.99
+    assert report["float_accuracy"] > 0.5, report["float_accuracy"]  # the float model inside learned the colours
+    # The float model inside is the given one without its fake-quant: the int8 file learned with it agrees.
+    assert q["agreement"] >= 0.9, q
+
