@@ -79,10 +79,10 @@ def variant_notes(report: dict) -> list[str]:
     if given:
         figures = "; ".join(f"{name} {', '.join(f'{k} {v}' for k, v in fig.items())}" for name, fig in
                             given["layers"].items())
+        gzipped = ", ".join(f"`{r['name']}` {r['gzip_bytes'] / 1024:,.1f} KB" for r in report["variants"]
+                            if "gzip_bytes" in r)
         lines += ["", f"The model as given was {TFMOT_WORDS[given['kind']]} by tfmot ({figures}); its wrappers were "
-                  "taken out before conversion. Sizes after gzip -9: " + ", ".join(
-                      f"`{r['name']}` {r['gzip_bytes'] / 1024:,.1f} KB" for r in report["variants"] if "gzip_bytes" in r)
-                  + "."]
+                  f"taken out before conversion. Sizes after gzip -9: {gzipped}."]
     for r in report["variants"]:
         if r.get("qat", {}).get("as_given"):
             lines += ["", f"`{r['name']}`: the quantisation-aware model as given, converted from the ranges it "
