@@ -177,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cores-per-node", type=int, default=1, help="cores (and Ray CPUs) per simulated node")
     p.add_argument("--profile-steps", type=int, default=20, help="steps timed per part for the step breakdown")
     p.add_argument("--sections", default="machine,nodes,sync", help="which sections to run")
+    p.add_argument("--kinds", default="weak,strong", help="the nodes section's scaling kinds (weak: --per-worker-batch "
+                   "per worker; strong: --global-batch in all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for scaling.json and scaling.md")
     # internal: the plain-Keras child process
     p.add_argument("--_plain", action="store_true", help=argparse.SUPPRESS)
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
                 if "nodes" in sections:
                     runs: dict[int, dict] = {}  # weak and strong share a run when their global batches are equal
                     for kind, batch in (("weak", n * P), ("strong", G)):
-                        if batch % n:
+                        if batch % n or kind not in args.kinds.split(","):
                             continue
                         if batch not in runs:
                             runs[batch] = run_ray(args, ["--batch-size", str(batch), "--no-augment"], env=env)
