@@ -83,14 +83,16 @@ def qat_as_given(ctx: Context):
     """A quantisation-aware model as the user gave it (export.tfmot_given): converted to int8 from the ranges it
     learned (its fake-quant), with no second fine-tuning; compared with post-training int8 as a fine-tune is."""
     from export import tflite
+    from export.qat_model import count_quantized, has_kernel
 
     ctx.phase("converting the quantisation-aware model as given")
     path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(ctx.source.given_qat, ctx.calibration))
-    layers = len(ctx.info.tfmot["layers"])
-    ctx.log(f"  qat_int8: quantisation-aware model as given ({layers} layers with kernels quantised), converted "
-            "from the ranges it learned")
-    return path, ctx.measure(path), {"qat": {"as_given": True, "scheme": "as given", "quantized_layers": layers,
-                                             **compare_with_int8(ctx, path)}}
+    quantized = count_quantized(ctx.source.given_qat)
+    weighted = sum(1 for layer in ctx.source.keras2.layers if has_kernel(layer))
+    ctx.log(f"  qat_int8: quantisation-aware model as given ({quantized} of {weighted} layers with kernels "
+            "quantised), converted from the ranges it learned")
+    return path, ctx.measure(path), {"qat": {"as_given": True, "scheme": "as given", "quantized_layers": quantized,
+                                             "weighted_layers": weighted, **compare_with_int8(ctx, path)}}
 
 
 def tf_keras_twin(ctx: Context):

@@ -34,7 +34,6 @@ from export.gate import baseline_checks, drift_checks, floor_checks, images_dige
 from export.micro import measure_variants
 from export.model_io import load_source_model
 from export.outputs import class_predictions, inspect_model
-from export.stats import points
 from export.report import build_report
 from export.supervisor import supervise
 from export.targets import target_checks
@@ -124,7 +123,7 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
         write_text(stage / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
         job.update(stage=str(stage), arrays=str(work / "arrays"))
         rows = supervise(job, list(cfg.requested), work, stall_timeout=cfg.stall_timeout, debug=cfg.debug,
-                         on_row=lambda row: log_row(row, accuracies[0], cfg, log), log=log)
+                         on_row=lambda row: log_row(row, cfg, log), log=log)
         preds = stored_predictions(stage, rows, arrays)
         measure_variants(rows, arrays["x_test"], arrays["y_test"], preds, cfg.micro_samples, cfg.stall_timeout,
                          info.output_kind, log)
@@ -182,7 +181,7 @@ def gate_checks(cfg: ExportConfig, ds, float_pred, preds: dict, baseline) -> lis
     return checks + floor_checks(y, preds, cfg.gate, names)
 
 
-def log_row(row: dict, float_acc: float, cfg: ExportConfig, log) -> None:
+def log_row(row: dict, cfg: ExportConfig, log) -> None:
     name = row["name"]
     if row["status"] == "failed":
         log(f"  {name:<14} FAILED: {row['reason']}")
@@ -190,7 +189,7 @@ def log_row(row: dict, float_acc: float, cfg: ExportConfig, log) -> None:
     if row["status"] == "skipped":
         log(f"  {name:<14} skipped: {row['reason']}")
         return
-    drop = points(float_acc - row["accuracy"])
+    drop = row["drop_pp"]  # the worker's (export.stats.points)
     log(f"  {name:<14} acc {row['accuracy']:.4f}  drop {drop:+.2f} pp  agree {row['agreement']:.4f}  "
         f"{row['size_bytes'] / 1024:,.0f} KB  p50 {row['latency_ms_p50']:.3f} ms"
         + (f"  (kept {row['route']})" if row.get("route") else "")

@@ -77,7 +77,7 @@ def variant_notes(report: dict) -> list[str]:
                               else f"{k}: failed ({v['error']})" for k, v in r["candidates"].items()) + "."]
     given = report.get("model_info", {}).get("tfmot")
     if given:
-        figures = "; ".join(f"{name} {', '.join(f'{k} {v}' for k, v in fig.items())}" for name, fig in
+        figures = "; ".join(f"{name} {', '.join(f'{k} {v}' for k, v in fig.items())}".strip() for name, fig in
                             given["layers"].items())
         gzipped = ", ".join(f"`{r['name']}` {r['gzip_bytes'] / 1024:,.1f} KB" for r in report["variants"]
                             if "gzip_bytes" in r)

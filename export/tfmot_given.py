@@ -48,38 +48,39 @@ def wrapped_kind(model) -> Optional[str]:
 
 
 def unwrap(model) -> tuple:
-    """(the plain model, the given QAT model or None, what tfmot had done: {"kind", "layers": {layer: figure}})
+    """(the plain model, the given QAT model or None, what tfmot had done: {"kind", "layers": {layer: figures}})
     for a tfmot-wrapped ``model``; (model, None, None) for any other."""
-    import tensorflow_model_optimization as tfmot
+    from export.qat_model import has_kernel
 
     kind = wrapped_kind(model)
     if kind is None:
         return model, None, None
-    if kind == "pruned":
-        wrapped = [layer.layer.name for layer in model.layers if type(layer).__name__ == "PruneLowMagnitude"]
-        plain = tfmot.sparsity.keras.strip_pruning(model)
-        layers = {name: {"sparsity": round(float(np.mean(kernel(plain.get_layer(name)) == 0)), 4)} for name in wrapped
-                  if has_kernel(plain.get_layer(name))}
-        return plain, None, {"kind": kind, "layers": layers}
-    if kind == "clustered":
-        wrapped = [layer.layer.name for layer in model.layers if type(layer).__name__.startswith("ClusterWeights")]
-        plain = tfmot.clustering.keras.strip_clustering(model)
-        layers = {name: {"clusters": int(len(np.unique(kernel(plain.get_layer(name)))))} for name in wrapped
-                  if has_kernel(plain.get_layer(name))}
-        return plain, None, {"kind": kind, "layers": layers}
-    plain = without_fake_quant(model)
-    layers = {layer.layer.name: {"quantised": True} for layer in model.layers
-              if type(layer).__name__.startswith("QuantizeWrapper") and has_kernel(layer)}
-    return plain, model, {"kind": kind, "layers": layers}
+    wrapped = [layer.layer.name for layer in model.layers if WRAPPERS.get(type(layer).__name__) == kind
+               and hasattr(layer, "layer")]  # (QuantizeLayer, the input's fake-quant, wraps none)
+    if kind == "qat":
+        plain, given = without_fake_quant(model), model
+    else:
+        plain, given = strip(kind)(model), None
+    layers = {name: FIGURES[kind](plain.get_layer(name)) for name in wrapped if has_kernel(plain.get_layer(name))}
+    return plain, given, {"kind": kind, "layers": layers}
 
 
-def has_kernel(layer) -> bool:
-    return any("kernel" in w.name for w in layer.weights)
+def strip(kind: str):
+    """tfmot's own strip for a pruned or clustered model (exact: the wrapped model computes the same)."""
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot.sparsity.keras.strip_pruning if kind == "pruned" else tfmot.clustering.keras.strip_clustering
 
 
 def kernel(layer) -> np.ndarray:
     """A layer's kernel (its first weight with "kernel" in its name)."""
     return np.asarray(next(w for w in layer.weights if "kernel" in w.name))
+
+
+# What each kind reports for a wrapped layer with a kernel, read from the plain model.
+FIGURES = {"pruned": lambda layer: {"sparsity": round(float(np.mean(kernel(layer) == 0)), 4)},
+           "clustered": lambda layer: {"clusters": int(len(np.unique(kernel(layer))))},
+           "qat": lambda layer: {}}
 
 
 def without_fake_quant(qat_model):

@@ -205,7 +205,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in vars(args).items() if k != "smoke_test"})
 
 
-def check_destinations(cfg: TrainConfig) -> str | None:
+def check_options(cfg: TrainConfig) -> str | None:
     """One line on the first place the run could not write (outputs, checkpoints), or the first layer module that
     cannot be imported (--custom-objects: the outputs and the export load the model with it), or None: checked
     before any data is read or worker started, so a bad option never costs a training run."""
@@ -300,7 +300,7 @@ def run(cfg: TrainConfig) -> int:
     from toolkit.report import write_training_outputs
     from toolkit.storage import is_uri, upload_folder
 
-    problem = check_destinations(cfg)
+    problem = check_options(cfg)
     if problem:
         raise Refused(problem)
     ds = open_checked(cfg)
