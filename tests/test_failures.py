@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, local_snapshot, wait_for_registered_epoch
+from conftest import ROOT, local_snapshot, train_in_process, wait_for_registered_epoch
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 pytestmark = pytest.mark.usefixtures("joined_ray_node")  # one Ray for the module's runs
@@ -78,8 +78,6 @@ def test_an_output_that_is_a_file_is_refused_before_training(tmp_path, tiny_tree
 def test_a_layer_module_that_cannot_be_imported_is_refused_before_training(tmp_path, tiny_tree_tgz, cache_dir):
     """--custom-objects is imported before any data is read or worker started (it used to be imported only to write
     the outputs: the run trained its epochs, then ended in a traceback, issue 36)."""
-    from conftest import train_in_process
-
     out = tmp_path / "out"
     proc = train_in_process(["--data", str(tiny_tree_tgz), "--cache-dir", cache_dir, "--output", str(out),
                              "--custom-objects", "no_such_pkg.layers", "--epochs", "1"])
@@ -126,7 +124,7 @@ def test_ctrl_c_then_a_killed_worker_lose_nothing(tmp_path, tiny_tree_tgz, cache
         if "epoch   2/40" in line or time.monotonic() > deadline:
             break
     assert any("epoch   2/40" in l for l in seen), "".join(seen)[-2000:]
-    # Ray Train's controller registers a reported checkpoint when it next polls the workers: wait for it to have
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers: wait for that
     wait_for_registered_epoch(local_snapshot(tmp_path / "ray", "ctrlc"), 2, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
