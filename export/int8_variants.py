@@ -216,9 +216,13 @@ def int16_activations(ctx: Context, min_agreement: float, why: str):
         from export.ops import tflite_ops
 
         float_ops = sorted(tflite_ops(content=blob)["float_ops"])
-    acc, drop, agree = drop_and_agreement(held_out_predictions(ctx, blob), ctx.y_val, ctx.val_pred,
-                                          ctx.job["float_val_accuracy"])
     in_float = f" ({', '.join(float_ops)} in float)" if float_ops else ""
+    try:
+        pred = held_out_predictions(ctx, blob)
+    except RuntimeError as e:  # the converter quantised an op LiteRT has no 16-bit kernel for (SQUARED_DIFFERENCE)
+        raise RuntimeError(f"{why}; 16-bit activations{in_float} convert but do not run in LiteRT "
+                           f"({one_line(e)})") from e
+    acc, drop, agree = drop_and_agreement(pred, ctx.y_val, ctx.val_pred, ctx.job["float_val_accuracy"])
     ctx.log(f"  int8_selective 16x8{in_float}: held-out accuracy {acc:.4f} (drop {drop:+.2f} pp), agreement with the "
             f"float model {agree:.1%}")
     if drop > ctx.job["config"]["max_drop"] or agree < min_agreement:
