@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # as benchmarks/scaling.py: runnable from a checkout
 
-from toolkit.outputs import git_revision, machine  # noqa: E402
+from toolkit.files import git_revision, machine  # noqa: E402
 TRAIN = str(ROOT / "jobs" / "train.py")
 # The tutorial's own figures (its notebook's output), quoted beside ours, never measured here.
 TUTORIAL = {"test_accuracy": 0.6709, "test_precision": 0.7655}

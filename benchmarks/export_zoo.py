@@ -445,7 +445,7 @@ def p50_ratio(by: dict, name: str) -> str:
 
 
 def micro_cell(m) -> str:
-    """The int8 file in TensorFlow Lite for Microcontrollers (export.micro): its arena and agreement, or why not."""
+    """The int8 file in TensorFlow Lite for Microcontrollers (export.tflite.micro): its arena and agreement, or why not."""
     if not m:
         return "-"
     if not m.get("runs"):
@@ -497,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from toolkit.outputs import git_revision, machine
+    from toolkit.files import git_revision, machine
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "git_revision": git_revision(),
             "command": f"python benchmarks/export_zoo.py {' '.join(argv if argv is not None else sys.argv[1:])}"}

@@ -6,10 +6,10 @@ curve simulated on their real predictions.
 1. Trains ``2 x --pairs`` models with the default recipe (jobs/train.py, seeds 1, 2, ...), each exported
    (``--variants int8``: the file that ships), keeping every export's per-image predictions.
 2. No false alarms: each pair gated both ways (the second as candidate, the first as baseline, and back) under
-   every policy, by export.gate's own checks on the stored predictions: a same-recipe retrain must pass. The
+   every policy, by export.gate.checks' own checks on the stored predictions: a same-recipe retrain must pass. The
    default policy allows for the gate's default training noise; "McNemar alone" is the same policy without it
    (is this file worse than that one). The class checks (``--max-class-drop 5``) allow for the class noise.
-   Then the runs' own training noise (export.stats.training_noise, as ``python -m export.noise`` prints it).
+   Then the runs' own training noise (export.gate.stats.training_noise, as ``python -m export.noise`` prints it).
    Planted regressions (``--planted``, on by default): the recipe trained for a third of its epochs, and trained
    on a copy of the data with cat's training images cut to a tenth, each gated against seed 1.
 3. Power: the first pair's real predictions (two seeds disagree on many images in both directions: the
@@ -42,8 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.gate import GateConfig, judge  # noqa: E402
-from export.stats import compare, training_noise  # noqa: E402
+from export.gate.checks import GateConfig, judge  # noqa: E402
+from export.gate.stats import compare, training_noise  # noqa: E402
 from toolkit.config import TrainConfig, default_cache_dir  # noqa: E402
 from toolkit.data.types import CIFAR10_CLASSES  # noqa: E402
 
@@ -215,12 +215,12 @@ def main(argv=None) -> int:
     tables = (f"Same-recipe retrains, gated both ways (margin {gate.max_regression} pp, alpha {gate.alpha}, training "
               f"noise {gate.training_noise} pp, class noise {gate.class_training_noise} pp):\n\n"
               + markdown(same) + ("\n\nPlanted regressions, gated against seed 1:\n\n" + markdown(caught) if caught else "")
-              + f"\n\nThese runs' own training noise ({VARIANT}, points; export.stats.training_noise):"
+              + f"\n\nThese runs' own training noise ({VARIANT}, points; export.gate.stats.training_noise):"
               f"\n\n" + markdown([noise_row]) + f"\n\nShare of simulated candidates failed ({args.reps} resampled test sets per row; the "
               f"second seed's predictions made as accurate as the first's, then k points of its correct ones "
               f"flipped):\n\n" + markdown(power))
     print(tables)
-    from toolkit.outputs import git_revision, machine
+    from toolkit.files import git_revision, machine
 
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "git_revision": git_revision(),
             "command": "python benchmarks/gate_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -88,7 +88,7 @@ def main() -> None:
     for row in rows:
         base = next(r for r in rows if r["size"] == row["size"] and r["ingest"] == "memory")
         row["ratio_to_memory"] = row["images_per_s"] / base["images_per_s"]
-    from toolkit.outputs import git_revision, machine
+    from toolkit.files import git_revision, machine
 
     command = "python benchmarks/ingest.py " + " ".join(sys.argv[1:])
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "description": machine()},

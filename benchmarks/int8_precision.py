@@ -8,8 +8,8 @@ On the test split, against the float32 TFLite model:
   answers there; int8 rounds every one of its activations to 256 steps, so it changes more.
 - full int8 over ``--draws`` calibrations (``--calibration`` training images each, as the export draws them) and,
   for each, the converter's min/max ranges and the first set's 99.99th and 99.9th percentile ranges
-  (export.ranges): the spread is what luck decides; for a model ending in a softmax, each also with the logits'
-  range chosen for the top-1 (export.ranges.decision_range: what int8's own search tries; logits out too).
+  (export.tflite.ranges): the spread is what luck decides; for a model ending in a softmax, each also with the logits'
+  range chosen for the top-1 (export.tflite.ranges.decision_range: what int8's own search tries; logits out too).
 - full int8 with every op but the convolution and dense kernels in float (one draw: does the loss sit in the
   activations' own ops, as int8_selective can fix, or in the kernels?).
 - TFLite's 16x8 mode (16-bit activations, 8-bit weights: integer throughout, reference kernels): if its agreement
@@ -44,11 +44,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--images", type=int, default=2000, help="test images to measure on")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from export import ranges
-    from export.fast_int8 import KERNELS
-    from export.model_io import load_source_model
+    from export.tflite import ranges
+    from export.tflite.fast_int8 import KERNELS
+    from export.model.load import load_source_model
     from export.ops import tflite_ops
-    from export.outputs import class_predictions, inspect_model
+    from export.model.predictions import class_predictions, inspect_model
     from export.runtime import TFLiteModel
     from export.tflite import convert_float16, convert_int16x8, quiet_converter
     from toolkit.errors import one_line

@@ -9,7 +9,7 @@ convolution and dense kernels, and each --together list.
 The latency column asks whether int8 is slow because of ops LiteRT's XNNPACK delegate does not run in int8 (the
 export's speed note names them): kept in float, they run in the delegate between int8 kernels.
 
-int8_selective (export/selective.py) asks the same question on held-out training images, one denylist at a
+int8_selective (export/tflite/selective.py) asks the same question on held-out training images, one denylist at a
 time; this prints the whole table on the test split, to see whether a model's int8 loss sits in some op types
 (keeping them in float restores agreement) or in every op of a fragile model (nothing short of float32 does).
 Calibration is ``--calibration`` training images (the export's default count), re-quantised with each denylist
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def denylists(ops: dict[str, list[str]], together: tuple = ()) -> dict[str, list[str]]:
     """The denylists to measure, by name; ``together``: more lists of op types, each kept in float at once."""
-    from export.fast_int8 import KERNELS
+    from export.tflite.fast_int8 import KERNELS
 
     out = {"none (full int8)": []}
     out.update({f"{op} ({len(ts)})": ts for op, ts in sorted(ops.items(), key=lambda kv: -len(kv[1]))})
@@ -53,10 +53,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--runs", type=int, default=300, help="timed batch-1 runs per row")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from export.model_io import load_source_model
-    from export.outputs import class_predictions
+    from export.model.load import load_source_model
+    from export.model.predictions import class_predictions
     from export.runtime import TFLiteModel
-    from export.selective import debugger_rows, requantize, tensors_by_op_type
+    from export.tflite.selective import debugger_rows, requantize, tensors_by_op_type
     from export.tflite import quiet_converter, representative_dataset
     from toolkit.config import default_cache_dir
     from toolkit.data import load_dataset

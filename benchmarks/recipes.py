@@ -116,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from toolkit.config import default_cache_dir
-    from toolkit.outputs import git_revision, machine
+    from toolkit.files import git_revision, machine
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

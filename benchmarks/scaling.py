@@ -8,7 +8,7 @@ scaling efficiency, and where a step's time goes, from each worker's own timers)
   one machine  local Ray on every core: the default layout (auto: one worker with all CPUs), with and
                without augmentation, against 1-CPU workers (with Keras's per-step metric all-reduces, as
                before, and without) and plain Keras;
-  nodes        a real Ray cluster of N nodes on this machine (toolkit.localcluster: `ray start` per
+  nodes        a real Ray cluster of N nodes on this machine (benchmarks.localcluster: `ray start` per
                node, each pinned to its own cores): weak scaling (fixed per-worker batch) and strong
                scaling (fixed global batch) over --nodes, then the gradient-synchronisation options
                (float16/bfloat16 on the wire, gradient accumulation, small packs) at the largest N.
@@ -194,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from toolkit.outputs import git_revision, machine
+    from toolkit.files import git_revision, machine
 
     if args._plain:
         print(json.dumps(plain_keras(args.data, args.cache_dir, args._batch, args.limit, args.epochs, args._augment)))
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         print(f"  default with augmentation: {aug['images_per_s'] / default['images_per_s']:.2f}x of without", flush=True)
 
     if nodes and ({"nodes", "sync"} & sections):
-        from toolkit.localcluster import LocalCluster
+        from benchmarks.localcluster import LocalCluster
 
         n_max = max(nodes)
         plain_cache: dict[tuple, dict] = {}

@@ -9,7 +9,7 @@ AVX512-BF16 / AMX when it has them), and both; each for a model and batch size.
 Each mode trains ``--warmup`` untimed epochs (tracing, XLA compilation), then ``--epochs`` timed ones on the same
 ``--images`` images; rounds alternate the modes so that a noisy minute hits all of them. Prints a table of images/s
 (median of the rounds) and the ratio to the plain step, and writes NAME.json and NAME.md into --out. The toolkit's
-Ray path has its own step (toolkit/step.py); this measures whether the two switches pay at all on this CPU before
+Ray path has its own step (toolkit/train/step.py); this measures whether the two switches pay at all on this CPU before
 that step takes them.
 """
 

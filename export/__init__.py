@@ -1,5 +1,5 @@
 """Edge export: TFLite and ONNX variants, measured in device runtimes, with an accuracy-drift gate.
 
 The commands are ``python -m export``, ``python -m export.tflite`` and ``python -m export.onnx``;
-the library entry point is :func:`export.pipeline.run_export`.
+the library entry point is :func:`export.run.pipeline.run_export`.
 """

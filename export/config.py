@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from export.errors import ExportInputError
-from export.gate import GateConfig
+from export.gate.checks import GateConfig
 from export.variants import ALL_VARIANTS, variants_problem
 from toolkit.config import default_cache_dir
 
@@ -68,14 +68,14 @@ class ExportConfig:
     # Tracebacks of failed variants, and the worker's raw output, on stderr.
     debug: bool = False
     # The model on the device today: a previous export folder (its stored predictions) or a model file,
-    # compared image by image on the same test split (export.gate, export.baseline).
+    # compared image by image on the same test split (export.gate.checks, export.gate.baseline).
     baseline: Optional[str] = None
-    # How every check decides (policies, margins, class floors): export.gate.GateConfig, from --gate FILE
+    # How every check decides (policies, margins, class floors): export.gate.checks.GateConfig, from --gate FILE
     # (TOML) and the command line.
     gate: GateConfig = field(default_factory=GateConfig)
     # JUnit XML with one test case per check, for CI's test reporters.
     junit: Optional[str] = None
-    # Devices to check each TFLite variant against (export.targets: names from targets.toml or
+    # Devices to check each TFLite variant against (export.gate.targets: names from targets.toml or
     # targets_file, and "custom" from ram_kb/flash_kb): a variant that does not fit or run there fails.
     # With none, TFLite Micro's figures are still measured and reported.
     targets: tuple[str, ...] = ()
@@ -122,8 +122,8 @@ class ExportConfig:
         return self.requested if named else ()
 
     def device_targets(self) -> list:
-        """The export.targets.Target profiles asked for (--target, --targets-file, --ram-kb/--flash-kb)."""
-        from export.targets import resolve_targets
+        """The export.gate.targets.Target profiles asked for (--target, --targets-file, --ram-kb/--flash-kb)."""
+        from export.gate.targets import resolve_targets
 
         return resolve_targets(self.targets, self.targets_file, self.ram_kb, self.flash_kb)
 
@@ -140,3 +140,9 @@ class ExportConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExportConfig":
+        """The config ``to_dict`` wrote (as the export's worker process reads it from its job file)."""
+        return cls(**{**d, "gate": GateConfig(**d["gate"]),
+                      "image_size": tuple(d["image_size"]) if d.get("image_size") else None})

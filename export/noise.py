@@ -3,7 +3,7 @@ gate's ``training_noise`` and ``class_training_noise``.
 
 Train the recipe two or more times with different seeds (``jobs/train.py --seed N``), export each on the same
 test images (every export stores its per-image predictions), and pass the export folders. Prints, per variant,
-the spread the retrains show beyond the test images' noise (export.stats.training_noise), and the gate-file
+the spread the retrains show beyond the test images' noise (export.gate.stats.training_noise), and the gate-file
 lines to commit. More runs give a steadier figure: 4 runs make 6 pairs; the toolkit's own default is from 8.
 """
 
@@ -14,9 +14,9 @@ import math
 import sys
 from pathlib import Path
 
-from export.baseline import read_export
+from export.gate.baseline import read_export
 from export.errors import ExportInputError
-from export.stats import training_noise
+from export.gate.stats import training_noise
 
 
 ROUGH_BELOW = 4  # runs under which the estimate is said to be rough (4 make 6 pairs)

@@ -106,32 +106,33 @@ def _counts(d: dict) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
 
 
-def speed_notes(rows: list[dict]) -> dict:
+def speed_notes(results: list) -> dict:
     """{variant: note} for each quantised TFLite variant slower than float32.tflite at batch 1 (p50), and onnx_int8
-    slower than onnx_float32, with the ops responsible; {} when none is, or the float file was not built."""
-    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+    slower than onnx_float32, with the ops responsible; {} when none is, or the float file was not built.
+    ``results``: export.results.VariantResult."""
+    ok = {r.name: r for r in results if r.ok}
+    p50 = {name: r.measured.latency_ms_p50 for name, r in ok.items()}
     notes = {}
     if "float32" in ok:
-        base_ops = tflite_ops(ok["float32"]["path"])
+        base_ops = tflite_ops(ok["float32"].path)
+        speed = ok["int8_selective"].details.get("speed") if "int8_selective" in ok else None
         for name in QUANTISED:
-            if name in ok and ok[name]["latency_ms_p50"] > SLOWER * ok["float32"]["latency_ms_p50"]:
-                notes[name] = _note(name, ok[name], ok["float32"], tflite_why(name, tflite_ops(ok[name]["path"]),
-                                                                              base_ops, ok))
-    if "onnx_int8" in ok and "onnx_float32" in ok and \
-            ok["onnx_int8"]["latency_ms_p50"] > SLOWER * ok["onnx_float32"]["latency_ms_p50"]:
-        notes["onnx_int8"] = _note("onnx_int8", ok["onnx_int8"], ok["onnx_float32"], onnx_why(
-            onnx_ops(ok["onnx_int8"]["path"]), onnx_ops(ok["onnx_float32"]["path"])))
+            if name in ok and p50[name] > SLOWER * p50["float32"]:
+                notes[name] = _note(name, "float32", p50, tflite_why(name, tflite_ops(ok[name].path), base_ops, speed))
+    if "onnx_int8" in ok and "onnx_float32" in ok and p50["onnx_int8"] > SLOWER * p50["onnx_float32"]:
+        notes["onnx_int8"] = _note("onnx_int8", "onnx_float32", p50, onnx_why(
+            onnx_ops(ok["onnx_int8"].path), onnx_ops(ok["onnx_float32"].path)))
     return notes
 
 
-def _note(name: str, row: dict, base: dict, why: list[str]) -> dict:
-    ms, base_ms = row["latency_ms_p50"], base["latency_ms_p50"]
-    return {"latency_ms_p50": ms, f"{base['name']}_latency_ms_p50": base_ms, "ratio": ms / base_ms, "why": why,
-            "text": (f"`{name}` is slower than {base['name']} at batch 1 ({ms:.3f} vs {base_ms:.3f} ms, "
+def _note(name: str, base: str, p50: dict, why: list[str]) -> dict:
+    ms, base_ms = p50[name], p50[base]
+    return {"latency_ms_p50": ms, f"{base}_latency_ms_p50": base_ms, "ratio": ms / base_ms, "why": why,
+            "text": (f"`{name}` is slower than {base} at batch 1 ({ms:.3f} vs {base_ms:.3f} ms, "
                      f"{ms / base_ms:.2f}x): " + "; ".join(why) + ".")}
 
 
-def tflite_why(name: str, ops: dict, base_ops: dict, ok: dict) -> list[str]:
+def tflite_why(name: str, ops: dict, base_ops: dict, selective_speed: Optional[dict]) -> list[str]:
     """Why a TFLite variant is slower than float32: what it leaves to LiteRT's built-in kernels beyond what float32
     already does, what it computes in float between casts, and the faster int8_selective when there is one."""
     extra = Counter(ops["not_delegated"])
@@ -145,7 +146,7 @@ def tflite_why(name: str, ops: dict, base_ops: dict, ok: dict) -> list[str]:
     if not why:
         why.append("every op runs in the XNNPACK delegate, as float32's do: its quantised kernels themselves are "
                    "slower on this CPU at batch 1")
-    fast = (ok.get("int8_selective") or {}).get("speed") or {}
+    fast = selective_speed or {}  # int8_selective's speed step (export.tflite.fast_int8)
     if fast.get("kept") and name != "int8_selective":
         why.append(f"`int8_selective` keeps {', '.join(fast['float_op_types'])} in float: "
                    f"{fast['ratio_vs_float32']:.2f}x float32, timed side by side")
@@ -167,7 +168,8 @@ def onnx_why(ops: dict, base_ops: dict) -> list[str]:
     return why
 
 
-def fastest_within_gate(rows: list[dict]) -> Optional[str]:
-    """The passing TFLite variant with the lowest p50 latency at batch 1 (None if none passed)."""
-    ok = [r for r in rows if r["status"] == "ok" and r.get("passed") and r["format"] == "tflite"]
-    return min(ok, key=lambda r: r["latency_ms_p50"])["name"] if ok else None
+def fastest_within_gate(results: list, verdict) -> Optional[str]:
+    """The TFLite variant the verdict (export.gate.verdict) passed with the lowest p50 latency at batch 1 (None if
+    none passed)."""
+    ok = [r for r in results if r.ok and r.format == "tflite" and verdict.of(r.name).passed]
+    return min(ok, key=lambda r: r.measured.latency_ms_p50).name if ok else None

@@ -1,15 +1,15 @@
-"""The export report: report.json's content and the drift gate's verdict, a Markdown table for pull
-requests, and an accuracy-vs-size plot."""
+"""The export report: report.json's content (the one place results become rows), the verdict printed (decided in
+export.gate.verdict), a Markdown table for pull requests, and an accuracy-vs-size plot."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from export.ops import fastest_within_gate, speed_notes
-from export.stats import points
-from export.targets import render_targets
-from toolkit.outputs import git_revision, write_json, write_text
+from export.gate.targets import render_targets
+from toolkit.files import git_revision, write_json, write_text
 from toolkit.plots import pyplot, save_figure
 
 
@@ -133,69 +133,61 @@ def plot_accuracy_vs_size(report: dict, path: str | os.PathLike) -> None:
     save_figure(fig, path)
 
 
-def gate_failures(report: dict) -> list[str]:
-    """One line per variant that fails the gate (not built, skipped though named, or over --max-drop);
-    empty when the export passed. Pure: the CLIs and jobs/train.py print and decide from it."""
-    lines = []
-    for r in report["variants"]:
-        if r["status"] == "failed":
-            lines.append(f"FAIL {r['name']}: {r['reason']}")
-        elif r["status"] == "skipped" and not r["passed"]:
-            lines.append(f"FAIL {r['name']}: {r['reason']}")
-        elif r["status"] == "ok" and not r["passed"]:
-            drift = next((c for c in report.get("checks", []) if c["kind"] == "drift" and c["variant"] == r["name"]), None)
-            lines.append(f"FAIL {r['name']}: accuracy {r['accuracy']:.4f}, "
-                         + (drift["why"] if drift else f"drop {r['drop_pp']:.2f} pp > max {report['max_drop_pp']} pp"))
-    for c in report.get("checks", []):
-        if not c["passed"] and c["kind"] != "drift":
-            lines.append(f"FAIL {c['name']}: {c['why']}")
-    return lines
+def print_gate(report: dict) -> int:
+    """Print the verdict (export.gate.verdict, in ``report["verdict"]``): on stdout the skipped variants that do not
+    count against it and, when it passed, one line saying so; on stderr each failure. Returns its exit status (0
+    passed, 1 not). What ``python -m export`` and ``jobs/train.py`` both end with."""
+    import sys
 
-
-def gate_summary(report: dict) -> tuple[list[str], list[str]]:
-    """What a command prints about the gate: (stdout lines: skipped variants that do not count against it, and
-    the verdict when it passed; stderr lines: gate_failures)."""
+    verdict = report["verdict"]
     out = [f"skipped {r['name']}: {r['reason']}" for r in report["variants"] if r["status"] == "skipped" and r["passed"]]
-    failures = gate_failures(report)
-    if not failures:
+    if verdict["passed"]:
         base = [c for c in report.get("checks", []) if c["kind"] != "drift"]
         out.append(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
                    f"({report['float_accuracy']:.4f})" + (f"; {len(base)} baseline, class and device checks passed" if base else ""))
-    return out, failures
-
-
-def print_gate(report: dict) -> int:
-    """Print gate_summary (stdout, then the failures on stderr) and return the exit status: 0 passed, 1 not.
-    What ``python -m export`` and ``jobs/train.py`` both end with."""
-    import sys
-
-    out, failures = gate_summary(report)
     for line in out:
         print(line, flush=True)
-    for line in failures:
+    for line in verdict["failures"]:
         print(line, file=sys.stderr, flush=True)
-    return 1 if failures else 0
+    return verdict["exit_status"]
 
 
-def add_speed_notes(rows: list[dict]):
-    """Each quantised variant slower than float32 gets its ``speed_note`` (export.ops), read from the files
-    before intermediate ones are dropped; returns the error that stopped it, or None (never loses the export)."""
+def speed_notes_of(results: list) -> tuple[dict, Optional[str]]:
+    """({variant: speed note}, None) for each quantised variant slower than float32 (export.ops), read from the files
+    before intermediate ones are dropped; ({}, the error) when that failed (it never loses the export)."""
     try:
-        notes = speed_notes(rows)
+        return speed_notes(results), None
     except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    for name, note in notes.items():
-        next(r for r in rows if r["name"] == name)["speed_note"] = note
-    return None
+        return {}, f"{type(e).__name__}: {e}"
+
+
+def report_rows(results: list, micro: dict, notes: dict, verdict, out_dir: Path) -> list[dict]:
+    """report.json's variants, composed here and nowhere else: each result (export.results) with TFLite Micro's
+    figures, the verdict's pass or fail, its speed note, its size against float32.tflite, and where its file lands."""
+    sizes = {r.name: r.size_bytes for r in results if r.ok}
+    rows = []
+    for r in results:
+        row = r.to_dict()
+        row.pop("predictions_file", None)  # all of them are in predictions.npz
+        if r.ok:
+            row["path"] = str(out_dir.resolve() / Path(r.path).name)
+        if r.name in micro:
+            row["micro"] = micro[r.name]
+        row["passed"] = verdict.of(r.name).passed
+        if r.name in notes:
+            row["speed_note"] = notes[r.name]
+        if r.ok:
+            row["size_ratio_vs_float32_tflite"] = r.size_bytes / sizes["float32"] if "float32" in sizes else None
+        rows.append(row)
+    return rows
 
 
 def write_sidecars(stage: Path, rows: list[dict], info, checks) -> None:
     """Each built file's ``.json``: what an app needs to feed and read the model, its TFLite Micro figures
     (the arena to allocate) and, when targets were checked (``checks``), whether it fits each."""
-    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
-    float32_size = ok["float32"]["size_bytes"] if "float32" in ok else None
-    for r in ok.values():
-        r["size_ratio_vs_float32_tflite"] = r["size_bytes"] / float32_size if float32_size else None
+    for r in rows:
+        if r["status"] != "ok":
+            continue
         write_json(stage / f"{Path(r['path']).name}.json",
                    {"variant": r["name"], "file": Path(r["path"]).name, "input": r["input"],
                     "output": r["output"], "output_kind": info.output_kind,
@@ -206,27 +198,19 @@ def write_sidecars(stage: Path, rows: list[dict], info, checks) -> None:
                                     if c["kind"] == "target" and c["variant"] == r["name"]}} if checks is not None else {})})
 
 
-def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float, float_val_acc: float,
-                 checks: list = (), targets: list = ()) -> dict:
-    """report.json's content, with each variant's gate verdict; writes the sidecars, report.md and the plot
-    into ``stage`` and drops intermediate files that were not asked for."""
+def build_report(stage: Path, cfg, info, ds, results: list, float_acc: float, float_val_acc: float, *,
+                 micro: dict, checks: list, verdict, targets: list = ()) -> dict:
+    """report.json's content (the verdict as export.gate.verdict decided it); writes the sidecars, report.md and the
+    plot into ``stage`` and drops intermediate files that were not asked for."""
     requested = set(cfg.requested)
-    drift = {c["variant"]: c for c in checks if c["kind"] == "drift"}  # export.gate's, under --float-policy
-    for r in rows:  # each variant's verdict: built, and within the drift check (or --max-drop without one)
-        if r["status"] == "ok":
-            r["drop_pp"] = points(float_acc - r["accuracy"])
-            r["passed"] = drift[r["name"]]["passed"] if r["name"] in drift else r["drop_pp"] <= cfg.max_drop
-        else:  # skipped passes unless the variant was named (a named variant must be built)
-            r["passed"] = r["status"] == "skipped" and r["name"] not in cfg.explicit
-    speed_error = add_speed_notes(rows)
+    notes, speed_error = speed_notes_of(results)
     # Intermediate files (int8 built for onnx_int8 or int8_selective, float ONNX for onnx_int8) only
     # ship when they were asked for.
     for f in list(stage.iterdir()):
         if f.is_file() and f.suffix in (".tflite", ".onnx") and (f.stem not in requested or ".part" in f.name):
             f.unlink()
+    rows = report_rows(results, micro, notes, verdict, cfg.out_dir)
     write_sidecars(stage, rows, info, checks if targets else None)
-    failed = [r["name"] for r in rows if not r["passed"]]
-    failed_checks = [c["name"] for c in checks if not c["passed"] and c["kind"] != "drift"]
     report = {
         "model": str(Path(cfg.model).resolve()),
         "model_info": info.to_dict(),
@@ -237,17 +221,18 @@ def build_report(stage: Path, cfg, info, ds, rows: list[dict], float_acc: float,
         "float_accuracy": float_acc,
         "float_holdout_accuracy": float_val_acc,
         "max_drop_pp": cfg.max_drop,
-        "passed": not failed and not failed_checks,
-        "failed": failed,
-        "failed_checks": failed_checks,  # against the baseline, per class (export.gate)
+        "passed": verdict.passed,
+        "failed": verdict.failed,
+        "failed_checks": [c["name"] for c in verdict.failed_checks],  # against the baseline, per class, devices
+        "verdict": verdict.to_dict(),
         "gate": {**cfg.gate.to_dict(), "max_drop_pp": cfg.max_drop},
         "checks": list(checks),
-        "targets": [t.to_dict() for t in targets],  # device profiles checked (export.targets)
-        "built": [r["name"] for r in rows if r["status"] == "ok"],
-        "skipped": {r["name"]: r["reason"] for r in rows if r["status"] == "skipped"},
+        "targets": [t.to_dict() for t in targets],  # device profiles checked (export.gate.targets)
+        "built": [r.name for r in results if r.ok],
+        "skipped": {r.name: r.reason for r in results if r.status == "skipped"},
         "variants": rows,
         # The TFLite variant to ship for speed: the fastest at batch 1 among those within the gate.
-        "fastest_within_gate": fastest_within_gate(rows),
+        "fastest_within_gate": fastest_within_gate(results, verdict),
         **({"speed_note_error": speed_error} if speed_error else {}),
         "git_revision": git_revision(),
         "config": cfg.to_dict(),

@@ -1,29 +1,35 @@
-"""The variants the export builds, in report order: the one list of names, formats and builders (the
-functions of :mod:`export.builders` that build and measure each). Imports nothing of ours."""
+"""The variants the export builds, in report order: the one list of names, formats and the functions that build
+and measure each (each format's ``build`` module: export.tflite.build, export.qat.build, export.onnx.build). A
+builder takes the worker's Context and the attempt to start from (export.run.worker); the build modules import no
+framework at import time, so the command line reads this list without loading TensorFlow."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
+
+from export.onnx import build as onnx_build
+from export.qat import build as qat_build
+from export.tflite import build as tflite_build
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     format: str  # "tflite" or "onnx": the file it ships as, and the runtime that measures it
-    builder: str  # the function in export.builders that builds and measures it
+    build: Callable  # (Context, attempt) -> Built: builds and measures it, or raises Skip
     what: str
 
 
 REGISTRY = (
-    Variant("float32", "tflite", "build_plain_tflite", "the float model in LiteRT"),
-    Variant("dynamic", "tflite", "build_plain_tflite", "dynamic-range quantisation: int8 weights, float activations"),
-    Variant("float16", "tflite", "build_plain_tflite", "float16 weights"),
-    Variant("int8", "tflite", "build_plain_tflite", "full-integer quantisation, calibrated, uint8 in and out"),
-    Variant("int8_selective", "tflite", "build_int8_selective", "int8 with the worst tensors kept in float"),
-    Variant("qat_int8", "tflite", "build_qat", "int8 after quantisation-aware fine-tuning (tfmot)"),
-    Variant("onnx_float32", "onnx", "build_onnx_float32", "the float model in ONNX Runtime"),
-    Variant("onnx_int8", "onnx", "build_onnx_int8", "int8 QDQ, the best of its routes"),
+    Variant("float32", "tflite", tflite_build.build_plain_tflite, "the float model in LiteRT"),
+    Variant("dynamic", "tflite", tflite_build.build_plain_tflite, "dynamic-range quantisation: int8 weights, float activations"),
+    Variant("float16", "tflite", tflite_build.build_plain_tflite, "float16 weights"),
+    Variant("int8", "tflite", tflite_build.build_plain_tflite, "full-integer quantisation, calibrated, uint8 in and out"),
+    Variant("int8_selective", "tflite", tflite_build.build_int8_selective, "int8 with the worst tensors kept in float"),
+    Variant("qat_int8", "tflite", qat_build.build_qat, "int8 after quantisation-aware fine-tuning (tfmot)"),
+    Variant("onnx_float32", "onnx", onnx_build.build_onnx_float32, "the float model in ONNX Runtime"),
+    Variant("onnx_int8", "onnx", onnx_build.build_onnx_int8, "int8 QDQ, the best of its routes"),
 )
 BY_NAME = {v.name: v for v in REGISTRY}
 ALL_VARIANTS = tuple(v.name for v in REGISTRY)

@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learning-rate", type=float, default=d["learning_rate"].default,
                    help="the step for the global batch (the schedule's peak), whatever the worker layout")
     from toolkit.config import OPTIMIZERS, SCHEDULES
-    from toolkit.recipes import RECIPES
+    from toolkit.train.recipes import RECIPES
 
     g.add_argument("--recipe", choices=tuple(RECIPES), default=None,
-                   help="a named set of training choices (toolkit/recipes.py); options given here override it")
+                   help="a named set of training choices (toolkit/train/recipes.py); options given here override it")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default)
     g.add_argument("--momentum", type=float, default=d["momentum"].default, help="SGD's Nesterov momentum")
     g.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"].default,
@@ -190,7 +190,7 @@ def variant_list(text: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; --recipe's choices, then --smoke-test's SMOKE_TEST, replace the defaults, so
     options given explicitly (say --epochs 3) still win."""
-    from toolkit.recipes import recipe_defaults
+    from toolkit.train.recipes import recipe_defaults
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, ds, work: str):
 def export(cfg: TrainConfig, ds, local_out: str) -> int:
     """The edge export of the trained model, gated on --max-drop: 0 passed, 1 not (each failure named)."""
     from export.config import ExportConfig
-    from export.pipeline import run_export
+    from export.run.pipeline import run_export
     from export.report import print_gate
 
     export_ds = ds.decoded(EXPORT_SAMPLE, seed=cfg.seed)  # the export works on arrays
@@ -297,7 +297,7 @@ def export(cfg: TrainConfig, ds, local_out: str) -> int:
 
 def run(cfg: TrainConfig) -> int:
     from toolkit.errors import one_line
-    from toolkit.report import write_training_outputs
+    from toolkit.train.outputs import write_training_outputs
     from toolkit.storage import is_uri, upload_folder
 
     problem = check_options(cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit.localcluster import free_port
+from benchmarks.localcluster import free_port
 from toolkit.tf import set_tf_env
 
 set_tf_env()  # before anything imports TensorFlow (ray.train.tensorflow does)
@@ -302,7 +302,7 @@ def s3_keys(s3, prefix):
 def ray_node():
     """One single-node Ray cluster for the session (`ray start --head` with this machine's CPUs), unadvertised: a
     plain ray.init() elsewhere still starts its own Ray, as on a user's laptop. Yields the variables that join it."""
-    from toolkit.localcluster import LocalCluster
+    from benchmarks.localcluster import LocalCluster
 
     # With a dashboard: Ray Train's placement-group cleaner asks the state API, which the dashboard serves, about
     # the run every second; without one every run's log filled with "Failed to query Ray Train Controller actor
@@ -370,7 +370,7 @@ def export_in_process(module: str, args: list[str]) -> subprocess.CompletedProce
     """``python -m MODULE ARGS`` as its main() in this process (TensorFlow is imported already; the export's
     own worker process still builds the variants): exit status, stdout and stderr as a process would give
     them. tests/test_export.py keeps one case through a real process."""
-    from export.cli import main
+    from export.run.cli import main
 
     return main_in_process(lambda: main(args, formats=EXPORT_FORMATS[module], prog=f"python -m {module}"),
                            [module, *args])

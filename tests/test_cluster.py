@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUCKET, ROOT, s3_json, s3_keys, s3_snapshot, wait_for_registered_epoch
-from toolkit.localcluster import LocalCluster, free_port, ray_executable
+from benchmarks.localcluster import LocalCluster, free_port, ray_executable
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 
@@ -207,7 +207,7 @@ def test_job_submit_with_a_wrong_token_is_refused(cluster, tmp_path):
 def test_stopping_a_local_cluster_leaves_other_ray_instances_alone(cluster):
     """LocalCluster.stop ends the processes it started and no others (``ray stop --force`` would end every Ray
     on the machine, a user's own included): a second cluster is stopped while this module's keeps running."""
-    from toolkit.localcluster import alive, raylet_pids, recorded_address
+    from benchmarks.localcluster import alive, raylet_pids, recorded_address
 
     ours = cluster.pids()
     assert ours and any(pid in raylet_pids() for pid in ours), "the module's cluster is up"

@@ -326,8 +326,8 @@ def test_bfloat16_rounding_is_not_mistaken_for_another_model():
     sum to 1 only within bfloat16's rounding, and its float32 rebuild differs by more than float16's tolerance.
     Both once made the default run's model unexportable (read as logits, then refused as 'does not compute what
     the saved one does'); the full export of such a model is test_default_variants_within_one_point_and_small's."""
-    from export.outputs import detect_output_kind
-    from export.rewrite import outputs_close
+    from export.model.predictions import detect_output_kind
+    from export.model.rewrite import outputs_close
     from toolkit.tf import import_tf
 
     tf = import_tf()
@@ -349,7 +349,7 @@ def test_bfloat16_rounding_through_a_deep_network_is_not_mistaken_for_another_mo
     weights by a fifth, or drops the last bias, does not. The bfloat16 model is emulated (float32 arithmetic, every
     tensor rounded to bfloat16, as a CPU with bfloat16 units accumulates): the same figures on any CPU, where the
     CPU's own bfloat16 matmul differs between machines (0.042 here, 0.047 on another)."""
-    from export.rewrite import outputs_close
+    from export.model.rewrite import outputs_close
     from toolkit.tf import import_tf
 
     tf = import_tf()

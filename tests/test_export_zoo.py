@@ -179,8 +179,8 @@ def test_a_model_built_to_break_int8_is_rescued_by_int8_selective(exported):
     rows = {r["name"]: r for r in report["variants"]}
     assert rows["int8"]["drop_pp"] > 5 and "int8" in report["failed"] and proc.returncode == 1
     clipped = rows["int8"]["ranges"]
-    # (100 calibration images: one set of 64 to read the percentiles from, export.ranges.range_sets; min/max, then
-    # min/max and the three percentiles with the softmax's logits given export.ranges.decision_range)
+    # (100 calibration images: one set of 64 to read the percentiles from, export.tflite.ranges.range_sets; min/max, then
+    # min/max and the three percentiles with the softmax's logits given export.tflite.ranges.decision_range)
     assert clipped["clip_percentile"] is None and len(clipped["held_out_drop_pp"]) == 5, clipped
     assert [k for k in clipped["held_out_drop_pp"] if not k.endswith("+head")] == ["min/max"], clipped
     assert re.search(r"int8_selective: from \S+ ranges \(int8's held-out drops", proc.stdout), "not measured twice"

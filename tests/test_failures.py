@@ -32,7 +32,7 @@ def test_the_runs_here_join_the_session_ray_node_only_through_its_address(ray_no
     own temp folder, and records it there), so test_train_ray's runs still start a Ray of their own, as on a laptop."""
     import os
 
-    from toolkit.localcluster import recorded_address
+    from benchmarks.localcluster import recorded_address
 
     assert os.environ["RAY_ADDRESS"] == ray_node["RAY_ADDRESS"]
     port = ray_node["RAY_ADDRESS"].rsplit(":", 1)[-1]

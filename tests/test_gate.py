@@ -1,4 +1,4 @@
-"""The CI gate against the model already shipped (export.gate, export.baseline, export.ci, export.card): real
+"""The CI gate against the model already shipped (export.gate.checks, export.gate.baseline, export.gate.ci, export.gate.card): real
 exports of the regression model on the real CIFAR-10 test split, the full export as the baseline, a planted
 regression, the JUnit file read back by a JUnit parser, the step summary and the model card."""
 
@@ -167,7 +167,7 @@ def test_a_baseline_of_other_images_or_a_bad_gate_is_refused(full_export, regres
 
 @pytest.mark.parametrize("only_a, only_b", [(0, 0), (3, 9), (40, 61), (700, 612), (5, 0)])
 def test_mcnemar_is_the_exact_binomial_test(only_a, only_b):
-    from export.stats import mcnemar_exact
+    from export.gate.stats import mcnemar_exact
 
     expect = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
     assert mcnemar_exact(only_a, only_b) == pytest.approx(expect, rel=1e-9)
@@ -177,8 +177,8 @@ def test_a_retrain_within_the_training_noise_passes_where_mcnemar_alone_fails():
     """A candidate 1 point under its baseline on 10,000 images, 7.5% vs 6.5% of them right only in one: McNemar
     calls it real (p < 0.01), as it is for these two files; a same-recipe retrain moves accuracy that much (the
     default recipe's 0.5 points of training noise), so the default gate passes it and still fails 2 points."""
-    from export.gate import GateConfig, judge
-    from export.stats import compare
+    from export.gate.checks import GateConfig, judge
+    from export.gate.stats import compare
 
     n = 10_000
     y = np.zeros(n, np.int64)
@@ -200,7 +200,7 @@ def test_training_noise_recovers_the_spread_of_simulated_retrains(noise_pp):
     """30 simulated retrains on 10,000 images of mixed difficulty, each shifted by its own seed's luck (a
     difference between two of them has a spread of noise_pp points): the estimate finds it, beyond the test
     images' own noise, and finds about none when there is none."""
-    from export.stats import training_noise
+    from export.gate.stats import training_noise
 
     rng = np.random.default_rng(1)
     n, classes = 10_000, 10

@@ -1,4 +1,4 @@
-"""The graph tfmot is given (export.qat_graph), Keras 3 models rebuilt in tf_keras (export.from_keras3) and
+"""The graph tfmot is given (export.qat.graph), Keras 3 models rebuilt in tf_keras (export.model.keras3) and
 what a .tflite file runs where (export.ops): real tf_keras, Keras 3, tfmot and LiteRT, on the export zoo's
 architectures as their users write them, untrained but with batch norms given real-looking statistics (a
 fold with the identity's statistics proves nothing)."""
@@ -15,7 +15,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 from benchmarks import export_zoo, zoo_modern  # noqa: E402
-from export.ranges import CLIP_PERCENTILES  # noqa: E402
+from export.tflite.ranges import CLIP_PERCENTILES  # noqa: E402
 
 IMAGES = np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype(np.float32)
 
@@ -44,8 +44,8 @@ def test_mobile_graphs_get_every_kernel_quantised(factory):
     """Batch norm folded, ReLU/ReLU6 fused, SeparableConv2D split, hard-sigmoid split out: the same function, and
     tfmot's default scheme quantises the weights of every convolution and Dense (tfmot's own transforms would
     give a convolution followed by a ReLU layer a no-op config: 4 of keras-io's 14 kernels never quantised)."""
-    from export.qat_model import count_quantized, has_kernel, quantize_aware_model
-    from export.qat_graph import for_qat
+    from export.qat.model import count_quantized, has_kernel, quantize_aware_model
+    from export.qat.graph import for_qat
     from toolkit.tf import import_keras
 
     model = with_statistics(factory(import_keras(), (32, 32, 3), 10))
@@ -62,8 +62,8 @@ def test_mobile_graphs_get_every_kernel_quantised(factory):
 def test_a_model_used_as_a_layer_is_inlined_for_qat():
     """Transfer learning's shape (a base model under a new head, as with keras.applications): tfmot refuses a
     model used as a layer, so QAT inlines it first: same outputs, and every conv/dense layer quantised."""
-    from export.qat_model import count_quantized, quantize_aware_model
-    from export.qat_graph import for_qat
+    from export.qat.model import count_quantized, quantize_aware_model
+    from export.qat.graph import for_qat
     from toolkit.tf import import_keras
 
     keras = import_keras()
@@ -83,8 +83,8 @@ def test_a_model_used_as_a_layer_is_inlined_for_qat():
 
 
 def test_attention_stays_float_and_counts_against_coverage():
-    from export.qat_model import count_quantized, float_layers, has_kernel, quantize_aware_model
-    from export.qat_graph import for_qat
+    from export.qat.model import count_quantized, float_layers, has_kernel, quantize_aware_model
+    from export.qat.graph import for_qat
     from toolkit.tf import import_keras
 
     model = zoo_modern.vit(import_keras(), (32, 32, 3), 10)
@@ -102,8 +102,8 @@ def test_keras3_models_are_rebuilt_in_tf_keras(name):
     LayerNormalization, weights copied: the same outputs, and tfmot's default scheme takes the rebuild."""
     import keras as keras3
 
-    from export.from_keras3 import to_tf_keras
-    from export.qat_model import count_quantized, quantize_aware_model
+    from export.model.keras3 import to_tf_keras
+    from export.qat.model import count_quantized, quantize_aware_model
 
     model = with_statistics(getattr(zoo_modern, name)(keras3, (32, 32, 3), 10))
     rebuilt = to_tf_keras(model)
@@ -114,7 +114,7 @@ def test_keras3_models_are_rebuilt_in_tf_keras(name):
 def test_a_keras3_layer_without_counterpart_is_named():
     import keras as keras3
 
-    from export.from_keras3 import NoTfKerasCounterpart, to_tf_keras
+    from export.model.keras3 import NoTfKerasCounterpart, to_tf_keras
 
     class Gate(keras3.layers.Layer):
         def call(self, x):
@@ -124,6 +124,15 @@ def test_a_keras3_layer_without_counterpart_is_named():
     model = keras3.Model(inp, keras3.layers.Dense(2)(Gate(name="my_gate")(keras3.layers.Conv2D(4, 3)(inp))))
     with pytest.raises(NoTfKerasCounterpart, match=r"no tf_keras counterpart for my_gate \(Gate\)"):
         to_tf_keras(model)
+
+
+def timed_result(name: str, path, p50_ms: float, fmt: str = "tflite"):
+    """A built variant's result with only its file and its batch-1 latency measured (what the speed notes read)."""
+    from export.results import Measurement, VariantResult
+
+    m = Measurement(accuracy=0.5, agreement=1.0, latency_ms_p50=p50_ms, latency_ms_p90=p50_ms,
+                    throughput_images_per_s=1.0, throughput_batch=1, predictions_file="", input={}, output={})
+    return VariantResult(name, fmt, "ok", path=str(path), size_bytes=path.stat().st_size, measured=m, drop_pp=0.0)
 
 
 def test_ops_read_from_a_tflite_file(tmp_path):
@@ -142,11 +151,10 @@ def test_ops_read_from_a_tflite_file(tmp_path):
     f32, i8 = tflite_ops(str(paths["float32"])), tflite_ops(str(paths["int8"]))
     assert f32["not_delegated"] == {} and f32["ops"]["CONV_2D"] == 2
     assert i8["float_ops"] == {} and i8["casts"] == 2 and i8["ops"]["FULLY_CONNECTED"] == 2
-    rows = [{"name": n, "status": "ok", "path": str(p), "latency_ms_p50": ms, "format": "tflite"}
-            for (n, p), ms in zip(paths.items(), (0.10, 0.25))]
+    rows = [timed_result(n, p, ms) for (n, p), ms in zip(paths.items(), (0.10, 0.25))]
     note = speed_notes(rows)["int8"]
     assert note["ratio"] == pytest.approx(2.5) and note["text"].startswith("`int8` is slower than float32 at batch 1")
-    rows[1]["latency_ms_p50"] = 0.05
+    rows[1] = timed_result("int8", paths["int8"], 0.05)
     assert speed_notes(rows) == {}
     # ONNX: the graph ONNX Runtime runs after its optimisations. Its static quantisation of this CNN fuses every
     # convolution into an int8 kernel (QLinearConv), nothing computed in float; onnx_int8 slower than onnx_float32
@@ -161,8 +169,7 @@ def test_ops_read_from_a_tflite_file(tmp_path):
     f32, i8 = onnx_ops(str(onnx_paths["onnx_float32"])), onnx_ops(str(onnx_paths["onnx_int8"]))
     assert f32["casts"] == 0 and f32["float_ops"] == {} and "QLinearConv" not in f32["ops"], f32
     assert i8["ops"].get("QLinearConv") == 2 and "Conv" not in i8["float_ops"], i8
-    rows += [{"name": n, "status": "ok", "path": str(p), "latency_ms_p50": ms, "format": "onnx"}
-             for (n, p), ms in zip(onnx_paths.items(), (0.10, 0.30))]
+    rows += [timed_result(n, p, ms, "onnx") for (n, p), ms in zip(onnx_paths.items(), (0.10, 0.30))]
     note = speed_notes(rows)["onnx_int8"]
     assert note["ratio"] == pytest.approx(3.0) and set(speed_notes(rows)) == {"onnx_int8"}
     assert note["text"].startswith("`onnx_int8` is slower than onnx_float32 at batch 1 (0.300 vs 0.100 ms"), note
@@ -172,7 +179,7 @@ def test_int8_selective_runs_to_every_op_in_float():
     """An impossible budget walks int8_selective through every ranked tensor: once all are denylisted, TFLite's
     debugger refuses to rebuild its instrumented model ("Please check if the quantized model is in debug
     mode", issue 19's --max-drop 0 failure); the model to ship is still built, and said to be over budget."""
-    from export.selective import build_int8_selective
+    from export.tflite.selective import search_selective
     from toolkit.tf import import_keras, import_tf
 
     keras = import_keras()
@@ -182,7 +189,7 @@ def test_int8_selective_runs_to_every_op_in_float():
     x = IMAGES[:16, :16, :16].astype(np.uint8)
     y = np.arange(16) % 3
     lines = []
-    res = build_int8_selective(import_tf().lite.TFLiteConverter.from_keras_model(model), x, x, y,
+    res = search_selective(import_tf().lite.TFLiteConverter.from_keras_model(model), x, x, y,
                                output_kind="probabilities", float_val_accuracy=1.0, max_drop_pp=-1000, max_steps=100,
                                log=lines.append)
     steps = [line for line in lines if "int8_selective step" in line]
@@ -200,7 +207,7 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
     range over it and the ordinary units' values (a few units) fall within one or two int8 steps. Clipping every
     activation's range at a percentile of its values brings int8 back within budget with no op in float, the
     file a microcontroller can run; the ONNX route takes the same percentile."""
-    from export.selective import build_int8_selective
+    from export.tflite.selective import search_selective
     from toolkit.tf import import_keras, import_tf
 
     keras = import_keras()
@@ -225,19 +232,19 @@ def test_int8_selective_clips_a_rare_outlier_and_keeps_every_op_in_int8(tmp_path
     float_acc = float(np.mean(model.predict(x_val, verbose=0).argmax(1) == y_val))
     assert float_acc > 0.9
     lines = []
-    res = build_int8_selective(import_tf().lite.TFLiteConverter.from_keras_model(model), x[:500], x_val, y_val,
+    res = search_selective(import_tf().lite.TFLiteConverter.from_keras_model(model), x[:500], x_val, y_val,
                                output_kind="probabilities", float_val_accuracy=float_acc, max_drop_pp=1.0,
                                log=lines.append)
     minmax = next(line for line in lines if "min/max ranges" in line)
     assert float(minmax.split("drop ")[1].split(" pp")[0]) > 10, lines  # the outlier ruins plain int8
     assert res.within_budget and res.float_tensors == [] and res.clip_percentile in CLIP_PERCENTILES, lines
 
-    # The int8 variant's own path (export.int8_variants.int8_ranges): the converter's calibration, each percentile
+    # The int8 variant's own path (export.tflite.int8.int8_ranges): the converter's calibration, each percentile
     # read from each of four sets of 64 of the 500 images (a set may hold an outlier image or not), the one agreeing
     # most with the float model kept, finished as the converter finishes int8 (uint8 in and out, every op integer:
     # what TFLite Micro runs).
-    from export import ranges
-    from export.outputs import class_predictions, tflite_accuracy
+    from export.tflite import ranges
+    from export.model.predictions import class_predictions, tflite_accuracy
     from export.runtime import TFLiteModel
 
     calibrated = ranges.calibrate(import_tf().lite.TFLiteConverter.from_keras_model(model), x[:500])
@@ -281,8 +288,8 @@ def test_the_logits_get_the_range_that_keeps_the_top_class():
     image's logits round to the same step and the tie goes to the lowest class index. The decision range (the
     logits' range whose int8 top-1 agrees most with the float one on the calibration images) brings int8 back to
     the float answers, and a clip_key names it so that int8_selective and the speed step rebuild the same file."""
-    from export import ranges
-    from export.outputs import class_predictions
+    from export.tflite import ranges
+    from export.model.predictions import class_predictions
     from export.runtime import TFLiteModel
     from toolkit.tf import import_keras, import_tf
 
@@ -338,7 +345,7 @@ def test_the_logits_get_the_range_that_keeps_the_top_class():
 def test_the_selective_error_ignores_vanishing_channels_but_not_crushed_ones():
     """int8_selective's ranking error: channels that carry (almost) nothing are not ranked (EfficientNetB0's
     1e46 errors), while ordinary channels crushed by one outlier channel's range still count fully."""
-    from export.selective import _nmse
+    from export.tflite.selective import _nmse
 
     rng = np.random.default_rng(0)
     f = rng.normal(size=(64, 8)).astype(np.float32)
@@ -358,7 +365,7 @@ def test_int8_selective_ranks_op_types_by_what_they_do_to_accuracy():
     """Past --selective-steps single tensors, whole op types: each alone on top of those tensors (fewest tensors
     first, so the smallest float part within budget wins), then the most accurate types together. The ranking is
     the measured accuracy, not the debugger's error: here MUL has the worst error and LOGISTIC the effect."""
-    from export.selective import search_denylist, tensors_by_op_type
+    from export.tflite.selective import search_denylist, tensors_by_op_type
 
     ranked = [{"tensor_name": t, "op_name": op, "nmse": e} for t, op, e in [
         ("a", "MUL", "0.5"), ("b", "CONV_2D", "0.3"), ("c", "MUL", "0.2"), ("d", "LOGISTIC", "0.1"),
@@ -398,7 +405,7 @@ def test_a_keras3_normalization_converts_to_onnx_with_one_input(tmp_path):
     import onnxruntime as ort
 
     from export import onnx as onnx_export
-    from export.model_io import load_source_model
+    from export.model.load import load_source_model
 
     L = keras3.layers
     inp = keras3.Input((32, 32, 3))

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, require_shared_cifar
 from toolkit.config import TrainConfig
-from toolkit.recipes import RECIPES, learning_rate_schedule, make_optimizer
+from toolkit.train.recipes import RECIPES, learning_rate_schedule, make_optimizer
 
 sys.path.insert(0, str(ROOT / "jobs"))
 import train as train_job  # noqa: E402
@@ -72,7 +72,7 @@ def test_a_schedule_survives_the_checkpoint(tmp_path):
     assert back.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
 
 
-# What each recipe sets, written out by hand from its comment in toolkit/recipes.py: (optimizer, its options),
+# What each recipe sets, written out by hand from its comment in toolkit/train/recipes.py: (optimizer, its options),
 # batch, epochs, augmentation, weight decay, label smoothing, model, and its learning rate at chosen steps of a run
 # with 10 steps per epoch.
 RECIPE_VALUES = {

@@ -16,7 +16,7 @@ from conftest import ROOT, require_shared_cifar
 
 from toolkit.cluster import LayoutError, Node, resolve_layout
 from toolkit.config import TrainConfig
-from toolkit.step import DEFERRED_KEY
+from toolkit.train.step import DEFERRED_KEY
 
 
 def nodes(*spec):
@@ -90,7 +90,7 @@ STEP_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import tf_keras as keras
-    from toolkit.step import install_train_step, metric_results
+    from toolkit.train.step import install_train_step, metric_results
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6)).astype("float32")
@@ -260,7 +260,7 @@ def test_scaling_benchmark_help():
 
 
 def test_time_to_accuracy_counts_epochs_and_seconds_up_to_the_first_hit():
-    from toolkit.report import time_to_accuracy
+    from toolkit.train.outputs import time_to_accuracy
 
     h = {"val_accuracy": [0.5, 0.69, 0.71, 0.68, 0.75], "epoch_time_s": [10, 11, 12, 13, 14],
          "train_time_s": [9, 10, 11, 12, 13]}

@@ -1,4 +1,4 @@
-"""The gate's statistics checked against what they claim (export.stats, export.gate.judge): a 95% interval covers
+"""The gate's statistics checked against what they claim (export.gate.stats, export.gate.checks.judge): a 95% interval covers
 the true difference in about 95% of many simulated test sets, as wide as the normal approximation says; the
 p-value with training noise rejects about 5% of same-recipe retrains; non_inferiority passes a candidate only
 when its interval proves the margin. Simulations with a known truth, no TensorFlow."""
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from export.gate import GateConfig, judge
-from export.stats import compare, images_var_pp, noisy_p, paired_bootstrap
+from export.gate.checks import GateConfig, judge
+from export.gate.stats import compare, images_var_pp, noisy_p, paired_bootstrap
 
 N_IMAGES = 2000
 ONLY_A, ONLY_B = 0.10, 0.07  # the true share of images only the reference / only the candidate gets right
@@ -111,8 +111,8 @@ def test_non_inferiority_passes_only_a_drop_its_interval_proves_within_the_margi
 def test_a_drop_of_exactly_the_budget_passes():
     """5 of 500 images is 1 point: 0.332 - 0.322 in floating point is 1.0000000000000009, which failed a 1-point
     budget (the zoo's as_saved qat_int8, one run). Differences are taken in whole points of n images."""
-    from export.outputs import drop_and_agreement
-    from export.stats import points
+    from export.model.predictions import drop_and_agreement
+    from export.gate.stats import points
 
     assert (0.332 - 0.322) * 100 > 1.0 and points(0.332 - 0.322) == 1.0 and points(0.1 - 0.1) == 0.0
     y = np.zeros(500, np.int64)

@@ -88,7 +88,7 @@ def test_targets_fail_exactly_the_variants_that_do_not_fit(full_export, regressi
 
 
 def test_every_missing_op_is_named(tmp_path):
-    """TFLM's resolver names only the first op it lacks; export.micro names them all, in a real process."""
+    """TFLM's resolver names only the first op it lacks; export.tflite.micro names them all, in a real process."""
     import tensorflow as tf
 
     @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.float32)])
@@ -97,7 +97,7 @@ def test_every_missing_op_is_named(tmp_path):
 
     conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
     (tmp_path / "m.tflite").write_bytes(conv.convert())
-    proc = subprocess.run([sys.executable, "-m", "export.micro", str(tmp_path / "m.tflite")],
+    proc = subprocess.run([sys.executable, "-m", "export.tflite.micro", str(tmp_path / "m.tflite")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

@@ -25,7 +25,7 @@ def run_train(args: list[str], timeout: int = 900) -> subprocess.CompletedProces
 
 def test_metrics_are_aggregated_once_per_epoch(regression_run):
     """The regression run (conftest): the epoch's metrics are real fractions, aggregated once per epoch
-    (toolkit.step). Two workers each running every step on their own half of the batch: test_failures.py."""
+    (toolkit.train.step). Two workers each running every step on their own half of the batch: test_failures.py."""
     history = json.loads((regression_run / "history.json").read_text())
     for key in ("accuracy", "precision", "recall", "val_accuracy", "val_precision", "val_recall"):
         # Fractions, not sums over steps; precision and recall are 0 in an epoch whose model gives no class a

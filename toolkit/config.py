@@ -74,13 +74,13 @@ class TrainConfig:
     # Global batch, split evenly across workers. The tutorial's 32 is communication-bound
     # once split (about 1,200 images/s on 2 workers vs about 6,500 at 256).
     batch_size: int = 256
-    # The defaults are the "fast" recipe (toolkit/recipes.py), chosen by a side-by-side run of 30 epochs on the
+    # The defaults are the "fast" recipe (toolkit/train/recipes.py), chosen by a side-by-side run of 30 epochs on the
     # full split (benchmarks/results/recipes_30.md): 76.15% test accuracy and 70% validation at epoch 10, where
     # the previous defaults (Adam 2e-3, constant: the "adam" recipe) gave 73.83% and reached 70% at epoch 14.
     # The step for the global batch (the schedule's peak): 0.05 for seed_cnn, which has no batch norm (0.02 and
-    # 0.2 learned less in 6 epochs, toolkit/recipes.py).
+    # 0.2 learned less in 6 epochs, toolkit/train/recipes.py).
     learning_rate: float = 0.05
-    # Named training choices (toolkit.recipes, jobs/train.py --recipe): None = the fields as they stand here.
+    # Named training choices (toolkit.train.recipes, jobs/train.py --recipe): None = the fields as they stand here.
     # Recorded with the run, so a model says how it was made.
     recipe: Optional[str] = None
     # "sgd" (with Nesterov momentum 0.9: fast CIFAR-10 training's) or "adam" (the tutorial's).

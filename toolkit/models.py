@@ -230,7 +230,7 @@ def check_model(model, spec: str, input_shape, num_classes: int):
 
 def compile_model(model, optimizer, steps_per_execution: int = 1, label_smoothing: float = 0.0) -> None:
     """Categorical cross-entropy and the tutorial's metrics (accuracy, precision, recall); ``optimizer`` a
-    Keras optimizer (toolkit.recipes.make_optimizer) or a learning rate for the tutorial's Adam."""
+    Keras optimizer (toolkit.train.recipes.make_optimizer) or a learning rate for the tutorial's Adam."""
     keras = import_keras()
     if isinstance(optimizer, (int, float)):
         optimizer = keras.optimizers.Adam(learning_rate=optimizer)

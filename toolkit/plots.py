@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from toolkit.outputs import atomic_path
+from toolkit.files import atomic_path
 
 
 def pyplot():

@@ -1,5 +1,5 @@
-"""The one timing loop: the step profile (toolkit.profile) and the export's latency and throughput
-(export.worker) both time calls with it."""
+"""The one timing loop: the step profile (toolkit.train.profile) and the export's latency and throughput
+(export.run.worker) both time calls with it."""
 
 from __future__ import annotations
 

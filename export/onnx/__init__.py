@@ -6,7 +6,7 @@
   ``ort_static``   ONNX Runtime static quantisation of the float ONNX model (QDQ, per-channel
                    int8 weights, uint8 activations), calibrated on the same images as TFLite int8;
   ``from_tflite``  tf2onnx conversion of the int8 TFLite model (its quantisation carried over);
-  ``ort_static_clipped``  when int8 clipped its activation ranges (export.ranges): ``ort_static`` with
+  ``ort_static_clipped``  when int8 clipped its activation ranges (export.tflite.ranges): ``ort_static`` with
                    ONNX Runtime's percentile calibration at the same percentile;
   ``ort_static_selective``  when int8_selective had to clip ranges or keep layers in float: ``ort_static``
                    with the same percentile ranges and the same layers' nodes left in float.

@@ -25,7 +25,7 @@ def representative_dataset(calibration: np.ndarray):
 
 
 def _converter(model):
-    """A TFLiteConverter for a tf_keras model or an :class:`export.model_io.SourceModel` (any source)."""
+    """A TFLiteConverter for a tf_keras model or an :class:`export.model.load.SourceModel` (any source)."""
     if hasattr(model, "tflite_converter"):
         return model.tflite_converter()
     tf = import_tf()
@@ -104,8 +104,8 @@ def _calibrated_converter(model, calibration: np.ndarray, ops: list):
 def convert_variant(variant: str, model, *, calibration: Optional[np.ndarray] = None) -> bytes:
     """Convert ``model`` (tf_keras model or SourceModel) to TFLite ``variant``.
 
-    ``qat_int8`` is ``convert_int8`` of the QAT model (:mod:`export.qat`); ``int8_selective`` needs
-    held-out images and a budget (:func:`export.selective.build_int8_selective`)."""
+    ``qat_int8`` is ``convert_int8`` of the QAT model (:mod:`export.qat.finetune`); ``int8_selective`` needs
+    held-out images and a budget (:func:`export.tflite.selective.search_selective`)."""
     if variant == "float32":
         return convert_float32(model)
     if variant == "dynamic":

@@ -72,7 +72,7 @@ class ArrayInputs:
             class_weights=class_weights)
 
     def profile_dataset_fn(self, cfg, per_worker_batch: int, *, num_classes: int, world: int, rank: int):
-        """A maker of this worker's pipeline for the step profile (toolkit.profile)."""
+        """A maker of this worker's pipeline for the step profile (toolkit.train.profile)."""
         a = self.arrays
         return lambda: make_train_dataset(a["x_train"], a["y_train"], per_worker_batch, num_classes=num_classes,
                                           augment=cfg.augment, seed=cfg.seed, num_shards=world, shard_index=rank)

@@ -21,7 +21,7 @@ from toolkit.data.sources import (ARCHIVE, BATCHES, KERAS, batches_dir, is_batch
 from toolkit.data.tree import FileTree, list_archive, list_tree
 from toolkit.data.types import DataError, ImageSpec, describe_shape
 from toolkit.errors import one_line
-from toolkit.outputs import atomic_path
+from toolkit.files import atomic_path
 
 # Bump when the decoded layout changes, so stale caches are not read.
 CACHE_VERSION = 2

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from toolkit.cluster import worker_node_id
 from toolkit.config import TrainConfig
-from toolkit.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
+from toolkit.train.step import DEFERRED_KEY, communication_options, has_deferred_metrics, install_train_step, metric_results
 from toolkit.tf import (compute_dtype, import_keras, import_tf, quiet_tf_logs, resolve_compute_dtype, set_threads,
                         slow_in_bfloat16)
 from toolkit.train.checkpoint import RunState, report, restore
@@ -59,7 +59,7 @@ class EpochReporter:
 
     def test_begin(self, logs=None):
         self.t_val = time.perf_counter()  # images/s counts training steps, not validation
-        # Deferred metrics (toolkit.step): read the epoch's training results before validation resets them.
+        # Deferred metrics (toolkit.train.step): read the epoch's training results before validation resets them.
         if has_deferred_metrics(self.model):
             self.train_logs = metric_results(self.model)
 
@@ -112,7 +112,7 @@ def build_or_restore(run: WorkerRun, config: dict, image_shape, num_classes: int
     import ray.train
 
     from toolkit.models import build_model, compile_model
-    from toolkit.recipes import make_optimizer
+    from toolkit.train.recipes import make_optimizer
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -216,8 +216,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def profile(model, strategy, dataset_fn, run: WorkerRun, options) -> dict:
-    """Where a step's time goes on this worker (toolkit.profile), with the measured step time."""
-    from toolkit.profile import step_breakdown
+    """Where a step's time goes on this worker (toolkit.train.profile), with the measured step time."""
+    from toolkit.train.profile import step_breakdown
 
     cfg = run.cfg
     breakdown = step_breakdown(model, strategy, dataset_fn, steps=cfg.profile_steps,

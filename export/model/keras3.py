@@ -1,0 +1,111 @@
+"""A Keras 3 model rebuilt as a tf_keras one, layer by layer with its weights, for tfmot's QAT.
+
+tfmot works only with Keras 2 (tf_keras), and Keras 3 is what ``pip install tensorflow`` gives today.
+Most Keras 3 layers have a tf_keras class of the same name taking the same configuration; :func:`to_tf_keras`
+walks the Keras 3 graph (Keras 3's own ``_run_through_graph``, nested models inlined), makes each layer's
+tf_keras twin from its configuration (keys tf_keras does not know dropped, Keras 3's serialised dtypes and
+initialisers translated, Keras 3's activations that tf_keras lacks or defines differently given here), copies
+its weights, and maps Keras 3's operations on tensors (``x + 3.0``...) to the TensorFlow op. What has no
+counterpart is named in a :class:`NoTfKerasCounterpart`; the caller checks the outputs match (export.model.rewrite's
+``outputs_close``) before fine-tuning from it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from export.model.activations import functions
+from toolkit.tf import import_keras, import_tf
+
+
+class NoTfKerasCounterpart(ValueError):
+    """The Keras 3 model holds layers or operations tf_keras has no equivalent for."""
+
+
+def activations() -> dict:
+    """Keras 3 activation name -> the tf_keras activation computing the same, where the names differ."""
+    fns = functions()
+    return {"hard_sigmoid": fns["hard_sigmoid"], "hard_swish": fns["hard_swish"], "hard_silu": fns["hard_swish"],
+            "silu": "swish", "relu6": fns["relu6"]}
+
+
+# Keras 3 operations on tensors (keras.ops, written as x + y in a functional model) -> TensorFlow's op.
+OPS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Divide": "divide", "TrueDivide": "divide"}
+
+
+def _config_value(key: str, value):
+    if key == "dtype":
+        return "float32"
+    if key == "activation" and isinstance(value, str):
+        return activations().get(value, value)
+    if isinstance(value, dict) and "class_name" in value and "config" in value:  # initialiser, regulariser...
+        return {"class_name": value["class_name"], "config": value["config"]}
+    return value
+
+
+def twin(layer):
+    """The tf_keras layer computing what Keras 3's ``layer`` does (weights not yet copied)."""
+    keras = import_keras()
+    name = type(layer).__name__
+    cls = getattr(keras.layers, name, None)
+    if cls is None or type(layer).__module__.split(".")[0] != "keras":
+        raise NoTfKerasCounterpart(f"{layer.name} ({name})")
+    accepted = set(inspect.signature(cls.__init__).parameters) | {"name", "trainable", "dtype"}
+    # Initialisers are dropped (the weights are copied; Keras 3's take arguments tf_keras's do not).
+    config = {k: _config_value(k, v) for k, v in layer.get_config().items()
+              if k in accepted and not k.endswith("_initializer")}
+    try:  # (MultiHeadAttention's from_config wants shapes Keras 3 does not store; it is built when called)
+        return cls(**config) if name == "MultiHeadAttention" else cls.from_config(config)
+    except Exception as e:
+        raise NoTfKerasCounterpart(f"{layer.name} ({name}: {type(e).__name__})") from e
+
+
+def to_tf_keras(model):
+    """``model`` (Keras 3, functional or Sequential) as a tf_keras functional model with the same weights.
+    Raises NoTfKerasCounterpart naming every layer or operation that has none."""
+    import keras as keras3
+
+    keras = import_keras()
+    tf = import_tf()
+    made: dict[int, tuple] = {}
+    missing: list[str] = []
+
+    def graph(m):
+        return m._functional if isinstance(m, keras3.Sequential) else m
+
+    def call(op, *args, **kwargs):
+        if isinstance(op, keras3.Model):
+            if not hasattr(graph(op), "_run_through_graph"):
+                missing.append(f"{op.name} (subclassed model)")
+                return args[0]
+            return graph(op)._run_through_graph(args[0] if len(args) == 1 else args, call_fn=call)
+        if not isinstance(op, keras3.layers.Layer):
+            fn = OPS.get(type(op).__name__)
+            if fn is None:
+                missing.append(f"{op.name} (operation {type(op).__name__})")
+                return args[0]
+            return getattr(tf.math, fn)(*args, **kwargs)
+        if id(op) not in made:
+            try:
+                made[id(op)] = (op, twin(op))
+            except NoTfKerasCounterpart as e:
+                missing.append(str(e))
+                made[id(op)] = (op, None)
+        new = made[id(op)][1]
+        if new is None:
+            return args[0]
+        kwargs.pop("training", None)
+        return new(*args, **kwargs)
+
+    m = graph(model)
+    inputs = [keras.Input(tuple(x.shape[1:]), dtype="float32") for x in m.inputs]
+    outputs = m._run_through_graph(inputs[0] if len(inputs) == 1 else inputs, call_fn=call)
+    if missing:
+        raise NoTfKerasCounterpart("no tf_keras counterpart for " + ", ".join(dict.fromkeys(missing)))
+    rebuilt = keras.Model(inputs, outputs, name=model.name)
+    for old, new in made.values():
+        if old.weights:
+            new.set_weights([w.numpy() for w in old.weights])
+        if type(new).__name__ == "Normalization":  # computes from its weights once finalised
+            new.finalize_state()
+    return rebuilt
