@@ -140,11 +140,13 @@ def print_gate(report: dict) -> int:
     import sys
 
     verdict = report["verdict"]
-    out = [f"skipped {r['name']}: {r['reason']}" for r in report["variants"] if r["status"] == "skipped" and r["passed"]]
+    out = [f"skipped {r['name']}: {r['reason']}" for r in report["variants"]
+           if r["status"] == "skipped" and r["passed"]]
     if verdict["passed"]:
         base = [c for c in report.get("checks", []) if c["kind"] != "drift"]
         out.append(f"export: {len(report['built'])} variants within {report['max_drop_pp']} pp of the float model "
-                   f"({report['float_accuracy']:.4f})" + (f"; {len(base)} baseline, class and device checks passed" if base else ""))
+                   f"({report['float_accuracy']:.4f})"
+                   + (f"; {len(base)} baseline, class and device checks passed" if base else ""))
     for line in out:
         print(line, flush=True)
     for line in verdict["failures"]:

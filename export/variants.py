@@ -1,6 +1,5 @@
 """The variants the export builds, in report order: the one list of names, formats and the functions that build
-and measure each (each format's ``build`` module: export.tflite.build, export.qat.build, export.onnx.build). A
-builder takes the worker's Context and the attempt to start from (export.run.worker); the build modules import no
+and measure each (export.tflite.build and export.tflite.int8, export.qat.build, export.onnx.build). A builder takes the worker's Context and the attempt to start from (export.run.worker); the build modules import no
 framework at import time, so the command line reads this list without loading TensorFlow."""
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from typing import Callable, Sequence
 from export.onnx import build as onnx_build
 from export.qat import build as qat_build
 from export.tflite import build as tflite_build
+from export.tflite import int8
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,11 @@ class Variant:
 
 REGISTRY = (
     Variant("float32", "tflite", tflite_build.build_plain_tflite, "the float model in LiteRT"),
-    Variant("dynamic", "tflite", tflite_build.build_plain_tflite, "dynamic-range quantisation: int8 weights, float activations"),
+    Variant("dynamic", "tflite", tflite_build.build_plain_tflite,
+            "dynamic-range quantisation: int8 weights, float activations"),
     Variant("float16", "tflite", tflite_build.build_plain_tflite, "float16 weights"),
-    Variant("int8", "tflite", tflite_build.build_plain_tflite, "full-integer quantisation, calibrated, uint8 in and out"),
-    Variant("int8_selective", "tflite", tflite_build.build_int8_selective, "int8 with the worst tensors kept in float"),
+    Variant("int8", "tflite", int8.build_int8, "full-integer quantisation, calibrated, uint8 in and out"),
+    Variant("int8_selective", "tflite", int8.build_int8_selective, "int8 with the worst tensors kept in float"),
     Variant("qat_int8", "tflite", qat_build.build_qat, "int8 after quantisation-aware fine-tuning (tfmot)"),
     Variant("onnx_float32", "onnx", onnx_build.build_onnx_float32, "the float model in ONNX Runtime"),
     Variant("onnx_int8", "onnx", onnx_build.build_onnx_int8, "int8 QDQ, the best of its routes"),

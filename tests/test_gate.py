@@ -5,6 +5,7 @@ regression, the JUnit file read back by a JUnit parser, the step summary and the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,104 @@ def test_a_baseline_of_other_images_or_a_bad_gate_is_refused(full_export, regres
     proc = gate_export(regression_run / "model.keras", tmp_path / "b", cache_dir, "--gate", str(bad))
     assert proc.returncode == 2 and proc.stderr.strip() == ("error: gate: policy: unknown policy 'lenient'; choose "
                                                             "from fixed, regression, non_inferiority")
+
+
+@pytest.mark.parametrize("policy", ["non_inferiority", "regression"])
+def test_the_log_the_report_and_the_exit_status_say_one_verdict(regression_run, tmp_path, cache_dir, policy):
+    """--max-drop 0 under a drift policy other than the fixed rule, where the two disagree: at a margin of 0,
+    non_inferiority fails every variant not significantly better than its float model (its interval's worst case is
+    never under 0), so one within --max-drop (a drop of 0 or less: float16's is, on the machines measured) fails;
+    regression passes every drop that is not significant, so one over --max-drop passes. Whatever the numbers on
+    this CPU, the log's gate lines, the FAIL lines, report.json, report.md, JUnit and the exit status say the same
+    (export.gate.verdict decides; before it, the log printed the fixed rule's OVER THRESHOLD)."""
+    from junitparser import Failure, JUnitXml
+
+    out = tmp_path / "out"
+    proc = gate_export(regression_run / "model.keras", out, cache_dir, "--max-drop", "0", "--float-policy", policy,
+                       "--variants", "float16,int8", "--junit", str(tmp_path / "gate.xml"))
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    drift = {c["variant"]: c for c in report["checks"] if c["kind"] == "drift"}
+    junit_failed = {case.name for case in next(iter(JUnitXml.fromfile(str(tmp_path / "gate.xml"))))
+                    if any(isinstance(r, Failure) for r in case.result)}
+    md = (out / "report.md").read_text()
+    assert set(rows) == {"float16", "int8"} and all(r["status"] == "ok" for r in rows.values()), report["variants"]
+    for name, r in rows.items():
+        word = "pass" if r["passed"] else "FAIL"
+        assert f"  gate  {name:<14} {word}: {drift[name]['why']}" in proc.stdout, proc.stdout[-3000:]
+        assert r["passed"] == drift[name]["passed"] == report["verdict"]["variants"][name]["passed"]
+        assert (f"FAIL {name}: " in proc.stderr) == (not r["passed"]) == (f"{name} vs float model" in junit_failed)
+        assert f"| {'pass' if r['passed'] else '**FAIL**'} |" in next(line for line in md.splitlines()
+                                                                       if line.startswith(f"| {name} |"))
+        if policy == "non_inferiority" and r["drop_pp"] >= 0:  # within --max-drop or not: never proven under 0
+            assert not r["passed"], drift[name]
+        if policy == "regression" and drift[name]["stats"]["p_value"] >= 0.05:  # a drop over 0, not significant
+            assert r["passed"], drift[name]
+    assert "OVER THRESHOLD" not in proc.stdout
+    assert proc.returncode == report["verdict"]["exit_status"] == (0 if all(r["passed"] for r in rows.values()) else 1)
+    assert report["passed"] == (proc.returncode == 0) and md.startswith("# Edge export report: PASSED" if
+                                                                         report["passed"] else "# Edge export report: FAILED")
+
+
+def test_one_verdict_where_the_fixed_rule_and_the_policy_disagree():
+    """export.gate.verdict.decide on real drift checks of planted predictions (1,000 images): a variant 0.4 points
+    under its float model, within --max-drop 0.5, fails non_inferiority (4 images cannot prove the drop is under
+    0.5); one 0.6 points under, over --max-drop, passes regression (16 broken and 10 fixed images are not a
+    significant drop). The log's lines, the FAIL lines, report.json's rows and the exit status follow the decision."""
+    from export.config import ExportConfig
+    from export.gate.checks import GateConfig, drift_checks
+    from export.gate.verdict import decide, verdict_lines
+    from export.report import report_rows
+    from export.results import Measurement, VariantResult
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 1000)
+    float_pred = y.copy()
+    a = y.copy()
+    a[:4] = (y[:4] + 1) % 10  # 4 images broken: drop 0.4
+    b = y.copy()
+    b[:16] = (y[:16] + 1) % 10  # 16 broken ...
+    float_pred[100:110] = (y[100:110] + 1) % 10  # ... and 10 the float model gets wrong that b gets right: drop 0.6
+    a[100:110] = float_pred[100:110]
+
+    def result(name, pred):
+        m = Measurement(accuracy=float(np.mean(pred == y)), agreement=float(np.mean(pred == float_pred)),
+                        latency_ms_p50=1.0, latency_ms_p90=1.0, throughput_images_per_s=1.0, throughput_batch=1,
+                        predictions_file="", input={}, output={})
+        return VariantResult(name, "tflite", "ok", path=f"{name}.tflite", size_bytes=1, measured=m,
+                             drop_pp=round((np.mean(float_pred == y) - m.accuracy) * 100, 9))
+
+    results = [result("dynamic", a), result("int8", b),
+               VariantResult("int8_selective", "tflite", "skipped", "int8 is within --max-drop")]
+    assert [r.drop_pp for r in results[:2]] == [pytest.approx(0.4), pytest.approx(0.6)]
+    for policy, passed in (("non_inferiority", {"dynamic": False}), ("regression", {"int8": True})):
+        cfg = ExportConfig(model="m.keras", max_drop=0.5, gate=GateConfig(float_policy=policy))
+        checks = drift_checks(y, float_pred, {"dynamic": a, "int8": b}, cfg.max_drop, cfg.gate)
+        verdict = decide(results, checks, cfg)
+        for name, expected in passed.items():
+            assert verdict.of(name).passed is expected, (policy, verdict.of(name))
+        assert verdict.of("int8_selective").passed  # skipped, not named
+        lines = verdict_lines(verdict)
+        assert len(lines) == 2 and all((" pass: " in line) == verdict.of(line.split()[1]).passed for line in lines)
+        rows = report_rows(results, {}, {}, verdict, Path("out"))
+        assert [r["passed"] for r in rows] == [d.passed for d in verdict.variants]
+        assert verdict.exit_status == (0 if all(d.passed for d in verdict.variants) else 1)
+        assert [f.split(":")[0] for f in verdict.failures] == [f"FAIL {d.variant}" for d in verdict.variants
+                                                               if not d.passed]
+    # The variant the user named must be built: skipped, it fails, and the command says why.
+    named = decide(results, [], ExportConfig(model="m.keras", variants=("int8_selective",)))
+    assert not named.of("int8_selective").passed and named.failures == ["FAIL int8_selective: int8 is within --max-drop"]
+
+
+def test_a_junit_path_that_cannot_be_written_is_refused_before_any_work(regression_run, tmp_path, cache_dir):
+    """--junit under an existing file: one line, exit 2, nothing built or written (it used to build and measure
+    everything, then end with a FileExistsError traceback)."""
+    blocker = tmp_path / "some_file"
+    blocker.write_text("")
+    proc = gate_export(regression_run / "model.keras", tmp_path / "out", cache_dir, "--junit", str(blocker / "gate.xml"))
+    assert proc.returncode == 2 and not (tmp_path / "out").exists(), proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: --junit {blocker / 'gate.xml'}: {blocker} is a file, not a folder"
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.parametrize("only_a, only_b", [(0, 0), (3, 9), (40, 61), (700, 612), (5, 0)])

@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from export.config import ExportConfig
 from export.results import Measurement, VariantResult
 
 
@@ -28,10 +27,10 @@ class Events:
 class Context:
     """Everything a variant builder needs, loaded once per worker process."""
 
-    def __init__(self, job: dict, emit: Events):
+    def __init__(self, job: dict, config, emit: Events):
         from export.model.load import ModelInfo, load_source_model
 
-        self.config = ExportConfig.from_dict(job["config"])
+        self.config = config  # the ExportConfig (export.config), rebuilt from the job by the worker
         self.emit = emit
         self.stage = Path(job["stage"])
         self.info = ModelInfo(**{**job["info"], "input_shape": tuple(job["info"]["input_shape"])})

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from export.config import ExportConfig
 from export.results import Skip, VariantResult
 from export.run.context import Context, Events
 from export.gate.stats import points
@@ -58,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     job = json.loads(Path(argv[0]).read_text())
     emit = Events(job["events"])
     quiet_tf_logs()
-    ctx = Context(job, emit)
+    ctx = Context(job, ExportConfig.from_dict(job["config"]), emit)
     starts = job.get("start_attempt", {})
     for variant in job["variants"]:
         ctx.variant = variant

@@ -1,6 +1,8 @@
-"""The int8 variants' measurements: int8's activation ranges (export.tflite.ranges, chosen on the held-out images), and
-``int8_selective``: int8 within budget with the fewest ops in float (export.tflite.selective), made fast where XNNPACK
-does not run some ops in int8 (export.tflite.fast_int8)."""
+"""Where int8 is built. ``int8``: the converter's full-integer file (export.tflite.convert_int8), its activation
+ranges checked on the held-out images and clipped when over budget (export.tflite.ranges). ``int8_selective``: int8
+within budget with the fewest tensors in float (export.tflite.selective), or 16-bit activations when no int8 file is,
+made fast where XNNPACK does not run some ops in int8 (export.tflite.fast_int8). qat_int8 converts through
+export.tflite.convert_int8 too (export.qat.build)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,14 @@ def held_out_predictions(ctx: Context, blob: bytes) -> np.ndarray:
     from export.runtime import TFLiteModel
 
     return class_predictions(TFLiteModel(content=blob).predict(ctx.x_val), ctx.info.output_kind)
+
+
+def build_int8(ctx: Context, attempt: int) -> Built:
+    """int8: full-integer quantisation by the converter (export.tflite.convert_int8, calibrated on the calibration
+    images), its activation ranges then checked on the held-out images (int8_ranges)."""
+    ctx.phase("converting int8")
+    path = ctx.int8_file()
+    return Built(path, ctx.measure(path), {"ranges": int8_ranges(ctx, path)})
 
 
 def int8_ranges(ctx: Context, path: Path) -> dict:

@@ -1,0 +1,9 @@
+"""The model as the user hands it over, and what the converters get instead (every rewrite checked).
+
+    load         load_source_model: .keras (Keras 2 or 3), .h5, a SavedModel folder; a Keras 3 model through its
+                 training=False SavedModel; ModelInfo, SourceModel
+    predictions  what it outputs (probabilities, logits, a sigmoid unit), whether it fits the data, class_predictions
+    rewrite      one graph walk: float16 policies as float32, static GroupNormalization, grouped convs for ONNX
+    keras3       a Keras 3 model rebuilt in tf_keras for tfmot (activations: the functions tf_keras lacks)
+    tfmot        models tfmot wrapped already: pruned and clustered ones stripped, a QAT one's float model inside
+"""
