@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.localcluster import free_port
 from toolkit.tf import set_tf_env
 
 set_tf_env()  # before anything imports TensorFlow (ray.train.tensorflow does)
@@ -223,6 +222,8 @@ def tiny_tree_tgz(tmp_path_factory) -> Path:
 def s3(tmp_path_factory):
     """moto's S3 server on a free port, a bucket, and the standard AWS_* variables that reach it."""
     boto3 = pytest.importorskip("boto3")
+    from benchmarks.localcluster import free_port  # (the repository's, imported when a test needs it)
+
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
