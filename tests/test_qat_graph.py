@@ -1,4 +1,4 @@
-"""The graph tfmot is given (export.qat.graph), Keras 3 models rebuilt in tf_keras (export.model.keras3) and
+"""The graph tfmot is given (export.qat.graph), Keras 3 models rebuilt in tf_keras (toolkit.keras3) and
 what a .tflite file runs where (export.ops): real tf_keras, Keras 3, tfmot and LiteRT, on the export zoo's
 architectures as their users write them, untrained but with batch norms given real-looking statistics (a
 fold with the identity's statistics proves nothing)."""
@@ -102,7 +102,7 @@ def test_keras3_models_are_rebuilt_in_tf_keras(name):
     LayerNormalization, weights copied: the same outputs, and tfmot's default scheme takes the rebuild."""
     import keras as keras3
 
-    from export.model.keras3 import to_tf_keras
+    from toolkit.keras3 import to_tf_keras
     from export.qat.model import count_quantized, quantize_aware_model
 
     model = with_statistics(getattr(zoo_modern, name)(keras3, (32, 32, 3), 10))
@@ -114,7 +114,7 @@ def test_keras3_models_are_rebuilt_in_tf_keras(name):
 def test_a_keras3_layer_without_counterpart_is_named():
     import keras as keras3
 
-    from export.model.keras3 import NoTfKerasCounterpart, to_tf_keras
+    from toolkit.keras3 import NoTfKerasCounterpart, to_tf_keras
 
     class Gate(keras3.layers.Layer):
         def call(self, x):

@@ -1,6 +1,7 @@
-"""A Keras 3 model rebuilt as a tf_keras one, layer by layer with its weights, for tfmot's QAT.
+"""A Keras 3 model rebuilt as a tf_keras one, layer by layer with its weights: what training trains (a --model
+written with ``import keras``) and what the export's QAT fine-tunes; and the trained weights copied back.
 
-tfmot works only with Keras 2 (tf_keras), and Keras 3 is what ``pip install tensorflow`` gives today.
+tfmot and the toolkit's training work in Keras 2 (tf_keras), and Keras 3 is what ``pip install tensorflow`` gives.
 Most Keras 3 layers have a tf_keras class of the same name taking the same configuration; :func:`to_tf_keras`
 walks the Keras 3 graph (Keras 3's own ``_run_through_graph``, nested models inlined), makes each layer's
 tf_keras twin from its configuration (keys tf_keras does not know dropped, Keras 3's serialised dtypes and
@@ -13,8 +14,9 @@ counterpart is named in a :class:`NoTfKerasCounterpart`; the caller checks the o
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
-from export.model.activations import functions
+from toolkit.activations import functions
 from toolkit.tf import import_keras, import_tf
 
 
@@ -33,9 +35,9 @@ def activations() -> dict:
 OPS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Divide": "divide", "TrueDivide": "divide"}
 
 
-def _config_value(key: str, value):
+def _config_value(key: str, value, dtype):
     if key == "dtype":
-        return "float32"
+        return dtype
     if key == "activation" and isinstance(value, str):
         return activations().get(value, value)
     if isinstance(value, dict) and "class_name" in value and "config" in value:  # initialiser, regulariser...
@@ -43,8 +45,9 @@ def _config_value(key: str, value):
     return value
 
 
-def twin(layer):
-    """The tf_keras layer computing what Keras 3's ``layer`` does (weights not yet copied)."""
+def twin(layer, dtype: Optional[str] = "float32"):
+    """The tf_keras layer computing what Keras 3's ``layer`` does (weights not yet copied), computing in ``dtype``
+    (None: the global dtype policy, as training's bfloat16 sets it)."""
     keras = import_keras()
     name = type(layer).__name__
     cls = getattr(keras.layers, name, None)
@@ -52,17 +55,18 @@ def twin(layer):
         raise NoTfKerasCounterpart(f"{layer.name} ({name})")
     accepted = set(inspect.signature(cls.__init__).parameters) | {"name", "trainable", "dtype"}
     # Initialisers are dropped (the weights are copied; Keras 3's take arguments tf_keras's do not).
-    config = {k: _config_value(k, v) for k, v in layer.get_config().items()
-              if k in accepted and not k.endswith("_initializer")}
+    config = {k: _config_value(k, v, dtype) for k, v in layer.get_config().items()
+              if k in accepted and not k.endswith("_initializer") and not (k == "dtype" and dtype is None)}
     try:  # (MultiHeadAttention's from_config wants shapes Keras 3 does not store; it is built when called)
         return cls(**config) if name == "MultiHeadAttention" else cls.from_config(config)
     except Exception as e:
         raise NoTfKerasCounterpart(f"{layer.name} ({name}: {type(e).__name__})") from e
 
 
-def to_tf_keras(model):
-    """``model`` (Keras 3, functional or Sequential) as a tf_keras functional model with the same weights.
-    Raises NoTfKerasCounterpart naming every layer or operation that has none."""
+def to_tf_keras(model, dtype: Optional[str] = "float32"):
+    """``model`` (Keras 3, functional or Sequential) as a tf_keras functional model with the same weights and layer
+    names, every layer computing in ``dtype`` (None: under the global policy). Raises NoTfKerasCounterpart naming
+    every layer or operation that has none."""
     import keras as keras3
 
     keras = import_keras()
@@ -87,7 +91,7 @@ def to_tf_keras(model):
             return getattr(tf.math, fn)(*args, **kwargs)
         if id(op) not in made:
             try:
-                made[id(op)] = (op, twin(op))
+                made[id(op)] = (op, twin(op, dtype))
             except NoTfKerasCounterpart as e:
                 missing.append(str(e))
                 made[id(op)] = (op, None)
@@ -109,3 +113,24 @@ def to_tf_keras(model):
         if type(new).__name__ == "Normalization":  # computes from its weights once finalised
             new.finalize_state()
     return rebuilt
+
+
+def is_keras3(model) -> bool:
+    """Whether ``model`` is a Keras 3 model (``import keras``, or TF 2.20's ``tf.keras`` without TF_USE_LEGACY_KERAS)."""
+    return any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__)
+
+
+def copy_weights_back(trained, keras3_model) -> int:
+    """The weights of ``trained`` (to_tf_keras's rebuild, trained) into ``keras3_model``'s layers of the same names:
+    what it was rebuilt from. Returns how many layers took weights; raises ValueError naming a layer with none."""
+    by_name = {layer.name: layer for layer in trained.layers}
+    copied = 0
+    for layer in keras3_model._flatten_layers(include_self=False):
+        if not layer.weights or hasattr(layer, "layers"):  # a nested model's layers are visited themselves
+            continue
+        twin_layer = by_name.get(layer.name)
+        if twin_layer is None:
+            raise ValueError(f"{layer.name}: no layer of that name in the trained model")
+        layer.set_weights(twin_layer.get_weights())
+        copied += 1
+    return copied

@@ -4,6 +4,7 @@
                  training=False SavedModel; ModelInfo, SourceModel
     predictions  what it outputs (probabilities, logits, a sigmoid unit), whether it fits the data, class_predictions
     rewrite      one graph walk: float16 policies as float32, static GroupNormalization, grouped convs for ONNX
-    keras3       a Keras 3 model rebuilt in tf_keras for tfmot (activations: the functions tf_keras lacks)
     tfmot        models tfmot wrapped already: pruned and clustered ones stripped, a QAT one's float model inside
+
+(A Keras 3 model's tf_keras rebuild, for QAT, is toolkit.keras3: training uses it too.)
 """

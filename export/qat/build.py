@@ -89,7 +89,7 @@ def qat_as_given(ctx: Context):
 def tf_keras_twin(ctx: Context):
     """(the tf_keras rebuild of a Keras 3 model, what was checked) for tfmot, which needs Keras 2; Skip
     when a layer has no tf_keras counterpart or the rebuild's outputs differ from the model's."""
-    from export.model.keras3 import NoTfKerasCounterpart, to_tf_keras
+    from toolkit.keras3 import NoTfKerasCounterpart, to_tf_keras
     from export.model.rewrite import outputs_close
 
     from export.model.load import load_keras3_model

@@ -28,7 +28,7 @@ from collections import Counter
 
 import numpy as np
 
-from export.model.activations import functions
+from toolkit.activations import functions
 from export.model.rewrite import BINARY_OPS, IDENTITY, TRAINING_ONLY, Chain, has_nested, rebuild
 from toolkit.tf import import_keras
 

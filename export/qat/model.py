@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from export.model.activations import functions
+from toolkit.activations import functions
 from export.qat.graph import TFMOT_ACTIVATIONS, activation_name, for_qat
 from toolkit.tf import import_keras
 
