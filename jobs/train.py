@@ -254,7 +254,7 @@ def open_checked(cfg: TrainConfig):
           + (f", ... ({len(counts['train'])} classes)" if len(counts["train"]) > 12 else ""), flush=True)
     print(f"outputs: {cfg.output if '://' in cfg.output else os.path.abspath(cfg.output)}", flush=True)
     try:  # the model must fit the data before any worker starts
-        build_model(cfg.model, ds.image_shape, ds.num_classes, custom_objects=cfg.custom_objects)
+        build_model(cfg.model, ds.image_shape, ds.num_classes, custom_objects=cfg.custom_objects, seed=cfg.seed)
     except ModelError as e:
         raise Refused(str(e)) from None
     return ds

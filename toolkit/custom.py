@@ -47,6 +47,9 @@ def parse_modules(value) -> tuple[str, ...]:
 def import_custom_objects(modules: Sequence[str]) -> dict[str, type]:
     """Import ``modules`` and return their Keras-serialisable classes by class name and registered name.
     Raises ValueError naming ``custom_objects`` and the module that cannot be imported."""
+    from toolkit.tf import set_tf_env
+
+    set_tf_env()  # a module written with `import keras` imports TensorFlow: tf_keras must be chosen first
     objects: dict[str, type] = {}
     for name in parse_modules(modules):
         try:
@@ -129,6 +132,9 @@ def unknown_layers_message(unknown: list[tuple[str, str]]) -> str:
 @contextlib.contextmanager
 def custom_scope(modules, keras) -> Iterator[dict]:
     """``modules`` imported and their objects in ``keras``'s custom object scope (nothing when empty)."""
+    from toolkit.activations import functions
+
+    functions()  # registered, for the rebuild of a Keras 3 model (toolkit.keras3) that uses them
     objects = import_custom_objects(modules) if parse_modules(modules) else {}
     with keras.utils.custom_object_scope(objects):
         yield objects

@@ -45,13 +45,67 @@ def _config_value(key: str, value, dtype):
     return value
 
 
+_ADAPTER: list = []
+
+
+def keras3_layer_class():
+    """tf_keras's ``Keras3Layer`` (registered as keras_edge_toolkit>Keras3Layer): a user's own Keras 3 layer (a
+    subclass registered with ``keras.saving.register_keras_serializable``, its module named by --custom-objects),
+    which has no tf_keras twin, run inside the tf_keras model as it is: its ``call`` on TensorFlow tensors (Keras 3 on
+    the TensorFlow backend), its variables this layer's weights, its configuration saved with the model."""
+    if _ADAPTER:
+        return _ADAPTER[0]
+    keras = import_keras()
+
+    @keras.saving.register_keras_serializable(package="keras_edge_toolkit")
+    class Keras3Layer(keras.layers.Layer):
+        def __init__(self, layer: dict, **kwargs):
+            import keras as keras3
+
+            super().__init__(**kwargs)
+            self.layer = layer  # Keras 3's serialisation of the layer
+            object.__setattr__(self, "inner", keras3.saving.deserialize_keras_object(layer))  # (not tracked twice)
+
+        def build(self, input_shape):
+            if not self.inner.built:
+                self.inner.build(tuple(input_shape))
+            # Keras 3's variables hold tf.Variables: tracked here, they are what tf_keras trains, saves and restores
+            self.inner_trainable = [v.value for v in self.inner.trainable_weights]
+            self.inner_non_trainable = [v.value for v in self.inner.non_trainable_weights]
+            super().build(input_shape)
+
+        def call(self, inputs):
+            return self.inner(inputs)
+
+        def get_config(self):
+            return {**super().get_config(), "layer": self.layer}
+
+    _ADAPTER.append(Keras3Layer)
+    return Keras3Layer
+
+
+def keras3_weights_of(layer):
+    """What holds ``layer``'s weights in Keras 3's order: the Keras 3 layer inside an adapter (tf_keras lists
+    trainable weights first), else the layer."""
+    return layer.inner if _ADAPTER and isinstance(layer, _ADAPTER[0]) else layer
+
+
 def twin(layer, dtype: Optional[str] = "float32"):
     """The tf_keras layer computing what Keras 3's ``layer`` does (weights not yet copied), computing in ``dtype``
-    (None: the global dtype policy, as training's bfloat16 sets it)."""
+    (None: the global dtype policy, as training's bfloat16 sets it). A user's own layer runs as it is, inside
+    keras3_layer_class's adapter."""
+    import keras as keras3
+
     keras = import_keras()
     name = type(layer).__name__
+    if type(layer).__module__.split(".")[0] != "keras":
+        try:
+            config = keras3.saving.serialize_keras_object(layer)
+            return keras3_layer_class()(config, name=layer.name)
+        except Exception as e:
+            raise NoTfKerasCounterpart(f"{layer.name} ({name}: {type(e).__name__}: {e})") from e
     cls = getattr(keras.layers, name, None)
-    if cls is None or type(layer).__module__.split(".")[0] != "keras":
+    if cls is None:
         raise NoTfKerasCounterpart(f"{layer.name} ({name})")
     accepted = set(inspect.signature(cls.__init__).parameters) | {"name", "trainable", "dtype"}
     # Initialisers are dropped (the weights are copied; Keras 3's take arguments tf_keras's do not).
@@ -67,6 +121,11 @@ def to_tf_keras(model, dtype: Optional[str] = "float32"):
     """``model`` (Keras 3, functional or Sequential) as a tf_keras functional model with the same weights and layer
     names, every layer computing in ``dtype`` (None: under the global policy). Raises NoTfKerasCounterpart naming
     every layer or operation that has none."""
+    return rebuild(model, dtype)[0]
+
+
+def rebuild(model, dtype: Optional[str] = "float32") -> tuple:
+    """(to_tf_keras's model, {id of each tf_keras layer: the Keras 3 layer it was made from})."""
     import keras as keras3
 
     keras = import_keras()
@@ -109,10 +168,10 @@ def to_tf_keras(model, dtype: Optional[str] = "float32"):
     rebuilt = keras.Model(inputs, outputs, name=model.name)
     for old, new in made.values():
         if old.weights:
-            new.set_weights([w.numpy() for w in old.weights])
+            keras3_weights_of(new).set_weights([w.numpy() for w in old.weights])
         if type(new).__name__ == "Normalization":  # computes from its weights once finalised
             new.finalize_state()
-    return rebuilt
+    return rebuilt, {id(new): old for old, new in made.values() if new is not None}
 
 
 def is_keras3(model) -> bool:
@@ -121,16 +180,15 @@ def is_keras3(model) -> bool:
 
 
 def copy_weights_back(trained, keras3_model) -> int:
-    """The weights of ``trained`` (to_tf_keras's rebuild, trained) into ``keras3_model``'s layers of the same names:
-    what it was rebuilt from. Returns how many layers took weights; raises ValueError naming a layer with none."""
-    by_name = {layer.name: layer for layer in trained.layers}
+    """The weights of ``trained`` (to_tf_keras's rebuild of this architecture, trained) into ``keras3_model``: layer by
+    layer in the rebuild's order (a factory called again names its layers anew: conv2d_3 where the trained one has
+    conv2d). Returns how many layers took weights; ValueError when the two are not the same architecture."""
+    fresh, source = rebuild(keras3_model, None)
     copied = 0
-    for layer in keras3_model._flatten_layers(include_self=False):
-        if not layer.weights or hasattr(layer, "layers"):  # a nested model's layers are visited themselves
-            continue
-        twin_layer = by_name.get(layer.name)
-        if twin_layer is None:
-            raise ValueError(f"{layer.name}: no layer of that name in the trained model")
-        layer.set_weights(twin_layer.get_weights())
-        copied += 1
+    for f, t in zip(fresh.layers, trained.layers):
+        if type(f).__name__ != type(t).__name__ or [w.shape for w in f.weights] != [w.shape for w in t.weights]:
+            raise ValueError(f"{f.name} ({type(f).__name__}) and the trained {t.name} ({type(t).__name__}) differ")
+        if f.weights:
+            source[id(f)].set_weights(keras3_weights_of(t).get_weights())
+            copied += 1
     return copied

@@ -2,10 +2,15 @@
 and the user's own (``--model``), in three forms:
 
 - a registry name (``seed_cnn``, ``edge_resnet``);
-- a saved Keras 2 model, ``path/to/model.keras`` (or ``.h5``): fine-tuned, or an architecture built elsewhere;
-  its own layers come from the modules named by ``--custom-objects`` (:mod:`toolkit.custom`);
-- a factory, ``package.module:function``, called as ``function(input_shape, num_classes)``; it must be
-  importable where the workers run (installed, on ``PYTHONPATH``, or in the job's working dir).
+- a saved model, ``path/to/model.keras`` (or ``.h5``), from tf_keras or Keras 3: fine-tuned, or an architecture
+  built elsewhere; its own layers come from the modules named by ``--custom-objects`` (:mod:`toolkit.custom`);
+- a factory, ``package.module:function``, called as ``function(input_shape, num_classes)``, written with tf_keras or
+  Keras 3 (``import keras``); it must be importable where the workers run (installed, on ``PYTHONPATH``, or in the
+  job's working dir).
+
+A Keras 3 model is trained as its tf_keras rebuild (:mod:`toolkit.keras3`: the same layers, names and weights),
+made in each worker from the same seeded factory call or the same file; the run writes ``model.keras`` back in
+Keras 3 (:func:`keras3_source`, toolkit.train.outputs).
 
 Every registry model takes raw 0-255 pixels: scaling is a layer inside the model, so a saved or exported
 model cannot be fed wrongly preprocessed images on a device. A user's model gets the same images.
@@ -21,6 +26,7 @@ from typing import Callable, Optional
 
 from toolkit.custom import current_folder_importable, import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
+from toolkit.keras3 import is_keras3
 from toolkit.tf import import_keras, saved_keras_major
 
 INPUT_SHAPE = (32, 32, 3)
@@ -129,6 +135,17 @@ def model_kind(spec: str) -> str:
                      "(path ending .keras or .h5) or a factory (package.module:function)")
 
 
+def keras3_model(model, spec: str):
+    """A Keras 3 model as the tf_keras model training trains (toolkit.keras3.to_tf_keras, each layer under the
+    global dtype policy, so --compute-dtype applies); one line naming what has no tf_keras counterpart."""
+    from toolkit.keras3 import NoTfKerasCounterpart, to_tf_keras
+
+    try:
+        return to_tf_keras(model, dtype=None)
+    except NoTfKerasCounterpart as e:
+        raise ModelError(f"--model {spec}: a Keras 3 model, trained here as its tf_keras rebuild: {e}") from None
+
+
 def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple[str, ...] = ()):
     keras = import_keras()
     try:
@@ -143,9 +160,7 @@ def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple
             with open(path, "wb") as f:
                 f.write(content)
         if saved_keras_major(path) == 3:
-            raise ModelError(f"--model {spec}: is a Keras 3 model; training here runs tf_keras (Keras 2), which "
-                             "cannot load it: save it from tf_keras, or pass its builder as a factory "
-                             "(package.module:function) written with tf_keras")
+            return keras3_model(_load_keras3(spec, path, objects), spec)
         try:
             with keras.utils.custom_object_scope(objects):
                 return keras.models.load_model(path, compile=False)
@@ -155,7 +170,47 @@ def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple
             raise ModelError(f"--model {spec}: cannot be loaded ({why})") from None
 
 
+def _load_keras3(spec: str, path: str, objects: dict):
+    """A model file saved by Keras 3, loaded by Keras 3 (its own layers from --custom-objects' modules, registered
+    with keras.saving.register_keras_serializable or named by class)."""
+    import keras as keras3
+
+    try:
+        return keras3.saving.load_model(path, compile=False, custom_objects=objects)
+    except Exception as e:
+        unknown = unknown_layers(path, objects, keras3)
+        why = unknown_layers_message(unknown) if unknown else one_line(e, limit=200)
+        raise ModelError(f"--model {spec}: cannot be loaded by Keras 3 ({why})") from None
+
+
+def keras3_source(spec: str, input_shape, num_classes: int, custom_objects: tuple[str, ...] = (), seed: int = 0):
+    """The Keras 3 model ``spec`` names, as built or loaded before training (None for a tf_keras one): what the
+    trained weights are copied back into (toolkit.keras3.copy_weights_back)."""
+    kind = model_kind(spec)
+    if kind == "file" and saved_keras_major(spec) == 3:
+        return _load_keras3(spec, spec, import_custom_objects(custom_objects))
+    if kind == "factory":
+        with current_folder_importable():
+            fn = _factory(spec)
+            model = fn(tuple(input_shape), int(num_classes))
+        return _seeded_keras3(fn, input_shape, num_classes, seed) if is_keras3(model) else None
+    return None
+
+
+def _seeded_keras3(fn: Callable, input_shape, num_classes: int, seed: int):
+    """A Keras 3 factory's model made again with Keras 3's random seed set: the same weights on every worker (a
+    MultiWorkerMirroredStrategy syncs the weights of the variables it creates, not weights copied into them)."""
+    import keras as keras3
+
+    keras3.utils.set_random_seed(seed)
+    with current_folder_importable():
+        return fn(tuple(input_shape), int(num_classes))
+
+
 def _factory(spec: str) -> Callable:
+    from toolkit.tf import set_tf_env
+
+    set_tf_env()  # a factory written with `import keras` imports TensorFlow: tf_keras must be chosen first
     module_name, fn_name = spec.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -169,9 +224,10 @@ def _factory(spec: str) -> Callable:
 
 
 def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, content: Optional[bytes] = None,
-                custom_objects: tuple[str, ...] = ()):
-    """The model ``spec`` names, checked against the data's shape and class count and ending in class
-    probabilities (a model ending in logits gets a softmax layer). Raises ModelError in one line."""
+                custom_objects: tuple[str, ...] = (), seed: int = 0):
+    """The tf_keras model ``spec`` names, checked against the data's shape and class count and ending in class
+    probabilities (a model ending in logits gets a softmax layer). A Keras 3 factory is called again after seeding
+    Keras 3 with ``seed``, so that every worker starts from the same weights. Raises ModelError in one line."""
     keras = import_keras()
     kind = model_kind(spec)
     try:
@@ -183,7 +239,10 @@ def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, 
             model = _load_file(spec, content, custom_objects)
         else:
             with current_folder_importable():
-                model = _factory(spec)(tuple(input_shape), int(num_classes))
+                fn = _factory(spec)
+                model = fn(tuple(input_shape), int(num_classes))
+            if is_keras3(model):
+                model = keras3_model(_seeded_keras3(fn, input_shape, num_classes, seed), spec)
     except ModelError:
         raise
     except Exception as e:  # a model that cannot be built for this shape: say which, in one line
@@ -195,8 +254,7 @@ def build_model(spec: str, input_shape: tuple[int, int, int], num_classes: int, 
                          f"classes ({type(e).__name__}: {detail}){hint}") from None
     if not isinstance(model, keras.Model):
         what = type(model).__module__.split(".")[0] + "." + type(model).__name__
-        hint = " (a Keras 3 model: build it with tf_keras)" if what.startswith("keras.") else ""
-        raise ModelError(f"--model {spec}: returned {what}, not a tf_keras model{hint}")
+        raise ModelError(f"--model {spec}: returned {what}, not a Keras model")
     return check_model(model, spec, input_shape, num_classes)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from toolkit.custom import custom_scope
 from toolkit.evaluate import classification_metrics
+from toolkit.models import keras3_source
 from toolkit.files import copy_file, git_revision, write_json, write_text
 from toolkit.plots import plot_confusion_matrix, plot_history, plot_samples
 from toolkit.tf import import_keras
@@ -92,6 +93,25 @@ def training_metrics(ds, outcome: TrainOutcome, test: dict) -> dict:
     }
 
 
+TF_KERAS_MODEL_FILE = "model_tf_keras.keras"  # beside a Keras 3 model.keras: the rebuild that trained
+
+
+def save_as_keras3(trained, original, path: Path, images: np.ndarray) -> dict:
+    """The trained weights of a Keras 3 model's tf_keras rebuild (toolkit.keras3) copied back into the user's Keras 3
+    model and saved at ``path`` by Keras 3; returns how many layers took weights and how closely the two agree on
+    ``images`` (the rebuild may have computed in bfloat16, the Keras 3 model computes in float32)."""
+    from toolkit.files import atomic_path
+    from toolkit.keras3 import copy_weights_back
+
+    layers = copy_weights_back(trained, original)
+    a, b = predict_probs(trained, images), predict_probs(original, images)
+    with atomic_path(path, suffix=".keras") as tmp:
+        original.save(tmp)
+    return {"saved_by": "keras 3", "layers_copied": layers, "tf_keras_model": TF_KERAS_MODEL_FILE,
+            "top1_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
+            "max_probability_difference": float(np.max(np.abs(a - b))), "images": int(len(images))}
+
+
 def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
     """Evaluate the trained model on the test split of ``ds`` (a toolkit.data Dataset or Stream) and write
     every artifact into ``output``; metrics.json last, so its presence means the folder is complete."""
@@ -103,7 +123,14 @@ def write_training_outputs(ds, outcome: TrainOutcome, output: str) -> dict:
     y_test, p_test = evaluate_test_split(model, ds)
     test = classification_metrics(y_test, p_test, ds.class_names)
     metrics = training_metrics(ds, outcome, test)
-    copy_file(outcome.model_path, out / MODEL_FILE)
+    cfg = outcome.config
+    with custom_scope(cfg.custom_objects, keras):
+        original = keras3_source(cfg.model, ds.image_shape, ds.num_classes, cfg.custom_objects, cfg.seed)
+    if original is None:
+        copy_file(outcome.model_path, out / MODEL_FILE)
+    else:  # a Keras 3 model comes back in Keras 3; the tf_keras rebuild that trained stays beside it
+        copy_file(outcome.model_path, out / TF_KERAS_MODEL_FILE)
+        metrics["keras3"] = save_as_keras3(model, original, out / MODEL_FILE, ds.plot_sample(cfg.seed)[0][:256])
     write_json(out / "history.json", outcome.history)
     write_text(out / "labels.txt", "".join(f"{c}\n" for c in ds.class_names))
     plot_history(outcome.history, out / "curves.png")

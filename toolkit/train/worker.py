@@ -123,7 +123,7 @@ def build_or_restore(run: WorkerRun, config: dict, image_shape, num_classes: int
         content = config.get("model_file")
         content = ray.get(content) if isinstance(content, ray.ObjectRef) else content
         model = build_in_compute_dtype(run, lambda: build_model(run.cfg.model, image_shape, num_classes, content,
-                                                                run.cfg.custom_objects))
+                                                                run.cfg.custom_objects, seed=run.cfg.seed))
         compile_model(model, make_optimizer(run.cfg, run.steps_per_epoch), run.cfg.steps_per_execution,
                       label_smoothing=run.cfg.label_smoothing)
     install_train_step(model, accumulate_steps=run.cfg.accumulate_steps, grad_dtype=run.cfg.grad_dtype, options=options,
