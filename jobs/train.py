@@ -237,7 +237,7 @@ def open_checked(cfg: TrainConfig):
     """The run's data (toolkit.data: decoded or streamed), described in two lines, and checked to fit the
     model before any worker starts."""
     from toolkit.data import DataError, open_data
-    from toolkit.models import ModelError, build_model
+    from toolkit.models import ModelError, build_model, tfmot_note
 
     t0 = time.perf_counter()
     try:
@@ -257,6 +257,9 @@ def open_checked(cfg: TrainConfig):
         build_model(cfg.model, ds.image_shape, ds.num_classes, custom_objects=cfg.custom_objects, seed=cfg.seed)
     except ModelError as e:
         raise Refused(str(e)) from None
+    note = tfmot_note(cfg.model)
+    if note:
+        print(note, flush=True)
     return ds
 
 

@@ -44,7 +44,8 @@ def test_mobile_graphs_get_every_kernel_quantised(factory):
     """Batch norm folded, ReLU/ReLU6 fused, SeparableConv2D split, hard-sigmoid split out: the same function, and
     tfmot's default scheme quantises the weights of every convolution and Dense (tfmot's own transforms would
     give a convolution followed by a ReLU layer a no-op config: 4 of keras-io's 14 kernels never quantised)."""
-    from export.qat.model import count_quantized, has_kernel, quantize_aware_model
+    from export.qat.model import count_quantized, quantize_aware_model
+    from toolkit.tfmot import has_kernel
     from export.qat.graph import for_qat
     from toolkit.tf import import_keras
 
@@ -83,7 +84,8 @@ def test_a_model_used_as_a_layer_is_inlined_for_qat():
 
 
 def test_attention_stays_float_and_counts_against_coverage():
-    from export.qat.model import count_quantized, float_layers, has_kernel, quantize_aware_model
+    from export.qat.model import count_quantized, float_layers, quantize_aware_model
+    from toolkit.tfmot import has_kernel
     from export.qat.graph import for_qat
     from toolkit.tf import import_keras
 

@@ -1,4 +1,4 @@
-"""Models tfmot has wrapped already, as its users hand them over (export.model.tfmot): pruned and saved before
+"""Models tfmot has wrapped already, as its users hand them over (toolkit.tfmot): pruned and saved before
 strip_pruning, clustered and saved before strip_clustering, prepared for quantisation-aware training and saved as
 tfmot's guide saves it (.h5). Each is trained for real on the tiny colour tree, and exported with no
 --custom-objects (tfmot is the toolkit's own dependency)."""
@@ -105,13 +105,13 @@ def test_a_quantisation_aware_model_is_exported_as_given(given, tiny_tree_tgz, t
 
 
 def test_the_float_model_inside_a_quantisation_aware_one_has_its_weights_and_activations(given):
-    """export.model.tfmot.without_fake_quant, layer by layer: each wrapped layer's kernel and bias as the wrapper
+    """toolkit.tfmot.without_fake_quant, layer by layer: each wrapped layer's kernel and bias as the wrapper
     holds them, its own activation back (tfmot had put a QuantizeAwareActivation in its place), and no fake-quant
     left."""
     import numpy as np
     import tensorflow_model_optimization as tfmot
 
-    from export.model.tfmot import unwrap
+    from toolkit.tfmot import unwrap
     from toolkit.tf import import_keras
 
     with tfmot.quantization.keras.quantize_scope():

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 from toolkit.custom import current_folder_importable, import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
 from toolkit.keras3 import is_keras3
+from toolkit.tfmot import given_wrappers, unwrap
 from toolkit.tf import import_keras, saved_keras_major
 
 INPUT_SHAPE = (32, 32, 3)
@@ -162,12 +163,33 @@ def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple
         if saved_keras_major(path) == 3:
             return keras3_model(_load_keras3(spec, path, objects), spec)
         try:
-            with keras.utils.custom_object_scope(objects):
-                return keras.models.load_model(path, compile=False)
+            with keras.utils.custom_object_scope({**given_wrappers(path), **objects}):  # tfmot's, when it has any
+                model = keras.models.load_model(path, compile=False)
         except Exception as e:
             unknown = unknown_layers(path, objects, keras)
             why = unknown_layers_message(unknown) if unknown else one_line(e, limit=200)
             raise ModelError(f"--model {spec}: cannot be loaded ({why})") from None
+    try:  # tfmot's wrappers stripped: the plain model trains (tfmot_note says so)
+        return unwrap(model)[0]
+    except ValueError as e:
+        raise ModelError(f"--model {spec}: {e}") from None
+
+
+TFMOT_WORDS = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}
+
+
+def tfmot_note(spec: str) -> str:
+    """What training does with a saved model tfmot wrapped, in one line ("" for any other --model). Training takes
+    the plain model out of tfmot's wrappers: a run does not keep pruning, clustering or fake quantisation going, and
+    the export quantises the result again."""
+    from toolkit.custom import layer_classes
+    from toolkit.tfmot import WRAPPERS
+
+    kinds = {WRAPPERS[c] for c in layer_classes(spec) if c in WRAPPERS} if model_kind(spec) == "file" else set()
+    if len(kinds) != 1:  # none; or several, which unwrap refuses
+        return ""
+    return (f"model: {spec} was {TFMOT_WORDS[kinds.pop()]} by tfmot; its wrappers are taken out and the plain model "
+            "trains (prune, cluster or prepare it again after training to keep that)")
 
 
 def _load_keras3(spec: str, path: str, objects: dict):

@@ -23,6 +23,7 @@ from export.errors import ExportInputError
 from toolkit.custom import import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
 from toolkit.tf import import_keras, import_tf, saved_keras_major
+from toolkit.tfmot import given_wrappers
 
 
 
@@ -38,7 +39,7 @@ class ModelInfo:
     num_layers: int = 0
     # How the saved model was rewritten before conversion (export.model.rewrite), each with what was checked.
     rewrites: tuple = ()
-    # What tfmot had done to the model as given (export.model.tfmot): {"kind", "layers"}, None for a plain model.
+    # What tfmot had done to the model as given (toolkit.tfmot): {"kind", "layers"}, None for a plain model.
     tfmot: Optional[dict] = None
 
     def to_dict(self) -> dict:
@@ -51,7 +52,7 @@ class SourceModel:
     def __init__(self, info: ModelInfo, keras2=None, keras3=None, saved_model_dir: Optional[str] = None,
                  loaded=None, original=None, custom_objects: Optional[dict] = None, given_qat=None):
         self.info = info
-        # A quantisation-aware model as the user gave it (export.model.tfmot): qat_int8 converts it as it is.
+        # A quantisation-aware model as the user gave it (toolkit.tfmot): qat_int8 converts it as it is.
         self.given_qat = given_qat
         # What is converted and what tfmot's QAT gets: the tf_keras model, rewritten where the converters
         # need it (export.model.rewrite); ``original`` is the model as saved, what the float figures measure.
@@ -298,18 +299,8 @@ def _check_single_io(model, path: str) -> None:
                               "height, width and channels")
 
 
-def given_wrappers(p: Path) -> dict:
-    """tfmot's objects (export.model.tfmot) when the saved config names one of its wrappers, else none (tfmot is
-    imported only for such a file)."""
-    from toolkit.custom import layer_classes
-
-    from export.model.tfmot import WRAPPERS, tfmot_objects
-
-    return tfmot_objects() if set(layer_classes(str(p))) & set(WRAPPERS) else {}
-
-
 def _from_keras2(model, path: str, fmt: str, objects: dict) -> SourceModel:
-    from export.model.tfmot import unwrap
+    from toolkit.tfmot import unwrap
 
     try:
         model, given_qat, tfmot_done = unwrap(model)  # tfmot's wrappers stripped: the plain model converts

@@ -1,6 +1,6 @@
 """qat_int8, built and measured in the worker (export.run.worker): quantisation-aware fine-tuning with tfmot's
 schemes in turn (export.qat.model on the graph export.qat.graph prepared), or the quantisation-aware model as the
-user gave it (export.model.tfmot); kept only when it is not worse than post-training int8 on the held-out images."""
+user gave it (toolkit.tfmot); kept only when it is not worse than post-training int8 on the held-out images."""
 
 from __future__ import annotations
 
@@ -70,10 +70,11 @@ def build_qat(ctx: Context, attempt: int):
 
 
 def qat_as_given(ctx: Context):
-    """A quantisation-aware model as the user gave it (export.model.tfmot): converted to int8 from the ranges it
+    """A quantisation-aware model as the user gave it (toolkit.tfmot): converted to int8 from the ranges it
     learned (its fake-quant), with no second fine-tuning; compared with post-training int8 as a fine-tune is."""
     from export import tflite
-    from export.qat.model import count_quantized, has_kernel
+    from export.qat.model import count_quantized
+    from toolkit.tfmot import has_kernel
 
     ctx.phase("converting the quantisation-aware model as given")
     path = ctx.tflite_file("qat_int8", lambda: tflite.convert_int8(ctx.source.given_qat, ctx.calibration))

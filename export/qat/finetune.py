@@ -20,7 +20,8 @@ import numpy as np
 
 from export.model.predictions import class_predictions
 from export.qat.graph import for_qat
-from export.qat.model import count_quantized, float_layers, has_kernel, quantize_aware_model
+from export.qat.model import count_quantized, float_layers, quantize_aware_model
+from toolkit.tfmot import has_kernel
 from export.model.rewrite import outputs_close
 from toolkit.tf import import_keras, import_tf
 

@@ -115,10 +115,12 @@ def annotation(layer, scheme: str, registry) -> tuple[str, str]:
         return "quantize", ""
     if kind == "StaticGroupNormalization":  # export.model.rewrite's form of GroupNormalization
         return "output", "GroupNormalization: tfmot has no 8-bit rule for it; fine-tuned in float, output quantised"
-    module = type(layer).__module__.split(".")[0]
+    own = getattr(layer, "inner", layer) if kind == "Keras3Layer" else layer  # a Keras 3 layer inside toolkit.keras3's
+    module = type(own).__module__.split(".")[0]
     if module not in ("tf_keras", "keras"):
-        return "output", (f"custom layer {kind} (module {type(layer).__module__}): tfmot has no 8-bit rule for it; "
-                          "fine-tuned in float, output quantised")
+        keras3 = " (Keras 3)" if own is not layer else ""
+        return "output", (f"custom layer {type(own).__name__}{keras3} (module {type(own).__module__}): tfmot has no "
+                          "8-bit rule for it; fine-tuned in float, output quantised")
     return "output", f"tfmot's 8-bit registry has no rule for {kind}; fine-tuned in float, output quantised"
 
 
@@ -183,12 +185,6 @@ def quantize_aware_model(model, scheme: str = "default", custom_objects: Optiona
         if type(inner).__name__ == "Normalization":
             inner.finalize_state()
     return qat_model
-
-
-def has_kernel(layer) -> bool:
-    """A layer with a weight matrix or kernel (convolution, Dense, attention): what quantisation coverage
-    counts (batch norm is folded, scales and shifts are vectors)."""
-    return any("kernel" in w.name for w in layer.weights)
 
 
 def count_quantized(qat_model) -> int:

@@ -47,11 +47,23 @@ def wrapped_kind(model) -> Optional[str]:
     return next(iter(kinds), None)
 
 
+def has_kernel(layer) -> bool:
+    """A layer with a weight matrix or kernel (convolution, Dense, attention): what quantisation coverage
+    counts (batch norm is folded, scales and shifts are vectors)."""
+    return any("kernel" in w.name for w in layer.weights)
+
+
+def given_wrappers(path: str) -> dict:
+    """tfmot's objects when the saved model at ``path`` names one of its wrappers, else none (tfmot is imported
+    only for such a file)."""
+    from toolkit.custom import layer_classes
+
+    return tfmot_objects() if set(layer_classes(str(path))) & set(WRAPPERS) else {}
+
+
 def unwrap(model) -> tuple:
     """(the plain model, the given QAT model or None, what tfmot had done: {"kind", "layers": {layer: figures}})
     for a tfmot-wrapped ``model``; (model, None, None) for any other."""
-    from export.qat.model import has_kernel
-
     kind = wrapped_kind(model)
     if kind is None:
         return model, None, None
