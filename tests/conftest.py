@@ -64,8 +64,9 @@ GROUPS = {
 }
 # Longest first (module totals of a suite run on two workers, 2026-11-30), so that the two workers finish
 # together; a module not named here runs after these.
-LONGEST_FIRST = ("regression", "nodes", "test_export_zoo", "test_own_data", "test_keras3", "test_failures", "test_ingest",
-                 "test_qat_graph", "test_tfmot_given", "test_recipes", "test_k8s", "test_data", "test_tiny")
+LONGEST_FIRST = ("regression", "nodes", "test_export_zoo", "test_own_data", "test_keras3", "test_failures",
+                 "test_ingest", "test_qat_graph", "test_tfmot_given", "test_recipes", "test_k8s", "test_data",
+                 "test_tiny")
 
 
 def module_of(nodeid: str) -> str:

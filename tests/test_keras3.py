@@ -62,6 +62,11 @@ def build(input_shape, num_classes):
 '''
 
 
+def run_args(pkg: Path) -> list[str]:
+    """The run's data and where its checkpoints go (a rerun with the same --name resumes from them)."""
+    return ["--limit", "3000", "--name", "k3run", "--storage-path", str(pkg / "ray_results")]
+
+
 def train(args, cwd, timeout=900):
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
@@ -81,7 +86,8 @@ def keras3_run(keras3_pkg):
     export with every default variant (QAT fine-tuning on at least its 100 steps)."""
     out = keras3_pkg / "out"
     proc = train(["--data", str(require_shared_cifar()), "--model", "k3custom:build", "--custom-objects", "k3custom",
-                  "--epochs", "2", "--limit", "3000", "--num-workers", "2", "--qat-epochs", "1", "--output", str(out)],
+                  *run_args(keras3_pkg), "--epochs", "2", "--num-workers", "2", "--qat-epochs", "1",
+                  "--output", str(out)],
                  cwd=keras3_pkg)
     return out, proc
 
@@ -135,6 +141,21 @@ def test_a_saved_keras3_model_fine_tunes_and_comes_back_in_keras3(keras3_run, ke
     assert before["test_accuracy"] > 0.15 and abs(after["test_accuracy"] - before["test_accuracy"]) < 0.01, \
         (before["test_accuracy"], after["test_accuracy"])
     assert after["keras3"]["saved_by"] == "keras 3"
+
+
+def test_a_keras3_run_resumes_from_its_checkpoint(keras3_run, keras3_pkg):
+    """The same --name again with one more epoch (as after a killed driver): fresh worker processes restore the
+    tf_keras rebuild, with the team's layer inside, from the run's last checkpoint and train on; model.keras comes
+    back in Keras 3."""
+    out, _ = keras3_run
+    proc = train(["--data", str(require_shared_cifar()), "--model", "k3custom:build", "--custom-objects", "k3custom",
+                  *run_args(keras3_pkg), "--epochs", "3", "--num-workers", "2", "--no-export",
+                  "--output", str(keras3_pkg / "resumed")],
+                 cwd=keras3_pkg)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from checkpoint after epoch 2" in proc.stdout + proc.stderr
+    metrics = json.loads((keras3_pkg / "resumed" / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 2 and metrics["epochs"] == 3 and metrics["keras3"]["layers_copied"] == 5
 
 
 def test_every_worker_builds_the_same_keras3_weights(keras3_pkg, monkeypatch):

@@ -131,3 +131,29 @@ def test_the_float_model_inside_a_quantisation_aware_one_has_its_weights_and_act
         assert inner.activation.__name__ == w.layer.activation.activation.__name__, inner.name
     assert [plain.get_layer(n).activation.__name__ for n in done["layers"]] == ["relu", "relu", "softmax"]
 
+
+
+@pytest.mark.parametrize("kind", ["pruned", "clustered", "qat"])
+def test_a_tfmot_model_given_to_training_trains_as_its_plain_model(kind, given):
+    """--model with a file tfmot wrapped, as a worker builds it (the driver's bytes, no --custom-objects): the
+    plain model out of the wrappers (what the wrapped model computes, for pruned and clustered ones exactly; the QAT
+    one without its fake-quant), and the one line the run prints about it."""
+    import numpy as np
+    import tensorflow_model_optimization as tfmot
+
+    from toolkit.models import build_model, tfmot_note
+    from toolkit.tf import import_keras
+    from toolkit.tfmot import unwrap
+
+    path = given[kind]
+    model = build_model(str(path), (32, 32, 3), 10, content=path.read_bytes())
+    assert not any(type(layer).__module__.startswith("tensorflow_model_optimization") for layer in model.layers)
+    with tfmot.quantization.keras.quantize_scope(), tfmot.sparsity.keras.prune_scope(), \
+            tfmot.clustering.keras.cluster_scope():
+        wrapped = import_keras().models.load_model(path, compile=False)
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
+    expected = (unwrap(wrapped)[0] if kind == "qat" else wrapped).predict(images, verbose=0)
+    assert np.allclose(model.predict(images, verbose=0), expected, atol=1e-5)
+    words = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}[kind]
+    assert tfmot_note(str(path)) == (f"model: {path} was {words} by tfmot; its wrappers are taken out and the plain "
+                                     "model trains (prune, cluster or prepare it again after training to keep that)")

@@ -133,8 +133,10 @@ def unknown_layers_message(unknown: list[tuple[str, str]]) -> str:
 def custom_scope(modules, keras) -> Iterator[dict]:
     """``modules`` imported and their objects in ``keras``'s custom object scope (nothing when empty)."""
     from toolkit.activations import functions
+    from toolkit.keras3 import keras3_layer_class
 
-    functions()  # registered, for the rebuild of a Keras 3 model (toolkit.keras3) that uses them
+    functions()  # registered, for the rebuild of a Keras 3 model (toolkit.keras3) that uses them,
+    keras3_layer_class()  # and the adapter its own Keras 3 layers run in (in a worker restarted from a checkpoint)
     objects = import_custom_objects(modules) if parse_modules(modules) else {}
     with keras.utils.custom_object_scope(objects):
         yield objects
