@@ -180,3 +180,20 @@ def test_a_keras3_operation_without_a_tf_keras_counterpart_is_named_before_train
     assert re.fullmatch(r"error: --model k3bad:build: a Keras 3 model, trained here as its tf_keras rebuild: no "
                         r"tf_keras counterpart for \S+ \(operation Sin\)", lines[0]), lines[0]
     assert "layout:" not in proc.stdout
+
+
+def test_a_keras3_file_whose_layer_nothing_imports_is_one_line(keras3_pkg, tmp_path):
+    """A Keras 3 model saved with the team's layer, trained from a folder where its module is not importable and
+    without --custom-objects: one line naming the layer and the module to pass, exit 2, nothing written."""
+    path = tmp_path / "k3model.keras"
+    saved = subprocess.run([sys.executable, "-c", f"import k3custom; k3custom.build((32, 32, 3), 10).save({str(path)!r})"],
+                           capture_output=True, text=True, cwd=keras3_pkg, timeout=300)
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = train(["--data", str(require_shared_cifar()), "--model", str(path), "--epochs", "1",
+                  "--output", str(tmp_path / "out")], cwd=elsewhere)
+    assert proc.returncode == 2 and not (tmp_path / "out").exists(), proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: --model {path}: cannot be loaded by Keras 3 (custom layer(s) ScaledSwish "
+                                   "(module k3custom) not known to Keras: name the module that defines them with "
+                                   "--custom-objects k3custom)")

@@ -157,3 +157,35 @@ def test_a_tfmot_model_given_to_training_trains_as_its_plain_model(kind, given):
     words = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}[kind]
     assert tfmot_note(str(path)) == (f"model: {path} was {words} by tfmot; its wrappers are taken out and the plain "
                                      "model trains (prune, cluster or prepare it again after training to keep that)")
+
+
+def test_a_file_from_another_tfmot_is_one_line_before_any_work(given, tiny_tree_tgz, tmp_path, cache_dir):
+    """The pruned file with its wrappers saved as a newer tfmot would (an argument the installed one does not know):
+    one line naming the wrapper and the installed version, exit 2, nothing written, from the export and from
+    training alike."""
+    import zipfile
+
+    from conftest import train_in_process
+
+    newer = tmp_path / "pruned_newer.keras"
+    with zipfile.ZipFile(given["pruned"]) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    files["config.json"] = files["config.json"].replace(b'"class_name": "PruneLowMagnitude", "config": {',
+                                                        b'"class_name": "PruneLowMagnitude", "config": '
+                                                        b'{"pruning_policy_v2": {"kind": "new"}, ')
+    assert b"pruning_policy_v2" in files["config.json"]
+    with zipfile.ZipFile(newer, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    import tensorflow_model_optimization as tfmot
+
+    v = tfmot.__version__
+    why = (f"tfmot's PruneLowMagnitude as saved cannot be read by the installed tfmot {v} (TypeError: ('Keyword "
+           f"argument not understood:', 'pruning_policy_v2')): saved by another tfmot version? Save it with tfmot "
+           f"{v}, or strip the wrappers before saving")
+    proc, _ = export(newer, tiny_tree_tgz, tmp_path / "out", cache_dir)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {newer}: {why}" and not (tmp_path / "out").exists()
+    proc = train_in_process(["--data", str(tiny_tree_tgz), "--model", str(newer), "--epochs", "1", "--output",
+                             str(tmp_path / "trained")])
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --model {newer}: cannot be loaded ({why})"
+    assert not (tmp_path / "trained").exists()

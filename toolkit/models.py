@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from toolkit.custom import current_folder_importable, import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
 from toolkit.keras3 import is_keras3
-from toolkit.tfmot import given_wrappers, unwrap
+from toolkit.tfmot import given_wrappers, unreadable_wrappers, unwrap
 from toolkit.tf import import_keras, saved_keras_major
 
 INPUT_SHAPE = (32, 32, 3)
@@ -167,7 +167,7 @@ def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple
                 model = keras.models.load_model(path, compile=False)
         except Exception as e:
             unknown = unknown_layers(path, objects, keras)
-            why = unknown_layers_message(unknown) if unknown else one_line(e, limit=200)
+            why = unreadable_wrappers(path, e) or (unknown_layers_message(unknown) if unknown else one_line(e, limit=200))
             raise ModelError(f"--model {spec}: cannot be loaded ({why})") from None
     try:  # tfmot's wrappers stripped: the plain model trains (tfmot_note says so)
         return unwrap(model)[0]

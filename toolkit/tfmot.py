@@ -61,6 +61,23 @@ def given_wrappers(path: str) -> dict:
     return tfmot_objects() if set(layer_classes(str(path))) & set(WRAPPERS) else {}
 
 
+def unreadable_wrappers(path: str, error: Exception) -> str:
+    """Why a saved model holding tfmot's wrappers did not load, in words ("" when it holds none): most often a file
+    saved by another tfmot, whose wrappers take arguments the installed one does not know."""
+    from toolkit.custom import layer_classes
+
+    from toolkit.errors import one_line
+
+    wrappers = sorted(set(layer_classes(str(path))) & set(WRAPPERS))
+    if not wrappers:
+        return ""
+    import tensorflow_model_optimization as tfmot
+
+    return (f"tfmot's {', '.join(wrappers)} as saved cannot be read by the installed tfmot {tfmot.__version__} "
+            f"({one_line(error, limit=160)}): saved by another tfmot version? Save it with tfmot "
+            f"{tfmot.__version__}, or strip the wrappers before saving")
+
+
 def unwrap(model) -> tuple:
     """(the plain model, the given QAT model or None, what tfmot had done: {"kind", "layers": {layer: figures}})
     for a tfmot-wrapped ``model``; (model, None, None) for any other."""

@@ -23,7 +23,7 @@ from export.errors import ExportInputError
 from toolkit.custom import import_custom_objects, unknown_layers, unknown_layers_message
 from toolkit.errors import one_line
 from toolkit.tf import import_keras, import_tf, saved_keras_major
-from toolkit.tfmot import given_wrappers
+from toolkit.tfmot import given_wrappers, unreadable_wrappers
 
 
 
@@ -185,6 +185,8 @@ def load_source_model(path: str, custom_objects: str = "") -> SourceModel:
             model = keras.models.load_model(str(p), compile=False)
     except Exception as e2:  # Keras raises many types for a bad file
         unknown = unknown_layers(str(p), known, keras)
+        if unreadable_wrappers(str(p), e2):
+            raise ExportInputError(f"{path}: {unreadable_wrappers(str(p), e2)}") from None
         if unknown:
             raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
         if fmt == "h5":  # maybe written by Keras 3
