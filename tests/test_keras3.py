@@ -186,7 +186,8 @@ def test_a_keras3_file_whose_layer_nothing_imports_is_one_line(keras3_pkg, tmp_p
     """A Keras 3 model saved with the team's layer, trained from a folder where its module is not importable and
     without --custom-objects: one line naming the layer and the module to pass, exit 2, nothing written."""
     path = tmp_path / "k3model.keras"
-    saved = subprocess.run([sys.executable, "-c", f"import k3custom; k3custom.build((32, 32, 3), 10).save({str(path)!r})"],
+    save = f"import k3custom; k3custom.build((32, 32, 3), 10).save({str(path)!r})"
+    saved = subprocess.run([sys.executable, "-c", save],
                            capture_output=True, text=True, cwd=keras3_pkg, timeout=300)
     assert saved.returncode == 0, saved.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"

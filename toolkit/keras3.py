@@ -175,7 +175,7 @@ def rebuild(model, dtype: Optional[str] = "float32") -> tuple:
 
 
 def is_keras3(model) -> bool:
-    """Whether ``model`` is a Keras 3 model (``import keras``, or TF 2.20's ``tf.keras`` without TF_USE_LEGACY_KERAS)."""
+    """Whether ``model`` is a Keras 3 model (``import keras``; TF 2.20's ``tf.keras`` without TF_USE_LEGACY_KERAS)."""
     return any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__)
 
 

@@ -167,7 +167,8 @@ def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple
                 model = keras.models.load_model(path, compile=False)
         except Exception as e:
             unknown = unknown_layers(path, objects, keras)
-            why = unreadable_wrappers(path, e) or (unknown_layers_message(unknown) if unknown else one_line(e, limit=200))
+            why = unreadable_wrappers(path, e) or (unknown_layers_message(unknown) if unknown
+                                                   else one_line(e, limit=200))
             raise ModelError(f"--model {spec}: cannot be loaded ({why})") from None
     try:  # tfmot's wrappers stripped: the plain model trains (tfmot_note says so)
         return unwrap(model)[0]
