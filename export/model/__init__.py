@@ -4,7 +4,7 @@
                  training=False SavedModel; ModelInfo, SourceModel
     predictions  what it outputs (probabilities, logits, a sigmoid unit), whether it fits the data, class_predictions
     rewrite      one graph walk: float16 policies as float32, static GroupNormalization, grouped convs for ONNX
-    tfmot        models tfmot wrapped already: pruned and clustered ones stripped, a QAT one's float model inside
 
-(A Keras 3 model's tf_keras rebuild, for QAT, is toolkit.keras3: training uses it too.)
+(A Keras 3 model's tf_keras rebuild, for QAT, is toolkit.keras3, and models tfmot wrapped already are unwrapped
+by toolkit.tfmot: training uses both too.)
 """
