@@ -68,6 +68,15 @@ def test_default_variants_within_one_point_and_small(full_export):
         assert side["output_kind"] == "probabilities" and side["apply_softmax"] is False
     assert not list(out.parent.glob(".export-*")), "staging folder removed"
     assert "Traceback" not in proc.stderr and "cuInit" not in proc.stdout + proc.stderr
+    # Where the time went: each stage's seconds, in order, adding up to the whole; the variants' stage holds each
+    # variant's own build time (and the worker process's start); the log says the same.
+    stages = report["stage_seconds"]
+    assert list(stages) == ["model", "data", "float predictions", "test images", "variants", "TFLite Micro", "checks",
+                            "report"], stages
+    assert sum(stages.values()) == pytest.approx(report["wall_time_s"], abs=0.5)
+    assert stages["variants"] >= sum(v["build_s"] for v in built)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("  time: "))
+    assert f"variants {stages['variants']:.1f} s (float32 {by['float32']['build_s']:.1f}," in line, line
 
 
 @pytest.fixture(scope="module")

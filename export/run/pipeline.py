@@ -75,13 +75,16 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
 
     ``dataset`` (a toolkit.data.Dataset) skips loading ``cfg.data``: the training job passes the
     arrays it trained on."""
-    t_start = time.perf_counter()
+    clock = StageClock()
     # --- validate every input before doing any work or writing anything ---------------------
     if cfg.junit and file_path_problem(cfg.junit):  # where the verdict goes, before anything is built
         raise ExportInputError(f"--junit {file_path_problem(cfg.junit)}")
     source = load_source_model(cfg.model, cfg.custom_objects)  # ExportInputError names the file
+    clock.mark("model")
     ds = dataset if dataset is not None else load_dataset(cfg.data, cfg.cache_dir, cfg.image_spec)  # DataError names the source
+    clock.mark("data")
     inputs = prepare_inputs(cfg, source, ds)
+    clock.mark("float predictions")
     info, arrays = inputs["info"], inputs["arrays"]
     unknown = sorted(set(cfg.gate.class_floors) - set(ds.class_names))
     if unknown:
@@ -89,6 +92,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
                                f"{', '.join(ds.class_names)}")
     digest = images_digest(ds.x_test, ds.y_test)
     baseline = load_baseline(cfg.baseline, digest, ds.x_test, ds.num_classes, cfg.custom_objects) if cfg.baseline else None
+    clock.mark("baseline" if cfg.baseline else "test images")
     out = cfg.out_dir
     if out.exists() and not out.is_dir():
         raise ExportInputError(f"--out {out}: exists and is not a folder")
@@ -108,11 +112,11 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print, dataset=No
            "info": info.to_dict(), "config": cfg.to_dict(),  # the worker rebuilds the ExportConfig from it
            "num_classes": ds.num_classes, "float_accuracy": float_acc, "float_val_accuracy": float_val_acc,
            "keras3_model": str(Path(cfg.model).resolve()) if info.keras == 3 else None}
-    return stage_and_build(cfg, job, arrays, ds, info, (float_acc, float_val_acc), log, t_start,
+    return stage_and_build(cfg, job, arrays, ds, info, (float_acc, float_val_acc), log, clock,
                            {"digest": digest, "baseline": baseline, "targets": cfg.device_targets()})
 
 
-def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accuracies, log, t_start: float,
+def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accuracies, log, clock: "StageClock",
                     compared: dict) -> dict:
     """Build every variant into a hidden staging folder next to the output, write the report there, then
     move the files into place (one rename each): an export that dies half-way leaves no partial output."""
@@ -128,14 +132,17 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
         job.update(stage=str(stage), arrays=str(work / "arrays"))
         results = supervise(job, list(cfg.requested), work, stall_timeout=cfg.stall_timeout, debug=cfg.debug,
                             on_row=lambda r: log_result(r, log), log=log)
+        clock.mark("variants")
         preds = stored_predictions(stage, results, arrays)
         micro = measure_variants(results, arrays["x_test"], arrays["y_test"], preds, cfg.micro_samples,
                                  cfg.stall_timeout, info.output_kind, log)
+        clock.mark("TFLite Micro")
         checks = (gate_checks(cfg, ds, arrays["ref_pred"], preds, compared["baseline"])
                   + target_checks(results, micro, compared["targets"]))
         verdict = decide(results, checks, cfg)
         for line in verdict_lines(verdict):
             log(line)
+        clock.mark("checks")
         report = build_report(stage, cfg, info, ds, results, *accuracies, micro=micro, checks=checks,
                               verdict=verdict, targets=compared["targets"])
         report["predictions"] = {"file": PREDICTIONS, "test_images_sha256": compared["digest"]}
@@ -146,7 +153,10 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
                              {"float": arrays["ref_pred"].astype(np.int64), **preds}, compared["baseline"])
         except Exception as e:
             report["model_card_error"] = f"{type(e).__name__}: {e}"
-        report["wall_time_s"] = time.perf_counter() - t_start
+        clock.mark("report")
+        report["wall_time_s"] = clock.total()
+        report["stage_seconds"] = clock.seconds
+        log("  time: " + clock.line(results))
         for v in report["variants"]:
             if v.get("speed_note"):
                 log("  note: " + v["speed_note"]["text"].replace("`", ""))
@@ -160,6 +170,29 @@ def stage_and_build(cfg: ExportConfig, job: dict, arrays: dict, ds, info, accura
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+class StageClock:
+    """The export's seconds per stage, in order (report.json's ``stage_seconds``; each variant's own are its
+    ``build_s``): what a slow export spends its time on."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+    def line(self, results: list[VariantResult]) -> str:
+        """The log's line: each stage, the variants' own seconds inside theirs, and the total."""
+        built = ", ".join(f"{r.name} {r.build_s:.1f}" for r in results if r.ok)
+        return ", ".join(f"{stage} {s:.1f} s" + (f" ({built})" if stage == "variants" and built else "")
+                         for stage, s in self.seconds.items()) + f"; {self.total():.1f} s in all"
 
 
 def stored_predictions(stage: Path, results: list[VariantResult], arrays: dict) -> dict:
