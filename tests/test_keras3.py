@@ -198,3 +198,23 @@ def test_a_keras3_file_whose_layer_nothing_imports_is_one_line(keras3_pkg, tmp_p
     assert proc.stderr.strip() == (f"error: --model {path}: cannot be loaded by Keras 3 (custom layer(s) ScaledSwish "
                                    "(module k3custom) not known to Keras: name the module that defines them with "
                                    "--custom-objects k3custom)")
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_file_keras3_saved_trains_as_its_rebuild(tmp_path, suffix):
+    """A model Keras 3 saved, as a worker builds it from the driver's bytes (.keras, and .h5 where Keras 3 writes
+    its version): the tf_keras rebuild, computing what the Keras 3 model computes."""
+    import keras
+
+    from toolkit.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Conv2D(8, 3, activation="relu"), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(10, activation="softmax")])
+    path = tmp_path / f"k3{suffix}"
+    model.save(path)
+    rebuilt = build_model(str(path), (32, 32, 3), 10, content=path.read_bytes())
+    assert type(rebuilt).__module__.startswith("tf_keras")
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.float32)
+    assert np.allclose(rebuilt.predict(images, verbose=0), np.asarray(model(images)), atol=1e-5)

@@ -205,9 +205,8 @@ def tiny(input_shape, num_classes):
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inp, keras.layers.Dense(num_classes)(x))  # logits: the toolkit adds the softmax
 
-def keras3(input_shape, num_classes):
-    import keras as k3
-    return k3.Sequential([k3.Input(shape=input_shape), k3.layers.Flatten(), k3.layers.Dense(num_classes)])
+def not_a_model(input_shape, num_classes):
+    return {"layers": 3}
 '''
 
 
@@ -234,7 +233,8 @@ def test_a_factory_model_trains_and_bad_factories_are_refused(digits_tree, tmp_p
         build_model(saved, (16, 16, 1), 10, custom_objects="nope_models")
     assert one_error(train_in_process([*common, "--model", "my_models:nope"], cwd=tmp_path)) == \
         "error: --model my_models:nope: my_models has no function nope"
-    assert "returned keras." in one_error(train_in_process([*common, "--model", "my_models:keras3"], cwd=tmp_path))
+    assert one_error(train_in_process([*common, "--model", "my_models:not_a_model"], cwd=tmp_path)) == \
+        "error: --model my_models:not_a_model: returned builtins.dict, not a Keras model"
     assert "cannot import no_such_module" in one_error(train_in_process([*common, "--model", "no_such_module:f"],
                                                                         cwd=tmp_path))
     assert "not a registered model" in one_error(train_in_process([*common, "--model", "resnet9000"], cwd=tmp_path))

@@ -102,8 +102,13 @@ def twin(layer, dtype: Optional[str] = "float32"):
         try:
             config = keras3.saving.serialize_keras_object(layer)
             return keras3_layer_class()(config, name=layer.name)
-        except Exception as e:
-            raise NoTfKerasCounterpart(f"{layer.name} ({name}: {type(e).__name__}: {e})") from e
+        except Exception as e:  # most often a class Keras cannot find again by its registered name
+            from toolkit.errors import one_line
+
+            why = ("a Keras 3 layer of its own that Keras cannot make again from its configuration: register it "
+                   "with keras.saving.register_keras_serializable" if "Could not locate class" in str(e)
+                   else one_line(e, limit=160))
+            raise NoTfKerasCounterpart(f"{layer.name} ({name}: {why})") from e
     cls = getattr(keras.layers, name, None)
     if cls is None:
         raise NoTfKerasCounterpart(f"{layer.name} ({name})")

@@ -198,10 +198,19 @@ def quiet_tf_logs() -> None:
 
 
 def saved_keras_major(path) -> Optional[int]:
-    """2 or 3 for a ``.keras`` zip (the ``keras_version`` of its metadata.json); None when it does not say
-    (an .h5 file, a folder, a damaged file). The one check of which Keras saved a model."""
+    """2 or 3 for a ``.keras`` zip (the ``keras_version`` of its metadata.json) or an ``.h5`` file (its
+    ``keras_version`` attribute); None when it does not say (a folder, a damaged file). The one check of which Keras
+    saved a model."""
     try:
-        with zipfile.ZipFile(path) as z:
-            return int(str(json.loads(z.read("metadata.json")).get("keras_version", "")).split(".")[0])
+        if str(path).lower().endswith((".h5", ".hdf5")):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                version = f.attrs.get("keras_version", "")
+                version = version.decode() if isinstance(version, bytes) else str(version)
+        else:
+            with zipfile.ZipFile(path) as z:
+                version = str(json.loads(z.read("metadata.json")).get("keras_version", ""))
+        return int(version.split(".")[0])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
