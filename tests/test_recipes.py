@@ -229,3 +229,29 @@ def test_auto_keeps_models_with_slow_bfloat16_layers_in_float32(tmp_path, monkey
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
+
+
+def test_batch_norm_statistics_are_recomputed_after_a_short_run():
+    """toolkit.train.outputs: after 70 steps at momentum 0.99 about half of batch norm's initial statistics are
+    left, and the recomputed ones are the mean over the images of what the layer sees (one batch's mean, then the
+    running mean of the batches'); after a long run nothing is left and nothing is recomputed."""
+    import numpy as np
+
+    from toolkit.tf import import_keras
+    from toolkit.train.outputs import RECALIBRATE_ABOVE, batch_norm_left, recalibrate_batch_norm
+
+    keras = import_keras()
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3)
+    out = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.BatchNormalization()(conv(inp))))
+    model = keras.Model(inp, out)
+    images = np.random.default_rng(0).integers(0, 256, (500, 8, 8, 3)).astype(np.uint8)
+    assert batch_norm_left(model, 70) == pytest.approx(0.99 ** 70) and batch_norm_left(model, 70) > RECALIBRATE_ABOVE
+    assert batch_norm_left(model, 5280) < RECALIBRATE_ABOVE
+    done = recalibrate_batch_norm(model, images, seed=0, batch=250)
+    assert done == {"images": 500, "layers": 1}
+    seen = conv(images.astype(np.float32)).numpy()
+    norm = model.layers[2]
+    assert np.allclose(norm.moving_mean.numpy(), seen.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-4)
+    assert norm.momentum == 0.99  # put back
