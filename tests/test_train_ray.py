@@ -90,11 +90,7 @@ def test_smoke_test_runs_every_stage_through_the_export(smoke_run):
     assert m["cpus_per_worker"] == m["workers"][0]["cpus"] >= min(2, os.cpu_count() or 1), "all the node's CPUs"
     assert "layout: 1 worker(s) x" in proc.stdout and "auto: one per node" in proc.stdout
     assert m["test_accuracy"] > 0.15, "learned something in two smoke epochs (chance is 0.10)"
-    # Two epochs leave most of batch norm's initial moving statistics in place (0.99 per step): the saved model's are
-    # recomputed on training images (toolkit.train.outputs), and the test accuracy is the recomputed model's.
-    recal = m["batch_norm_recalibrated"]
-    assert recal["images"] > 0 and recal["initial_share_left"] > 0.01 and recal["layers"] >= 1, recal
-    assert 0 <= recal["test_accuracy_before"] <= 1
+    assert "batch_norm_recalibrated" not in m  # seed_cnn has no batch norm to recompute (tests/test_keras3.py's has)
     # --compute-dtype auto: bfloat16 where this CPU computes it natively (CI's does), float32 elsewhere.
     policy, why = resolve_compute_dtype("auto", use_gpu=False)
     dtype = "bfloat16" if policy == "mixed_bfloat16" else "float32"
