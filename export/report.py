@@ -11,6 +11,7 @@ from export.ops import fastest_within_gate, speed_notes
 from export.gate.targets import render_targets
 from toolkit.files import git_revision, write_json, write_text
 from toolkit.plots import pyplot, save_figure
+from toolkit.tfmot import WORDS
 
 
 # What each variant's sidecar says of each target: enough for the app to size its arena.
@@ -63,9 +64,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-TFMOT_WORDS = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}
-
-
 def variant_notes(report: dict) -> list[str]:
     """The report's paragraphs on how variants were built: onnx_int8's routes, QAT's scheme, int8_selective's float
     tensors and op types."""
@@ -81,7 +79,7 @@ def variant_notes(report: dict) -> list[str]:
                             given["layers"].items())
         gzipped = ", ".join(f"`{r['name']}` {r['gzip_bytes'] / 1024:,.1f} KB" for r in report["variants"]
                             if "gzip_bytes" in r)
-        lines += ["", f"The model as given was {TFMOT_WORDS[given['kind']]} by tfmot ({figures}); its wrappers were "
+        lines += ["", f"The model as given was {WORDS[given['kind']]} by tfmot ({figures}); its wrappers were "
                   f"taken out before conversion. Sizes after gzip -9: {gzipped}."]
     for r in report["variants"]:
         if r.get("qat", {}).get("as_given"):

@@ -176,20 +176,16 @@ def _load_file(spec: str, content: Optional[bytes] = None, custom_objects: tuple
         raise ModelError(f"--model {spec}: {e}") from None
 
 
-TFMOT_WORDS = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}
-
-
 def tfmot_note(spec: str) -> str:
     """What training does with a saved model tfmot wrapped, in one line ("" for any other --model). Training takes
     the plain model out of tfmot's wrappers: a run does not keep pruning, clustering or fake quantisation going, and
     the export quantises the result again."""
-    from toolkit.custom import layer_classes
-    from toolkit.tfmot import WRAPPERS
+    from toolkit.tfmot import WORDS, saved_kinds
 
-    kinds = {WRAPPERS[c] for c in layer_classes(spec) if c in WRAPPERS} if model_kind(spec) == "file" else set()
+    kinds = saved_kinds(spec) if model_kind(spec) == "file" else set()
     if len(kinds) != 1:  # none; or several, which unwrap refuses
         return ""
-    return (f"model: {spec} was {TFMOT_WORDS[kinds.pop()]} by tfmot; its wrappers are taken out and the plain model "
+    return (f"model: {spec} was {WORDS[kinds.pop()]} by tfmot; its wrappers are taken out and the plain model "
             "trains (prune, cluster or prepare it again after training to keep that)")
 
 

@@ -53,12 +53,22 @@ def has_kernel(layer) -> bool:
     return any("kernel" in w.name for w in layer.weights)
 
 
+# What tfmot had done, in the words the report and training's note use.
+WORDS = {"pruned": "pruned", "clustered": "clustered", "qat": "prepared for quantisation-aware training"}
+
+
+def saved_kinds(path: str) -> set[str]:
+    """The kinds of tfmot wrapper ("qat", "pruned", "clustered") the saved model at ``path`` names, read from its
+    configuration without loading it."""
+    from toolkit.custom import layer_classes
+
+    return {WRAPPERS[c] for c in layer_classes(str(path)) if c in WRAPPERS}
+
+
 def given_wrappers(path: str) -> dict:
     """tfmot's objects when the saved model at ``path`` names one of its wrappers, else none (tfmot is imported
     only for such a file)."""
-    from toolkit.custom import layer_classes
-
-    return tfmot_objects() if set(layer_classes(str(path))) & set(WRAPPERS) else {}
+    return tfmot_objects() if saved_kinds(path) else {}
 
 
 def unreadable_wrappers(path: str, error: Exception) -> str:
