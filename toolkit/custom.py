@@ -140,3 +140,28 @@ def custom_scope(modules, keras) -> Iterator[dict]:
     objects = import_custom_objects(modules) if parse_modules(modules) else {}
     with keras.utils.custom_object_scope(objects):
         yield objects
+
+
+class Keras3LoadError(ValueError):
+    """A file Keras 3 saved that Keras 3 cannot load; the message says why in words. ``unknown``: a layer nothing
+    imported (the message names it and the module to pass)."""
+
+    def __init__(self, why: str, unknown: bool = False):
+        super().__init__(why)
+        self.unknown = unknown
+
+
+def load_keras3_file(path: str, objects: dict):
+    """A model file saved by Keras 3, loaded by Keras 3 (its own layers from ``objects``, the --custom-objects
+    modules' classes, or registered with keras.saving.register_keras_serializable). Keras3LoadError names an unknown
+    layer and the module to pass, or gives the error's gist. Training and the export both load such files here."""
+    import keras as keras3
+
+    from toolkit.errors import one_line
+
+    try:
+        return keras3.saving.load_model(str(path), compile=False, custom_objects=objects)
+    except Exception as e:  # Keras raises many types for a bad file
+        unknown = unknown_layers(str(path), objects, keras3)
+        raise Keras3LoadError(unknown_layers_message(unknown) if unknown else one_line(e, limit=200),
+                              unknown=bool(unknown)) from e

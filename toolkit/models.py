@@ -190,16 +190,12 @@ def tfmot_note(spec: str) -> str:
 
 
 def _load_keras3(spec: str, path: str, objects: dict):
-    """A model file saved by Keras 3, loaded by Keras 3 (its own layers from --custom-objects' modules, registered
-    with keras.saving.register_keras_serializable or named by class)."""
-    import keras as keras3
+    from toolkit.custom import Keras3LoadError, load_keras3_file
 
     try:
-        return keras3.saving.load_model(path, compile=False, custom_objects=objects)
-    except Exception as e:
-        unknown = unknown_layers(path, objects, keras3)
-        why = unknown_layers_message(unknown) if unknown else one_line(e, limit=200)
-        raise ModelError(f"--model {spec}: cannot be loaded by Keras 3 ({why})") from None
+        return load_keras3_file(path, objects)
+    except Keras3LoadError as e:
+        raise ModelError(f"--model {spec}: cannot be loaded by Keras 3 ({e})") from None
 
 
 def keras3_source(spec: str, input_shape, num_classes: int, custom_objects: tuple[str, ...] = (), seed: int = 0):

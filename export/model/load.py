@@ -11,6 +11,7 @@ training needs.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -244,17 +245,14 @@ def load_keras3_model(path: str, custom_objects: str = ""):
 def _keras3_model(p: Path, path: str, objects: dict) -> tuple:
     """(the model the converters get, the model as saved, the rewrites between them)."""
     import_tf()
+    if importlib.util.find_spec("keras") is None:  # (TensorFlow 2.20 installs it)
+        raise ExportInputError(f"{path}: saved by Keras 3, which is not installed (pip install keras)")
+    from toolkit.custom import Keras3LoadError, load_keras3_file
+
     try:
-        import keras as keras3
-    except ImportError as e:
-        raise ExportInputError(f"{path}: saved by Keras 3, which is not installed (pip install keras)") from e
-    try:
-        model = keras3.saving.load_model(str(p), compile=False, custom_objects=objects)
-    except Exception as e:  # Keras raises many types for a bad file
-        unknown = unknown_layers(str(p), objects, keras3)
-        if unknown:
-            raise ExportInputError(f"{path}: {unknown_layers_message(unknown)}") from None
-        raise ExportInputError(f"{path}: not a loadable Keras 3 model ({one_line(e)})") from e
+        model = load_keras3_file(str(p), objects)
+    except Keras3LoadError as e:
+        raise ExportInputError(f"{path}: {e}" if e.unknown else f"{path}: not a loadable Keras 3 model ({e})") from None
     _check_single_io(model, path)
     from export.model.rewrite import keras3_as_float32
     from toolkit.tf import float16_policy
