@@ -116,16 +116,24 @@ def test_a_keras3_factory_with_its_own_layer_trains_on_two_workers_and_exports_e
     assert metrics["keras3"]["saved_by"] == "keras 3" and metrics["keras3"]["layers_copied"] == 6, metrics["keras3"]
     # 22 steps leave most of batch norm's initial statistics: recomputed before the weights go back to Keras 3
     assert metrics["batch_norm_recalibrated"]["layers"] == 1, metrics.get("batch_norm_recalibrated")
-    assert metrics["keras3"]["top1_agreement"] >= 0.9, metrics["keras3"]
+    # (not the two files' top-1 agreement: the rebuild computes in bfloat16 on CPUs that have it, and a briefly
+    # trained model's near ties flip; the weights themselves must be the same, exactly)
     check = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import numpy as np, keras, k3custom
+        from toolkit.custom import custom_scope
+        from toolkit.tf import import_keras
         m = keras.saving.load_model({str(out / 'model.keras')!r})
+        tfk = import_keras()
+        with custom_scope("k3custom", tfk):
+            trained = tfk.models.load_model({str(out / 'model_tf_keras.keras')!r})
         a = m.get_layer("swish1").a.numpy()
-        print(type(m).__module__.split(".")[0], float(np.abs(a - 1).max()))
+        same = np.array_equal(a, trained.get_layer("swish1").get_weights()[0]) and all(
+            np.array_equal(x, y) for x, y in zip(m.layers[-1].get_weights(), trained.layers[-1].get_weights()))
+        print(type(m).__module__.split(".")[0], float(np.abs(a - 1).max()), same)
         """)], capture_output=True, text=True, cwd=keras3_pkg, timeout=300)
     assert check.returncode == 0, check.stderr[-3000:]
-    module, moved = check.stdout.split()[-2:]
-    assert module == "keras" and float(moved) > 1e-4, check.stdout
+    module, moved, same = check.stdout.split()[-3:]
+    assert module == "keras" and float(moved) > 1e-4 and same == "True", check.stdout
 
 
 def test_a_saved_keras3_model_fine_tunes_and_comes_back_in_keras3(keras3_run, keras3_pkg):
